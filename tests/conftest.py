@@ -1,0 +1,50 @@
+"""Shared test set-up: CPU only, 8 forced host devices for mesh tests, a persistent
+compilation cache, and tiny configs / rows built once per session."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+from data_pipelines.row_contract import pack_olm_row, stack_rows  # noqa: E402
+from vist2_jax.config import load_config  # noqa: E402
+
+CHUNK_TOKEN = 3
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """The tiny preset, shrunk further so a forward compiles in about a second."""
+    return load_config(overrides=[
+        "model.decoder.num_layers=2", "model.vision.num_layers=2", "model.decoder.vocab_size=512",
+        "model.layout.image_size=64", "model.layout.visual_len=4", "model.layout.text_len=8",
+    ])
+
+
+def random_images(rng, count, size):
+    return rng.integers(0, 256, size=(count, size, size, 3), dtype=np.uint8)
+
+
+def make_olm_batch(model_config, chunk_counts=((3,), (2, 2)), seq_len=96, num_slots=4, seed=0):
+    """Rows of random OLM documents: ``chunk_counts[b]`` lists the chunks of each document
+    packed into row b. Chunks hold ``text_len`` random tokens."""
+    rng = np.random.default_rng(seed)
+    layout, vocab = model_config.layout, model_config.decoder.vocab_size
+    rows = []
+    for docs in chunk_counts:
+        documents = [[list(rng.integers(4, vocab, layout.text_len)) for _ in range(n)] for n in docs]
+        images = [list(random_images(rng, n, layout.image_size)) for n in docs]
+        rows.append(pack_olm_row(documents, images, seq_len=seq_len, visual_len=layout.visual_len,
+                                 num_image_slots=num_slots,
+                                 image_shape=(layout.image_size, layout.image_size),
+                                 chunk_token=CHUNK_TOKEN))
+    return stack_rows(rows)

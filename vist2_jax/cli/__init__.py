@@ -1,0 +1,1 @@
+"""The ``vist2`` command line: one module per command group."""

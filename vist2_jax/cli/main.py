@@ -1,0 +1,44 @@
+"""``vist2`` entry point. Each command module exposes ``register(subparsers)``, which adds
+its parser and sets ``func`` (``args -> exit code``). Config mistakes end in one line
+on stderr and exit code 2, never a traceback from deep inside Flax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from vist2_jax.config.schema import ConfigError
+
+# Command modules, in the order ``vist2 --help`` lists them.
+COMMAND_MODULES = (
+    "vist2_jax.cli.params",
+    "vist2_jax.cli.score",
+    "vist2_jax.cli.check",
+)
+
+
+class UsageError(Exception):
+    """Bad command-line input (a missing file, a malformed token list): one line, exit 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vist2", description="VIST2-JAX: vision-text compressed LMs.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, UsageError) as err:
+        print(f"vist2 {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

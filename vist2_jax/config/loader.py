@@ -1,0 +1,160 @@
+"""Load a :class:`Config` from a YAML recipe plus ``key=value`` overrides.
+
+Resolution order (later wins): the model preset named by ``preset`` (default ``tiny``),
+the recipe chain (a recipe may name a ``base:`` recipe, relative to itself), then the
+command-line overrides. Every key and value is checked against the schema; a mistake
+raises :class:`ConfigError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+
+from vist2_jax.config.presets import preset_model
+from vist2_jax.config.schema import Config, ConfigError
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """``["model.decoder.num_layers=2", ...]`` -> nested dict; values parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{item}: overrides look like section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{key}: cannot parse value {raw!r}: {err}") from None
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {part} is set both as a value and as a section")
+        node[parts[-1]] = value
+    return tree
+
+
+def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"base: recipe chain loops back to {path}")
+    if not path.is_file():
+        raise ConfigError(f"recipe: no such file {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"recipe: {path} is not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"recipe: {path} must hold a mapping at the top level")
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    return _merge(_read_recipe(path.parent / base, seen + (path,)), tree)
+
+
+def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    origin = typing.get_origin(kind)
+    if origin is Literal:
+        choices = typing.get_args(kind)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(kind):
+            if option is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[-1])
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        item_kind = typing.get_args(kind)[0]
+        return tuple(_coerce(item, item_kind, f"{key}[{i}]") for i, item in enumerate(value))
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if kind is float:
+        if isinstance(value, str):  # YAML reads "3e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"schema type {kind!r} of {key} has no loader")  # a schema bug, not user error
+
+
+def build(cls: type, tree: Any, prefix: str = "") -> Any:
+    """Instantiate dataclass ``cls`` from a nested mapping, checking every key and type."""
+    where = prefix or "config"
+    if not isinstance(tree, Mapping):
+        raise ConfigError(f"{where}: expected a section (mapping), got {tree!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in tree:
+        if key not in names:
+            hint = difflib.get_close_matches(str(key), names, n=1)
+            suggestion = f" (did you mean {hint[0]!r}?)" if hint else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"{prefix + '.' if prefix else ''}{key}: unknown key{suggestion}")
+    kwargs = {}
+    for name in names:
+        if name not in tree:
+            continue
+        key = f"{prefix}.{name}" if prefix else name
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            kwargs[name] = build(kind, tree[name], key)
+        else:
+            kwargs[name] = _coerce(tree[name], kind, key)
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A plain nested dict (YAML-safe) of a config, for saving the resolved run config."""
+    return dataclasses.asdict(config)
+
+
+def load_config(recipe: str | Path | None = None, overrides: Sequence[str] = (),
+                preset: str | None = None) -> Config:
+    """Resolve preset -> recipe chain -> overrides into a validated :class:`Config`."""
+    tree: dict[str, Any] = _read_recipe(Path(recipe)) if recipe else {}
+    tree = _merge(tree, parse_overrides(overrides))
+    if preset is not None:
+        tree["preset"] = preset
+    name = tree.get("preset", Config.preset)
+    if not isinstance(name, str):
+        raise ConfigError(f"preset: expected a preset name, got {name!r}")
+    base = to_dict(Config(preset=name, model=preset_model(name)))
+    return build(Config, _merge(base, tree)).validate()

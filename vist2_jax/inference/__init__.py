@@ -1,0 +1,1 @@
+"""Inference: scoring and (later) generation with global context compression."""

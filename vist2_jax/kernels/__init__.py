@@ -1,0 +1,1 @@
+"""Attention under the vision-as-memory mask: the jnp reference and the kernel entry point."""

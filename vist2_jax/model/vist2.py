@@ -1,0 +1,137 @@
+"""The VIST2 model: text embeddings and sketch-image tokens interleaved in one row,
+decoded under the vision-as-memory mask (DESIGN §2, §3).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vist2_jax.config.schema import ModelConfig
+from vist2_jax.kernels.mask import TEXT, VISUAL, RowMeta
+from vist2_jax.model.decoder import BSE, Qwen3Decoder
+from vist2_jax.model.layers import DTYPES, constrain
+from vist2_jax.model.vision import Aligner, VisionTower
+
+
+def normalize_pixels(images: jax.Array) -> jax.Array:
+    """uint8 [0, 255] -> float in [-1, 1] (SigLIP's mean 0.5, std 0.5)."""
+    return images.astype(jnp.float32) / 127.5 - 1.0
+
+
+def place_visual_tokens(text_embeddings: jax.Array, visual_tokens: jax.Array,
+                        modality: jax.Array) -> jax.Array:
+    """Write image k's m tokens into the k-th visual span of each row.
+
+    text_embeddings: [B, S, D]; visual_tokens: [B, N, m, D]; modality: [B, S].
+    The j-th visual position of a row (counting along the row) takes flat token j of
+    ``visual_tokens[b].reshape(N*m, D)``, which is token j % m of image j // m because
+    every visual span is exactly m long (row contract). Positions past N*m visual tokens
+    cannot occur in a valid row; they are clamped rather than read out of bounds.
+    """
+    batch, num_images, m, dim = visual_tokens.shape
+    is_visual = modality == VISUAL
+    ordinal = jnp.cumsum(is_visual.astype(jnp.int32), axis=1) - 1
+    index = jnp.clip(ordinal, 0, num_images * m - 1)
+    flat = visual_tokens.reshape(batch, num_images * m, dim).astype(text_embeddings.dtype)
+    gathered = jnp.take_along_axis(flat, index[..., None], axis=1)
+    return jnp.where(is_visual[..., None], gathered, text_embeddings)
+
+
+def next_token_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array
+                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Weighted mean cross-entropy over target positions, in fp32, with token accuracy."""
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = log_z - target_logit
+    weights = weights.astype(jnp.float32)
+    denom = jnp.maximum(weights.sum(), 1.0)
+    loss = (nll * weights).sum() / denom
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    metrics = {"loss": loss, "accuracy": (correct * weights).sum() / denom,
+               "target_tokens": weights.sum(), "log_z": (log_z * weights).sum() / denom}
+    return loss, metrics
+
+
+class Vist2Model(nn.Module):
+    """ViT + aligner + Qwen3 decoder over rows of the DESIGN §2 contract.
+
+    ``__call__(batch)`` returns ``{"logits": fp32 [B, S, V], "loss": scalar, ...metrics}``.
+    Padded image slots (``image_mask`` false) are still encoded (shapes stay static) but no
+    visual span reads them.
+    """
+
+    config: ModelConfig
+
+    def setup(self):
+        self.vision = VisionTower(self.config)
+        self.aligner = Aligner(self.config)
+        self.decoder = Qwen3Decoder(self.config)
+
+    def encode_images(self, images: jax.Array) -> jax.Array:
+        """uint8 [B, N, H, W, 3] -> visual tokens [B, N, m, D]."""
+        batch, num_images = images.shape[:2]
+        flat = normalize_pixels(images.reshape((batch * num_images,) + images.shape[2:]))
+        tokens = self.aligner(self.vision(flat))
+        return tokens.reshape(batch, num_images, *tokens.shape[1:])
+
+    def embed_row(self, batch: Mapping[str, jax.Array]) -> jax.Array:
+        """The decoder input: token embeddings at text positions, image tokens at visual ones."""
+        modality = batch["modality"]
+        text = self.decoder.embed(batch["tokens"])
+        text = jnp.where((modality == TEXT)[..., None], text, jnp.zeros_like(text))
+        if batch["images"].shape[1] == 0:
+            return text
+        visual = self.encode_images(batch["images"])
+        return constrain(place_visual_tokens(text, visual, modality), BSE)
+
+    def __call__(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        hidden = self.decoder(self.embed_row(batch), RowMeta.from_batch(batch))
+        logits = self.decoder.logits(hidden)
+        loss, metrics = next_token_loss(logits, batch["targets"], batch["loss_mask"])
+        return {"logits": logits, **metrics}
+
+
+def init_params(config: ModelConfig, batch: Mapping[str, jax.Array], rng: jax.Array):
+    """Boxed parameters (``nn.Partitioned`` leaves carrying logical axes)."""
+    return Vist2Model(config).init(rng, batch)
+
+
+
+
+def example_batch(config: ModelConfig, batch_size: int = 1, seq_len: int = 32,
+                  num_images: int = 1) -> dict[str, jax.Array]:
+    """A row-contract batch of zeros with the right dtypes, for init and shape tracing."""
+    size = config.layout.image_size
+
+    def zeros(dtype, *shape):
+        return jnp.zeros(shape, dtype)
+    return {
+        "tokens": zeros(jnp.int32, batch_size, seq_len), "modality": zeros(jnp.int8, batch_size, seq_len),
+        "chunk_id": zeros(jnp.int32, batch_size, seq_len), "segment_id": zeros(jnp.int32, batch_size, seq_len),
+        "positions": zeros(jnp.int32, batch_size, seq_len), "targets": zeros(jnp.int32, batch_size, seq_len),
+        "loss_mask": zeros(jnp.float32, batch_size, seq_len),
+        "images": zeros(jnp.uint8, batch_size, num_images, size, size, 3),
+        "image_mask": zeros(jnp.bool_, batch_size, num_images),
+    }
+
+
+def abstract_params(config: ModelConfig):
+    """Boxed parameter shapes (``nn.Partitioned`` of ShapeDtypeStruct), no memory used."""
+    return jax.eval_shape(lambda: Vist2Model(config).init(jax.random.key(0), example_batch(config)))
+
+
+def param_counts(config: ModelConfig) -> dict[str, int]:
+    """Parameters per component (vision, aligner, decoder) and in total; tied embeddings once."""
+    params = nn.unbox(abstract_params(config))["params"]
+    counts = {name: sum(int(x.size) for x in jax.tree_util.tree_leaves(params[name]))
+              for name in ("vision", "aligner", "decoder")}
+    embedding = params["decoder"]["embedding"].size
+    counts["decoder_embedding"] = int(embedding)
+    counts["decoder_non_embedding"] = counts["decoder"] - int(embedding)
+    counts["total"] = counts["vision"] + counts["aligner"] + counts["decoder"]
+    return counts

@@ -1,0 +1,1 @@
+"""Parallelism: the logical-axis rules table and mesh construction."""
