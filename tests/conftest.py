@@ -48,3 +48,16 @@ def make_olm_batch(model_config, chunk_counts=((3,), (2, 2)), seq_len=96, num_sl
                                  image_shape=(layout.image_size, layout.image_size),
                                  chunk_token=CHUNK_TOKEN))
     return stack_rows(rows)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the figures tests measured (``record_property``), e.g. parity errors."""
+    rows = []
+    for report in terminalreporter.stats.get("passed", []):
+        if report.when == "call":
+            rows += [(name, value) for name, value in report.user_properties]
+    if rows:
+        terminalreporter.section("measured by the tests")
+        for name, value in sorted(rows):
+            text = f"{value:.3e}" if isinstance(value, float) else str(value)
+            terminalreporter.write_line(f"{name}: {text}")

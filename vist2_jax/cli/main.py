@@ -9,6 +9,7 @@ import argparse
 import importlib
 import sys
 
+from vist2_jax.cli.errors import UsageError
 from vist2_jax.config.schema import ConfigError
 
 # Command modules, in the order ``vist2 --help`` lists them.
@@ -17,10 +18,6 @@ COMMAND_MODULES = (
     "vist2_jax.cli.score",
     "vist2_jax.cli.check",
 )
-
-
-class UsageError(Exception):
-    """Bad command-line input (a missing file, a malformed token list): one line, exit 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:

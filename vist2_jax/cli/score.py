@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vist2_jax.cli.main import UsageError
+from vist2_jax.cli.errors import UsageError
 
 
 def register(subparsers) -> None:

@@ -121,7 +121,7 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     scan_layers: bool = True
     remat_policy: Literal["none", "full", "dots", "dots_no_batch"] = "none"
-    attention_impl: Literal["auto", "dense"] = "auto"
+    attention_impl: Literal["auto", "dense", "xla_chunked"] = "auto"
 
     def validate(self, prefix: str) -> None:
         self.decoder.validate(f"{prefix}.decoder")

@@ -81,6 +81,18 @@ class MappingTable:
     dims: Callable[[ModelConfig], dict[str, int]]
     ignore: tuple[str, ...] = ()               # regexes of HF tensors we do not use
     optional: Callable[[ModelConfig], tuple[str, ...]] = lambda cfg: ()  # HF rows absent by config
+    prefixes: tuple[str, ...] = ()             # stripped on import (full-model checkpoints)
+
+    def normalize(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Names as the table writes them: a component prefix such as ``vision_model.`` removed."""
+        out = {}
+        for name, value in tensors.items():
+            for prefix in self.prefixes:
+                if name.startswith(prefix):
+                    name = name[len(prefix):]
+                    break
+            out[name] = value
+        return out
 
 
 def _linear(ours: str, in_dims, out_dims):
@@ -128,7 +140,7 @@ QWEN3_DECODER = MappingTable(
 
 
 def _siglip_layer_rows():
-    layer = "vision_model.encoder.layers.{i}."
+    layer = "encoder.layers.{i}."
     rows = [
         (layer + "layer_norm1.weight", "ln1/scale", Same()),
         (layer + "layer_norm1.bias", "ln1/bias", Same()),
@@ -155,28 +167,30 @@ def _vision_dims(cfg: ModelConfig) -> dict[str, int]:
 
 
 _SIGLIP_GLOBAL_TAIL = (
-    ("vision_model.embeddings.patch_embedding.bias", "patch_bias", Same()),
-    ("vision_model.embeddings.position_embedding.weight", "pos_embedding", Same()),
-    ("vision_model.post_layernorm.weight", "post_norm/scale", Same()),
-    ("vision_model.post_layernorm.bias", "post_norm/bias", Same()),
+    ("embeddings.patch_embedding.bias", "patch_bias", Same()),
+    ("embeddings.position_embedding.weight", "pos_embedding", Same()),
+    ("post_layernorm.weight", "post_norm/scale", Same()),
+    ("post_layernorm.bias", "post_norm/bias", Same()),
 )
-_SIGLIP_IGNORE = (r"^vision_model\.head\.", r"^(text_model|logit_scale|logit_bias)", r"position_ids$")
+# The attention-pooling head and, in a full SigLIP checkpoint, the text tower are unused.
+_SIGLIP_IGNORE = (r"^head\.", r"^(text_model\.|logit_scale|logit_bias)", r"position_ids$")
 
 SIGLIP_VISION = MappingTable(
     name="siglip",
     root=("params", "vision"),
-    global_rows=(("vision_model.embeddings.patch_embedding.weight", "patch_kernel", Conv()),)
+    global_rows=(("embeddings.patch_embedding.weight", "patch_kernel", Conv()),)
     + _SIGLIP_GLOBAL_TAIL,
     layer_rows=_siglip_layer_rows(),
     num_layers=lambda cfg: cfg.vision.num_layers,
     dims=_vision_dims,
     ignore=_SIGLIP_IGNORE,
+    prefixes=("vision_model.",),
 )
 
 # SigLIP2 (NaFlex) embeds pre-flattened patches, ordered (row, col, channel), with a Linear.
 SIGLIP2_VISION = dataclasses.replace(
     SIGLIP_VISION, name="siglip2",
-    global_rows=(("vision_model.embeddings.patch_embedding.weight",
+    global_rows=(("embeddings.patch_embedding.weight",
                   *_linear("patch_kernel", ["patch", "patch", "channels"], ["hidden"])),)
     + _SIGLIP_GLOBAL_TAIL,
 )
@@ -221,6 +235,7 @@ def import_hf(table: MappingTable, tensors: Mapping[str, np.ndarray], cfg: Model
     Raises ``KeyError`` naming a missing tensor and ``ValueError`` naming an unexpected one.
     """
     dims = table.dims(cfg)
+    tensors = table.normalize(tensors)
     per_layer: dict[tuple[str, ...], list] = {}
     tree: dict = {}
     used = set()

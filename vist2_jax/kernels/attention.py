@@ -11,9 +11,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from vist2_jax.kernels.chunked import xla_chunked_attention
 from vist2_jax.kernels.mask import RowMeta, vision_memory_mask
 
-IMPLEMENTATIONS = ("auto", "dense")
+IMPLEMENTATIONS = ("auto", "dense", "xla_chunked")
 _NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -38,5 +39,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, meta: RowMeta, *, impl: 
     """Self-attention over one packed row under the vision-as-memory mask."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention_impl={impl!r}; available: {', '.join(IMPLEMENTATIONS)}")
+    if impl == "xla_chunked":
+        return xla_chunked_attention(q, k, v, meta,
+                                     visual_attends_past_visual=visual_attends_past_visual)
     mask = vision_memory_mask(meta, visual_attends_past_visual)
     return dense_attention(q, k, v, mask)
