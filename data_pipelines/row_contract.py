@@ -1,11 +1,11 @@
-"""The row contract (DESIGN §2): field specs, a validator, and the OLM row packer.
+"""The row contract (DESIGN §2): field specs, a row builder, a validator, the OLM packer.
 
-A text chunk occupies ``1 + len(chunk)`` positions: the ``<|chunk|>`` marker, whose output
-predicts the chunk's first token, then the chunk's tokens. Its target at position i is
-the token at i+1 inside the same chunk; the chunk's last token carries no loss (the next
-chunk's first token is predicted by that chunk's marker, which sees the visual memory).
-In OLM rows chunk c's text and image share chunk id c, so ``[T1][V1][T2]`` is ``1,1,2``.
-The last chunk of a document gets no image: no later chunk would read it.
+Every text span starts with the ``<|chunk|>`` marker, whose output predicts the span's
+first token; the target at position i is the token at i+1 inside the same span and the
+span's last token carries no loss (a following chunk's first token is predicted by that
+chunk's own marker, which sees the visual memory). Visual spans are exactly m positions
+and take the row's images in order. Positions are continuous inside a document (segment);
+trailing padding gets its own segment id.
 """
 
 from __future__ import annotations
@@ -16,63 +16,92 @@ import numpy as np
 
 PAD, TEXT, VISUAL = 0, 1, 2
 
-ROW_FIELDS = {  # name -> (dtype, rank: 2 for [B,S] fields)
+ROW_FIELDS = {
     "tokens": np.int32, "modality": np.int8, "chunk_id": np.int32, "segment_id": np.int32,
     "positions": np.int32, "targets": np.int32, "loss_mask": np.float32,
 }
 
 
 class RowOverflow(ValueError):
-    """The documents do not fit in one row of the given length / image slots."""
+    """The spans do not fit in the row's positions or image slots."""
+
+
+class RowBuilder:
+    """Append text and image spans to one row of ``seq_len`` positions and ``num_slots`` images."""
+
+    def __init__(self, seq_len: int, visual_len: int, num_slots: int, image_shape: tuple[int, int],
+                 chunk_token: int):
+        self.seq_len, self.visual_len, self.chunk_token = seq_len, visual_len, chunk_token
+        self.fields = {name: np.zeros((seq_len,), dtype) for name, dtype in ROW_FIELDS.items()}
+        self.images = np.zeros((num_slots, *image_shape, 3), np.uint8)
+        self.image_mask = np.zeros((num_slots,), bool)
+        self.cursor = self.slot = self.segment = self.position = 0
+
+    def free(self) -> int:
+        return self.seq_len - self.cursor
+
+    def text_cost(self, num_tokens: int) -> int:
+        return 1 + num_tokens
+
+    def start_document(self) -> None:
+        self.segment += 1
+        self.position = 0
+
+    def _claim(self, length: int, modality: int, chunk_id: int) -> slice:
+        if self.segment == 0:
+            raise RuntimeError("start_document() before adding spans")
+        if self.cursor + length > self.seq_len:
+            raise RowOverflow(f"a span of {length} does not fit: {self.free()} of {self.seq_len} positions left")
+        span = slice(self.cursor, self.cursor + length)
+        self.fields["modality"][span] = modality
+        self.fields["chunk_id"][span] = chunk_id
+        self.fields["segment_id"][span] = self.segment
+        self.fields["positions"][span] = np.arange(self.position, self.position + length)
+        self.cursor += length
+        self.position += length
+        return span
+
+    def add_text(self, tokens: Sequence[int], chunk_id: int, loss: bool = True) -> None:
+        """``<|chunk|>`` + tokens; targets are the next tokens of this span."""
+        tokens = list(tokens)
+        span = self._claim(self.text_cost(len(tokens)), TEXT, chunk_id)
+        self.fields["tokens"][span] = [self.chunk_token, *tokens]
+        if tokens:
+            self.fields["targets"][span.start:span.stop - 1] = tokens
+            self.fields["loss_mask"][span.start:span.stop - 1] = 1.0 if loss else 0.0
+
+    def add_image(self, image: np.ndarray, chunk_id: int) -> None:
+        if self.slot >= len(self.image_mask):
+            raise RowOverflow(f"all {len(self.image_mask)} image slots are used")
+        self._claim(self.visual_len, VISUAL, chunk_id)
+        self.images[self.slot] = image
+        self.image_mask[self.slot] = True
+        self.slot += 1
+
+    def finish(self) -> dict[str, np.ndarray]:
+        rest = slice(self.cursor, self.seq_len)
+        self.fields["segment_id"][rest] = self.segment + 1
+        self.fields["positions"][rest] = np.arange(self.seq_len - self.cursor)
+        return {**self.fields, "images": self.images, "image_mask": self.image_mask}
 
 
 def pack_olm_row(documents: Sequence[Sequence[Sequence[int]]],
                  images: Sequence[Sequence[np.ndarray]], *, seq_len: int, visual_len: int,
                  num_image_slots: int, image_shape: tuple[int, int], chunk_token: int
                  ) -> dict[str, np.ndarray]:
-    """Pack documents (each a list of token-id chunks) into one OLM row.
+    """Pack documents (each a list of token-id chunks) into one OLM row ``[T1][V1][T2]...``.
 
-    ``images[d][c]`` is the rendered sketch (uint8 [H, W, 3]) of chunk c of document d;
-    only the first ``len(chunks) - 1`` are used.
+    ``images[d][c]`` is the sketch of chunk c of document d. Chunk c's text and image share
+    chunk id c; the last chunk of a document gets no image (no later chunk would read it).
     """
-    row = {name: np.zeros((seq_len,), dtype) for name, dtype in ROW_FIELDS.items()}
-    row_images = np.zeros((num_image_slots, *image_shape, 3), np.uint8)
-    image_mask = np.zeros((num_image_slots,), bool)
-    cursor, slot = 0, 0
-    for segment, (chunks, doc_images) in enumerate(zip(documents, images), start=1):
-        position = 0
-        for chunk_index, chunk in enumerate(chunks):
-            chunk_id = chunk_index + 1
-            span = [chunk_token, *chunk]
-            end = cursor + len(span)
-            if end > seq_len:
-                raise RowOverflow(f"document {segment} needs more than seq_len={seq_len} positions")
-            sl = slice(cursor, end)
-            row["tokens"][sl] = span
-            row["modality"][sl] = TEXT
-            row["chunk_id"][sl] = chunk_id
-            row["segment_id"][sl] = segment
-            row["positions"][sl] = np.arange(position, position + len(span))
-            row["targets"][cursor:end - 1] = chunk
-            row["loss_mask"][cursor:end - 1] = 1.0
-            cursor, position = end, position + len(span)
-            if chunk_index == len(chunks) - 1:
-                continue
-            if slot >= num_image_slots or cursor + visual_len > seq_len:
-                raise RowOverflow(f"document {segment} needs more image slots or positions")
-            sl = slice(cursor, cursor + visual_len)
-            row["modality"][sl] = VISUAL
-            row["chunk_id"][sl] = chunk_id
-            row["segment_id"][sl] = segment
-            row["positions"][sl] = np.arange(position, position + visual_len)
-            row_images[slot] = doc_images[chunk_index]
-            image_mask[slot] = True
-            slot += 1
-            cursor, position = cursor + visual_len, position + visual_len
-    row["segment_id"][cursor:] = len(documents) + 1
-    row["positions"][cursor:] = np.arange(seq_len - cursor)
-    row["images"], row["image_mask"] = row_images, image_mask
-    return row
+    row = RowBuilder(seq_len, visual_len, num_image_slots, image_shape, chunk_token)
+    for chunks, doc_images in zip(documents, images):
+        row.start_document()
+        for index, chunk in enumerate(chunks):
+            row.add_text(chunk, chunk_id=index + 1)
+            if index < len(chunks) - 1:
+                row.add_image(doc_images[index], chunk_id=index + 1)
+    return row.finish()
 
 
 def stack_rows(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -17,6 +17,8 @@ COMMAND_MODULES = (
     "vist2_jax.cli.params",
     "vist2_jax.cli.score",
     "vist2_jax.cli.check",
+    "data_pipelines.cli_data",
+    "vist2_jax.cli.bench",
 )
 
 

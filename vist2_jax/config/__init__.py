@@ -2,12 +2,12 @@
 
 from vist2_jax.config.loader import load_config, parse_overrides
 from vist2_jax.config.presets import PRESETS, preset_model
-from vist2_jax.config.schema import (AlignerConfig, Config, ConfigError, DataConfig,
+from vist2_jax.config.schema import (AlignerConfig, Config, ConfigError, CurriculumPoint, DataConfig,
                                      DecoderConfig, LayoutConfig, MeshConfig, ModelConfig,
                                      RunConfig, TrainConfig, VisionConfig)
 
 __all__ = [
-    "AlignerConfig", "Config", "ConfigError", "DataConfig", "DecoderConfig", "LayoutConfig",
+    "AlignerConfig", "Config", "ConfigError", "CurriculumPoint", "DataConfig", "DecoderConfig", "LayoutConfig",
     "MeshConfig", "ModelConfig", "PRESETS", "RunConfig", "TrainConfig", "VisionConfig",
     "load_config", "parse_overrides", "preset_model",
 ]

@@ -91,6 +91,8 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
         item_kind = typing.get_args(kind)[0]
+        if dataclasses.is_dataclass(item_kind):
+            return tuple(build(item_kind, item, f"{key}[{i}]") for i, item in enumerate(value))
         return tuple(_coerce(item, item_kind, f"{key}[{i}]") for i, item in enumerate(value))
     if kind is bool:
         if not isinstance(value, bool):

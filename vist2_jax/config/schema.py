@@ -130,38 +130,102 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """What one packed row looks like (DESIGN §2) and where rows come from."""
+class CurriculumPoint:
+    """From ``start_step`` until the next point: L per image, chunks per document window,
+    and the share of OCR rows mixed into OLM (stage 3's curriculum, DESIGN §1)."""
 
+    start_step: int = 0
+    text_len: int = 64
+    max_chunks: int = 8
+    ocr_fraction: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What one packed row looks like (DESIGN §2) and where rows come from.
+
+    ``source``: ``embedded`` (prose shipped with CPython) or a folder of .txt / .jsonl files.
+    ``tokenizer``: a SentencePiece ``.model`` or HF ``tokenizer.json``; empty means "train
+    one on the source into the run's workdir" (vocab = model.decoder.vocab_size).
+    ``bad_input``: ``skip`` (count and log each bad record) or ``fail`` (stop the run).
+    """
+
+    stage: Literal["caption", "ocr", "olm", "sft"] = "olm"
+    source: str = "embedded"
+    tokenizer: str = ""
     seq_len: int = 512
     global_batch_size: int = 8
     images_per_row: int = 8
-    source: str = "embedded"
+    curriculum: tuple[CurriculumPoint, ...] = ()
+    num_workers: int = 0
+    prefetch: int = 2
+    bad_input: Literal["skip", "fail"] = "skip"
+    font_path: str = ""
+    font_sizes: tuple[int, ...] = (10, 9, 8, 7)
+    eval_rows: int = 16
 
     def validate(self, prefix: str) -> None:
-        for name in ("seq_len", "global_batch_size", "images_per_row"):
+        for name in ("seq_len", "global_batch_size", "images_per_row", "prefetch", "eval_rows"):
             _require(getattr(self, name) > 0, f"{prefix}.{name}", "must be positive")
+        _require(self.num_workers >= 0, f"{prefix}.num_workers", "must be >= 0")
+        _require(len(self.font_sizes) > 0 and min(self.font_sizes) > 0, f"{prefix}.font_sizes",
+                 "must list positive pixel sizes")
+        steps = [point.start_step for point in self.curriculum]
+        _require(steps == sorted(set(steps)) and (not steps or steps[0] == 0), f"{prefix}.curriculum",
+                 "start_step values must begin at 0 and increase")
+        for i, point in enumerate(self.curriculum):
+            key = f"{prefix}.curriculum[{i}]"
+            _require(point.text_len > 0 and point.max_chunks > 0, key, "text_len and max_chunks must be positive")
+            _require(0.0 <= point.ocr_fraction <= 1.0, f"{key}.ocr_fraction", "must lie in [0, 1]")
+
+
+COMPONENTS = ("vision", "aligner", "decoder")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+    """Optimisation and the loop around it.
+
+    ``trainable`` lists the components that get updates (DESIGN §1 per stage); frozen ones
+    get no optimizer state. ``init_from`` is a previous stage's workdir (its latest
+    checkpoint's parameters start this stage). ``peak_tflops_per_device`` (bf16 dense peak
+    of the accelerator) turns on MFU in the metrics; 0 leaves it out.
+    """
+
     steps: int = 100
     learning_rate: float = 3e-4
     warmup_steps: int = 10
+    end_learning_rate_fraction: float = 0.1
     weight_decay: float = 0.1
     grad_clip_norm: float = 1.0
     z_loss_weight: float = 0.0
     grad_accum_steps: int = 1
+    trainable: tuple[str, ...] = COMPONENTS
+    init_from: str = ""
+    eval_every: int = 50
+    eval_batches: int = 2
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    nan_policy: Literal["stop", "skip"] = "stop"
+    peak_tflops_per_device: float = 0.0
 
     def validate(self, prefix: str) -> None:
-        _require(self.steps > 0, f"{prefix}.steps", "must be positive")
+        for name in ("steps", "grad_accum_steps", "eval_every", "eval_batches", "checkpoint_every",
+                     "keep_checkpoints"):
+            _require(getattr(self, name) > 0, f"{prefix}.{name}", "must be positive")
         _require(self.learning_rate > 0, f"{prefix}.learning_rate", "must be positive")
         _require(0 <= self.warmup_steps <= self.steps, f"{prefix}.warmup_steps",
                  f"must lie in [0, train.steps={self.steps}]")
+        _require(0 <= self.end_learning_rate_fraction <= 1, f"{prefix}.end_learning_rate_fraction",
+                 "must lie in [0, 1]")
         _require(self.weight_decay >= 0, f"{prefix}.weight_decay", "must be >= 0")
         _require(self.grad_clip_norm >= 0, f"{prefix}.grad_clip_norm", "must be >= 0 (0 turns it off)")
         _require(self.z_loss_weight >= 0, f"{prefix}.z_loss_weight", "must be >= 0")
-        _require(self.grad_accum_steps > 0, f"{prefix}.grad_accum_steps", "must be positive")
+        _require(self.peak_tflops_per_device >= 0, f"{prefix}.peak_tflops_per_device", "must be >= 0")
+        unknown = set(self.trainable) - set(COMPONENTS)
+        _require(not unknown, f"{prefix}.trainable", f"unknown components {sorted(unknown)}; "
+                 f"choose from {', '.join(COMPONENTS)}")
+        _require(len(self.trainable) > 0, f"{prefix}.trainable", "nothing would be trained")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +252,11 @@ class RunConfig:
     workdir: str = "runs/default"
     seed: int = 0
     log_every: int = 10
+    progress: bool = True
+
+    def validate(self, prefix: str) -> None:
+        _require(self.log_every > 0, f"{prefix}.log_every", "must be positive")
+        _require(bool(self.workdir), f"{prefix}.workdir", "must name a folder")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,4 +275,11 @@ class Config:
         self.data.validate("data")
         self.train.validate("train")
         self.mesh.validate("mesh")
+        self.run.validate("run")
+        m = self.model.layout.visual_len
+        for i, point in enumerate(self.data.curriculum):
+            _require(point.text_len % m == 0, f"data.curriculum[{i}].text_len",
+                     f"L={point.text_len} is not a whole multiple of m={m}")
+        _require(self.data.global_batch_size % self.train.grad_accum_steps == 0, "train.grad_accum_steps",
+                 f"does not divide data.global_batch_size={self.data.global_batch_size}")
         return self

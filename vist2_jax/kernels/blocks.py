@@ -96,7 +96,7 @@ def _lex_lt(a: Lex, b: Lex):
 
 
 def _blocked(x, size):
-    """[B, S] -> [B, nblocks, size], padding the tail with PAD-like filler."""
+    """[B, S] -> [B, nblocks, size], zero-filling the tail (masked out by modality -1)."""
     seq = x.shape[1]
     extra = -seq % size
     if extra:

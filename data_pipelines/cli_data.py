@@ -1,0 +1,142 @@
+"""``vist2 render`` (one text file -> the sketch the model would see) and ``vist2 bench-data``
+(renderer throughput, images/s on one core, Pillow vs the glyph atlas)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from data_pipelines.render import RenderConfig, RenderRejected, SketchRenderer
+
+
+def _usage_error(message: str) -> Exception:
+    from vist2_jax.cli.errors import UsageError
+
+    return UsageError(message)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("render", help="render a text file as the sketch image the model sees")
+    p.add_argument("--text-file", required=True, help="UTF-8 text, rendered as one chunk")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--recipe", default=None, help="recipe YAML (image size from model.layout)")
+    p.add_argument("--font", default=None, help="font file (default: DejaVu Sans Mono)")
+    p.add_argument("--method", choices=("auto", "atlas", "pillow"), default="auto")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.set_defaults(func=run_render)
+
+
+def run_render(args: argparse.Namespace) -> int:
+    from vist2_jax.config import load_config
+
+    config = load_config(args.recipe, overrides=args.overrides)
+    try:
+        text = Path(args.text_file).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise _usage_error(f"--text-file: no such file {args.text_file}") from None
+    except UnicodeDecodeError as err:
+        raise _usage_error(f"--text-file: {args.text_file} is not UTF-8 ({err.reason})") from None
+    try:
+        renderer = SketchRenderer(RenderConfig(image_size=config.model.layout.image_size,
+                                               font_path=args.font))
+    except FileNotFoundError as err:
+        raise _usage_error(f"--font: {err}") from None
+    try:
+        image = renderer.render(text, method=args.method)
+    except RenderRejected as err:
+        raise _usage_error(f"{args.text_file}: {err}") from None
+    from PIL import Image
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(args.out)
+    size = next(s for s, n in renderer.by_size.items() if n)
+    meta = renderer.renderer_config()
+    print(f"wrote {args.out}: {'x'.join(map(str, image.shape))} uint8, font {size}px "
+          f"{os.path.basename(meta['font_file'])} (sha256 {meta['font_sha256'][:12]}), "
+          f"{renderer.counters['missing_glyphs']} missing glyphs replaced")
+    return 0
+
+
+def add_bench_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--text-len", type=int, default=256, help="L: tokens per chunk")
+    parser.add_argument("--chars-per-token", type=float, default=4.0,
+                        help="without --tokenizer, a chunk is L * this many corpus characters")
+    parser.add_argument("--tokenizer", default=None,
+                        help="a .model or tokenizer.json: chunk real token ids and detokenize")
+    parser.add_argument("--chunks", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=5)
+
+
+def bench_chunks(text_len: int, count: int, chars_per_token: float = 4.0,
+                 tokenizer_path: str | None = None) -> list[str]:
+    """Consecutive chunks of the embedded corpus, as the pipeline would cut them."""
+    from data_pipelines.corpus import embedded_documents
+
+    docs = embedded_documents()
+    chunks: list[str] = []
+    if tokenizer_path:
+        from data_pipelines.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(tokenizer_path)
+        for doc in docs:
+            ids = tok.encode(doc)
+            chunks += [tok.decode(ids[i:i + text_len]) for i in range(0, len(ids), text_len)]
+            if len(chunks) >= count:
+                break
+    else:
+        text, n = "\n".join(docs), max(1, round(text_len * chars_per_token))
+        chunks = [text[i:i + n] for i in range(0, min(len(text), n * count), n)]
+    if len(chunks) < count:
+        raise _usage_error(f"the embedded corpus gives only {len(chunks)} chunks; use --chunks <= that")
+    return chunks[:count]
+
+
+def bench_data(args: argparse.Namespace) -> int:
+    if args.chunks <= 0 or args.repeats <= 0:
+        raise _usage_error("--chunks and --repeats must be positive")
+    chunks = bench_chunks(args.text_len, args.chunks, args.chars_per_token, args.tokenizer)
+    result = {"image_size": args.image_size, "text_len": args.text_len, "chunks": len(chunks),
+              "repeats": args.repeats, "mean_chars_per_chunk": sum(map(len, chunks)) / len(chunks),
+              "chunk_source": (f"tokenizer {args.tokenizer}" if args.tokenizer else
+                               f"{args.chars_per_token} chars/token of embedded corpus"),
+              "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                          "python": sys.version.split()[0]},
+              "note": "one process, one thread: images/s per core; rejected chunks count as work"}
+    for method in ("atlas", "pillow"):
+        renderer = SketchRenderer(RenderConfig(image_size=args.image_size))
+        for chunk in chunks:  # warm-up: builds the atlases, fills the counters once
+            try:
+                renderer.render(chunk, method=method)
+            except RenderRejected:
+                pass
+        fit = dict(renderer.counters, by_font_px=dict(renderer.by_size))
+        rates = []
+        for _ in range(args.repeats):
+            start, done = time.perf_counter(), 0
+            for chunk in chunks:
+                try:
+                    renderer.render(chunk, method=method)
+                    done += 1
+                except RenderRejected:
+                    pass
+            rates.append(done / (time.perf_counter() - start))
+        result[method] = {"images_per_s_median": statistics.median(rates), "images_per_s": rates,
+                          "fit": fit}
+        result["renderer_config"] = renderer.renderer_config()
+        print(f"{method:>6}: {statistics.median(rates):8.1f} images/s/core (median of {args.repeats}; "
+              f"{fit['rendered']} rendered, {fit['rejected']} rejected, by font px {fit['by_font_px']})")
+    result["speedup"] = result["atlas"]["images_per_s_median"] / result["pillow"]["images_per_s_median"]
+    print(f"atlas/pillow speedup {result['speedup']:.1f}x at {args.image_size}x{args.image_size}, "
+          f"L={args.text_len}, {result['mean_chars_per_chunk']:.0f} chars/chunk ({result['chunk_source']})")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0

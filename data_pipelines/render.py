@@ -1,0 +1,266 @@
+"""The sketch renderer (DESIGN §4): a text chunk -> uint8 [H, W, 3], sizes in pixels.
+
+The image shows exactly the chunk's text: word-wrapped (over-long words hard-broken),
+newlines and tabs honoured, never truncated. A chunk that does not fit at the largest
+font size is tried at the next smaller size bucket, and rejected (``RenderRejected``)
+when none fits; both are counted. Characters the font lacks (and control characters)
+are counted and, by policy, replaced with a visible marker or rejected; they are never
+drawn as .notdef boxes.
+
+Two paths share one layout: Pillow draws each line (any font), and for monospace fonts
+a pre-rasterized glyph atlas assembles the image with numpy gathers, many times faster
+and pixel-identical (it composites glyph coverage with Pillow's own max-and-blend rule).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import re
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from data_pipelines.fonts import FontSource, glyph_coverage, resolve_font
+from data_pipelines.glyph_atlas import GlyphAtlas
+
+_TOKENS = re.compile(r" +|[^ ]+")
+_CONTROL = np.zeros(0x110000, bool)
+_CONTROL[0x00:0x20] = _CONTROL[0x7F:0xA0] = True
+
+
+class RenderRejected(ValueError):
+    """The chunk cannot be rendered faithfully (does not fit, or lacks glyphs under 'reject')."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderConfig:
+    """Renderer settings; everything in pixels. ``font_sizes`` are tried largest first."""
+
+    image_size: int = 256
+    font_path: str | None = None
+    font_sizes: tuple[int, ...] = (10, 9, 8, 7)
+    margin: int = 2
+    line_spacing: int = 0
+    tab_size: int = 4
+    missing_glyphs: Literal["replace", "reject"] = "replace"
+    replacement: str = "\ufffd"  # '?' when the font lacks it
+    foreground: int = 0
+    background: int = 255
+    fast: bool = True  # use the glyph atlas when the font is monospace
+
+    def __post_init__(self):
+        if self.image_size <= 2 * self.margin or not self.font_sizes or min(self.font_sizes) <= 0:
+            raise ValueError(f"bad render config: {self}")
+        if self.missing_glyphs not in ("replace", "reject"):
+            raise ValueError(f"missing_glyphs must be 'replace' or 'reject', got {self.missing_glyphs!r}")
+
+
+class _Size:
+    """One font size bucket: the Pillow font, metrics, advances and (lazily) its atlas."""
+
+    def __init__(self, source: FontSource, size: int, config: RenderConfig):
+        self.size = size
+        self.font = ImageFont.truetype(io.BytesIO(source.data), size, index=source.index,
+                                       layout_engine=ImageFont.Layout.BASIC)
+        ascent, descent = self.font.getmetrics()
+        self.pitch = ascent + descent + config.line_spacing
+        if self.pitch <= 0:
+            raise ValueError(f"line_spacing={config.line_spacing} leaves no line pitch at {size}px")
+        inner = config.image_size - 2 * config.margin
+        self.max_width, self.max_rows = inner, max(0, (inner + config.line_spacing) // self.pitch)
+        self._advances: dict[str, float] = {}
+        ascii_adv = {self.advance(chr(c)) for c in range(0x20, 0x7F)}
+        self.cell = int(ascii_adv.pop()) if len(ascii_adv) == 1 else 0  # 0: proportional
+        self.cols = self.max_width // self.cell if self.cell else 0
+        self._atlas: GlyphAtlas | None = None
+
+    def advance(self, ch: str) -> float:
+        adv = self._advances.get(ch)
+        if adv is None:
+            adv = self._advances[ch] = self.font.getlength(ch)
+        return adv
+
+    def is_grid(self, chars: set[str]) -> bool:
+        """True when every character takes exactly one monospace cell."""
+        return bool(self.cell) and all(self.advance(c) == self.cell for c in chars)
+
+    def atlas(self, config: RenderConfig) -> GlyphAtlas:
+        if self._atlas is None:
+            self._atlas = GlyphAtlas(self.font, self.cell, self.pitch - config.line_spacing,
+                                     self.pitch, config.foreground, config.background)
+        return self._atlas
+
+
+def _wrap(paragraph: str, max_width: float, width, split) -> list[str]:
+    """Greedy word wrap. Spaces at a break are consumed; leading indentation is kept; a
+    word wider than a line is hard-broken by ``split(word) -> (head, rest)``."""
+    lines, line, used = [], "", 0.0
+    for tok in _TOKENS.findall(paragraph):
+        w = width(tok)
+        if tok[0] == " ":
+            if line and used + w <= max_width:
+                line, used = line + tok, used + w
+            elif not line and not lines:  # indentation at the start of a paragraph
+                while tok and width(tok) > max_width:
+                    tok = tok[:-1]
+                line, used = tok, width(tok)
+            elif line:
+                lines.append(line)
+                line, used = "", 0.0
+            continue
+        if used + w > max_width:
+            if line:
+                lines.append(line.rstrip(" "))
+            line, used = "", 0.0
+            while w > max_width:
+                head, tok = split(tok)
+                lines.append(head)
+                w = width(tok)
+        line, used = line + tok, used + w
+    if line or not lines:
+        lines.append(line)
+    return lines
+
+
+def _wrap_cols(paragraph: str, cols: int) -> list[str]:
+    """``_wrap`` for a monospace grid, a line at a time (the hot path): break at the last
+    space that fits, else hard-break the word, filling the line."""
+    rest = paragraph.lstrip(" ")
+    first_word = rest.find(" ")
+    first_word = len(rest) if first_word < 0 else first_word
+    line = " " * min(len(paragraph) - len(rest), max(0, cols - first_word))
+    lines, avail = [], cols - len(line)
+    while len(rest) > avail:
+        cut = rest.rfind(" ", 0, avail + 1)
+        if cut > 0:
+            lines.append((line + rest[:cut]).rstrip(" "))
+            rest = rest[cut:]
+        else:
+            lines.append(line + rest[:avail])
+            rest = rest[avail:]
+        rest, line, avail = rest.lstrip(" "), "", cols
+    if rest or not lines:
+        lines.append(line + rest)
+    return lines
+
+
+class SketchRenderer:
+    """Renders chunks to fixed-shape uint8 [S, S, 3] images and counts what happened."""
+
+    def __init__(self, config: RenderConfig = RenderConfig()):
+        self.config = config
+        self.source = resolve_font(config.font_path)
+        self.covered = glyph_coverage(self.source)
+        self.drawable = self.covered & ~_CONTROL
+        self.sizes = [_Size(self.source, s, config) for s in sorted(set(config.font_sizes), reverse=True)]
+        rep = config.replacement
+        self.replacement = rep if rep and all(self.drawable[ord(c)] for c in rep) else "?"
+        self.counters = {"rendered": 0, "smaller_bucket": 0, "rejected": 0, "missing_glyphs": 0,
+                         "atlas_fallbacks": 0}
+        self.by_size = {s.size: 0 for s in self.sizes}
+
+    def renderer_config(self) -> dict:
+        """What to save next to a run so its sketches can be reproduced."""
+        c = self.config
+        return {"font_file": self.source.file, "font_sha256": self.source.sha256,
+                "font_index": self.source.index, "font_sizes_px": [s.size for s in self.sizes],
+                "image_size": c.image_size, "margin": c.margin, "line_spacing": c.line_spacing,
+                "tab_size": c.tab_size, "missing_glyphs": c.missing_glyphs,
+                "replacement": self.replacement, "foreground": c.foreground,
+                "background": c.background, "monospace": bool(self.sizes[0].cell),
+                "layout_engine": "pillow-basic", "pillow": Image.__version__}
+
+    # ---- text preparation -------------------------------------------------------------
+    def _paragraphs(self, text: str) -> list[str]:
+        """Split lines, expand tabs, and apply the missing-glyph policy (counted)."""
+        paragraphs = [p.expandtabs(self.config.tab_size) for p in text.splitlines()]
+        codes = np.frombuffer("".join(paragraphs).encode("utf-32-le", "surrogatepass"), np.uint32)
+        bad = ~self.drawable[codes] if codes.size else np.zeros(0, bool)
+        bad &= codes != 0x20
+        missing = int(bad.sum())
+        if not missing:
+            return paragraphs
+        self.counters["missing_glyphs"] += missing
+        if self.config.missing_glyphs == "reject":
+            self.counters["rejected"] += 1
+            chars = sorted({chr(c) for c in codes[bad]})[:5]
+            raise RenderRejected(f"{missing} characters missing from the font, e.g. {chars!r}")
+        drawable = self.drawable
+        return ["".join(ch if drawable[ord(ch)] or ch == " " else self.replacement for ch in p)
+                for p in paragraphs]
+
+    def layout(self, text: str) -> tuple[_Size, list[str], bool]:
+        """(size bucket, lines, grid) for the largest size at which the text fits."""
+        paragraphs = self._paragraphs(text)
+        chars = set("".join(paragraphs))
+        for size in self.sizes:
+            if size.max_rows == 0:
+                continue
+            grid = size.is_grid(chars)
+            if grid:
+                cols = size.cols
+                if sum(-(-len(p) // cols) or 1 for p in paragraphs) > size.max_rows:
+                    continue  # a lower bound on the rows already overflows
+                wrap = lambda p, n=cols: _wrap_cols(p, n)  # noqa: E731
+            else:
+                adv, max_width = size.advance, size.max_width
+                width = lambda s, adv=adv: sum(adv(c) for c in s)  # noqa: E731
+                split = lambda w, adv=adv, m=max_width: _split_px(w, adv, m)  # noqa: E731
+                wrap = lambda p, m=max_width, w=width, s=split: _wrap(p, m, w, s)  # noqa: E731
+            lines: list[str] = []
+            for p in paragraphs:
+                lines += wrap(p)
+                if len(lines) > size.max_rows:
+                    break
+            else:
+                return size, lines, grid
+        self.counters["rejected"] += 1
+        raise RenderRejected(f"{len(text)} characters do not fit a {self.config.image_size}px sketch "
+                             f"even at {self.sizes[-1].size}px")
+
+    # ---- drawing ------------------------------------------------------------------------
+    def render(self, text: str, method: Literal["auto", "atlas", "pillow"] = "auto") -> np.ndarray:
+        """The sketch of ``text`` as uint8 [S, S, 3]; raises RenderRejected (counted)."""
+        size, lines, grid = self.layout(text)
+        image = None
+        if method == "atlas" or (method == "auto" and self.config.fast and grid):
+            if grid:
+                image = size.atlas(self.config).draw(lines, size.cols, size.max_rows,
+                                                     self.config.image_size, self.config.margin)
+            if image is None:
+                self.counters["atlas_fallbacks"] += 1
+        if image is None:
+            image = self._draw_pillow(size, lines)
+        self.counters["rendered"] += 1
+        self.counters["smaller_bucket"] += size is not self.sizes[0]
+        self.by_size[size.size] += 1
+        return image
+
+    def try_render(self, text: str) -> np.ndarray | None:
+        """Like ``render`` but returns None for a rejected chunk (still counted)."""
+        try:
+            return self.render(text)
+        except RenderRejected:
+            return None
+
+    def _draw_pillow(self, size: _Size, lines: list[str]) -> np.ndarray:
+        c = self.config
+        canvas = Image.new("L", (c.image_size, c.image_size), c.background)
+        draw = ImageDraw.Draw(canvas)
+        for row, line in enumerate(lines):
+            if line.strip(" "):
+                draw.text((c.margin, c.margin + row * size.pitch), line, fill=c.foreground, font=size.font)
+        gray = np.asarray(canvas)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+def _split_px(word: str, advance, max_width: float) -> tuple[str, str]:
+    used, n = 0.0, 0
+    for n, ch in enumerate(word):
+        used += advance(ch)
+        if used > max_width:
+            break
+    n = max(n, 1)  # a glyph wider than the line still makes progress
+    return word[:n], word[n:]

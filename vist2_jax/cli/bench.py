@@ -1,0 +1,18 @@
+"""``vist2 bench WHAT``: measurements that go into closing notes and READMEs.
+
+``mask``: block sparsity of the vision-as-memory mask; ``data``: sketch renderer throughput.
+"""
+
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    from data_pipelines import cli_data
+    from vist2_jax.cli import bench_mask
+
+    bench = subparsers.add_parser("bench", help="measure: mask block sparsity, renderer throughput")
+    what = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
+    bench_mask.add_mask_parser(what)
+    data = what.add_parser("data", help="renderer throughput: sketch images/s per core (JSON)")
+    cli_data.add_bench_data_arguments(data)
+    data.set_defaults(func=cli_data.bench_data)
