@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "vist2_jax.cli.check",
     "data_pipelines.cli_data",
     "vist2_jax.cli.bench",
+    "vist2_jax.cli.train",
 )
 
 

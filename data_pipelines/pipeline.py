@@ -1,0 +1,99 @@
+"""Grain pipelines: random-access rows, per-host sharding, worker processes, saved state.
+
+Row ``i`` of a split is ``RowMaker(i)``: deterministic in ``(seed, i)``. Host ``p`` of
+``n`` reads rows ``p, p+n, ...`` and batches ``global_batch / n`` of them, so the global
+batch at step ``s`` is rows ``[s*B, (s+1)*B)`` whatever the host count. The iterator's
+state (the next index) is saved with each checkpoint, which makes resume exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import grain
+import numpy as np
+
+from data_pipelines.sources import load_samples
+from data_pipelines.stages import RowMaker
+from data_pipelines.tokenizer import load_tokenizer, train_tokenizer
+from vist2_jax.config.schema import Config, ConfigError
+
+EVAL_SEED_OFFSET = 1_000_003
+
+
+def resolve_tokenizer(config: Config, workdir: str | Path):
+    """The configured tokenizer, or one trained on the source into ``workdir`` (cached)."""
+    if config.data.tokenizer:
+        path = Path(config.data.tokenizer)
+        if not path.exists():
+            raise ConfigError(f"data.tokenizer: no such file {path}")
+        tokenizer = load_tokenizer(path)
+    else:
+        prefix = Path(workdir) / "tokenizer"
+        model = prefix.with_suffix(".model")
+        if model.is_file():
+            tokenizer = load_tokenizer(model)
+        else:
+            from data_pipelines.sources import iter_records
+
+            corpus = Path(workdir) / "tokenizer_corpus.txt"
+            corpus.parent.mkdir(parents=True, exist_ok=True)
+            with corpus.open("w", encoding="utf-8") as f:
+                for text, prompt, _ in iter_records(config.data.source):
+                    f.write((prompt or "") + "\n" + text + "\n")
+            tokenizer = train_tokenizer([corpus], config.model.decoder.vocab_size, prefix)
+    if tokenizer.vocab_size > config.model.decoder.vocab_size:
+        raise ConfigError(f"data.tokenizer: vocabulary of {tokenizer.vocab_size} exceeds "
+                          f"model.decoder.vocab_size={config.model.decoder.vocab_size}")
+    return tokenizer
+
+
+@dataclasses.dataclass
+class Pipeline:
+    """The training rows of a run and a fixed evaluation set."""
+
+    config: Config
+    tokenizer: object
+    row_maker: RowMaker
+    eval_maker: RowMaker
+    process_index: int = 0
+    process_count: int = 1
+
+    @property
+    def local_batch_size(self) -> int:
+        return self.config.data.global_batch_size // self.process_count
+
+    def train_dataset(self) -> grain.IterDataset:
+        data = self.config.data
+        rows = self.config.train.steps * data.global_batch_size
+        dataset = grain.MapDataset.range(rows)[self.process_index::self.process_count]
+        dataset = dataset.map(self.row_maker).batch(self.local_batch_size, drop_remainder=True)
+        iterable = dataset.to_iter_dataset()
+        if data.num_workers > 0:
+            iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=data.num_workers, per_worker_buffer_size=data.prefetch))
+        return iterable
+
+    def eval_batches(self) -> list[dict[str, np.ndarray]]:
+        """The fixed evaluation rows of this host, batched; built once per run."""
+        data = self.config.data
+        rows = max(data.eval_rows, data.global_batch_size)
+        indices = list(range(self.process_index, rows, self.process_count))
+        made = [self.eval_maker(i) for i in indices]
+        size = self.local_batch_size
+        return [{k: np.stack([r[k] for r in made[i:i + size]]) for k in made[0]}
+                for i in range(0, len(made) - size + 1, size)]
+
+
+def build_pipeline(config: Config, workdir: str | Path, process_index: int = 0,
+                   process_count: int = 1) -> Pipeline:
+    if config.data.global_batch_size % process_count:
+        raise ConfigError(f"data.global_batch_size={config.data.global_batch_size} is not divisible "
+                          f"by the {process_count} hosts")
+    tokenizer = resolve_tokenizer(config, workdir)
+    samples, _ = load_samples(config.data.source, tokenizer, config.data.stage, config.data.bad_input)
+    seed = config.run.seed
+    return Pipeline(config, tokenizer, RowMaker(config, samples, tokenizer, seed),
+                    RowMaker(config, samples, tokenizer, seed + EVAL_SEED_OFFSET),
+                    process_index, process_count)

@@ -1,0 +1,219 @@
+"""Stage transforms: build one row of the DESIGN §2 contract from a row index.
+
+Every maker is a pure function of ``(seed, global row index)``, so any row can be rebuilt
+at any time (random access, exact resume) and per-host sharding is just index slicing.
+Layouts (DESIGN §1):
+
+* caption ``[V_img][T caption]`` (ids 1, 2), several samples packed as documents;
+* ocr ``[V_a][T text_a][V_b][T text_b]...`` (multi-turn: each text reads its image and
+  the earlier ones), loss on the reconstructed text;
+* olm ``[T1][V1][T2][V2]...`` over a window of a document, several documents per row,
+  with the stage-3 curriculum (L, chunks per window, OCR share) chosen by the row's step;
+* sft ``[V query chunks...][T response chunk][V][T]...``, loss on the response only.
+
+A chunk whose sketch cannot be rendered faithfully is never truncated: the document is
+skipped and counted (``bad_input=skip``) or the run stops (``bad_input=fail``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Sequence
+
+import numpy as np
+
+from data_pipelines.render import RenderConfig, RenderRejected, SketchRenderer
+from data_pipelines.row_contract import RowBuilder, RowOverflow
+from data_pipelines.shapes import captioned_shapes
+from vist2_jax.config.schema import Config, CurriculumPoint
+
+log = logging.getLogger(__name__)
+MAX_DOCS_PER_ROW = 16
+MIN_TEXT_TOKENS = 4
+
+
+class BadInput(RuntimeError):
+    """A record the pipeline cannot use, under ``bad_input=fail``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """A tokenized source record: a document (``prompt`` empty) or a prompt/response pair."""
+
+    tokens: np.ndarray
+    prompt: np.ndarray | None = None
+    location: str = ""
+
+
+def curriculum_at(config: Config, step: int) -> CurriculumPoint:
+    points = config.data.curriculum
+    if not points:
+        layout = config.model.layout
+        return CurriculumPoint(text_len=layout.text_len, max_chunks=config.data.images_per_row + 1)
+    return [p for p in points if p.start_step <= step][-1]
+
+
+class RowMaker:
+    """``index -> row`` for one stage. Picklable; the renderer is built lazily per worker."""
+
+    def __init__(self, config: Config, samples: Sequence[Sample], tokenizer, seed: int):
+        self.config, self.samples, self.tokenizer, self.seed = config, list(samples), tokenizer, seed
+        if not self.samples and config.data.stage != "caption":
+            raise BadInput(f"data.source={config.data.source!r} yielded no usable records")
+        self._renderer = None
+        self.counters = {"rows": 0, "documents": 0, "skipped_render": 0, "images": 0}
+
+    def __getstate__(self):
+        return {**self.__dict__, "_renderer": None}
+
+    @property
+    def renderer(self) -> SketchRenderer:
+        if self._renderer is None:
+            data, layout = self.config.data, self.config.model.layout
+            self._renderer = SketchRenderer(RenderConfig(
+                image_size=layout.image_size, font_path=data.font_path or None,
+                font_sizes=tuple(data.font_sizes)))
+        return self._renderer
+
+    def builder(self) -> RowBuilder:
+        data, layout = self.config.data, self.config.model.layout
+        return RowBuilder(data.seq_len, layout.visual_len, data.images_per_row,
+                          (layout.image_size, layout.image_size), self.tokenizer.chunk_id)
+
+    def __call__(self, index: int) -> dict[str, np.ndarray]:
+        index = int(index)
+        rng = np.random.default_rng([self.seed, index])
+        stage = self.config.data.stage
+        step = index // self.config.data.global_batch_size
+        if stage == "olm":
+            point = curriculum_at(self.config, step)
+            if rng.random() < point.ocr_fraction:
+                row = self._fill(rng, self._ocr, point)
+            else:
+                row = self._fill(rng, self._olm, point)
+        elif stage == "ocr":
+            row = self._fill(rng, self._ocr, curriculum_at(self.config, step))
+        elif stage == "sft":
+            row = self._fill(rng, self._sft, curriculum_at(self.config, step))
+        else:
+            row = self._fill(rng, self._caption, None)
+        self.counters["rows"] += 1
+        return row
+
+    # -- packing ---------------------------------------------------------------------
+    def _fill(self, rng, add_document, point) -> dict[str, np.ndarray]:
+        row = self.builder()
+        for _ in range(MAX_DOCS_PER_ROW):
+            if row.free() < row.text_cost(MIN_TEXT_TOKENS) or row.slot >= len(row.image_mask):
+                break
+            if not add_document(rng, row, point):
+                break
+        return row.finish()
+
+    def _render(self, tokens: np.ndarray, sample: Sample) -> np.ndarray | None:
+        text = self.tokenizer.decode(tokens)
+        try:
+            image = self.renderer.render(text)
+        except RenderRejected as err:
+            if self.config.data.bad_input == "fail":
+                raise BadInput(f"{sample.location}: chunk cannot be rendered: {err}") from None
+            self.counters["skipped_render"] += 1
+            log.warning("skipping %s: chunk cannot be rendered (%s)", sample.location, err)
+            return None
+        self.counters["images"] += 1
+        return image
+
+    def _window(self, rng, sample: Sample, text_len: int, max_chunks: int) -> list[np.ndarray]:
+        tokens = sample.tokens
+        span = text_len * max_chunks
+        start = int(rng.integers(0, max(1, len(tokens) - span + 1)))
+        window = tokens[start:start + span]
+        return [window[i:i + text_len] for i in range(0, len(window), text_len)]
+
+    def _chunks_that_fit(self, row: RowBuilder, text_len: int, wanted: int, with_last_image: bool) -> int:
+        """How many chunks of L tokens (each followed by an image, except maybe the last) fit."""
+        m = row.visual_len
+        per = row.text_cost(text_len) + m
+        by_space = (row.free() + (0 if with_last_image else m)) // per
+        by_slots = len(row.image_mask) - row.slot + (0 if with_last_image else 1)
+        return max(0, min(wanted, by_space, by_slots))
+
+    def _olm(self, rng, row: RowBuilder, point: CurriculumPoint) -> bool:
+        sample = self.samples[rng.integers(len(self.samples))]
+        chunks = self._window(rng, sample, point.text_len, point.max_chunks)
+        fit = self._chunks_that_fit(row, point.text_len, len(chunks), with_last_image=False)
+        if fit == 0:
+            last = row.free() - 1  # a shorter single chunk still trains on text
+            if last < MIN_TEXT_TOKENS:
+                return False
+            chunks, fit = [chunks[0][:last]], 1
+        chunks = chunks[:fit]
+        images = [self._render(chunk, sample) for chunk in chunks[:-1]]
+        if any(image is None for image in images):
+            return True  # skipped and counted; try another document
+        row.start_document()
+        for c, chunk in enumerate(chunks):
+            row.add_text(chunk, chunk_id=c + 1)
+            if c < len(chunks) - 1:
+                row.add_image(images[c], chunk_id=c + 1)
+        self.counters["documents"] += 1
+        return True
+
+    def _ocr(self, rng, row: RowBuilder, point: CurriculumPoint) -> bool:
+        sample = self.samples[rng.integers(len(self.samples))]
+        chunks = self._window(rng, sample, point.text_len, point.max_chunks)
+        fit = self._chunks_that_fit(row, point.text_len, len(chunks), with_last_image=True)
+        if fit == 0:
+            return False
+        images = [self._render(chunk, sample) for chunk in chunks[:fit]]
+        if any(image is None for image in images):
+            return True
+        row.start_document()
+        for c, (chunk, image) in enumerate(zip(chunks[:fit], images)):
+            row.add_image(image, chunk_id=2 * c + 1)
+            row.add_text(chunk, chunk_id=2 * c + 2)
+        self.counters["documents"] += 1
+        return True
+
+    def _sft(self, rng, row: RowBuilder, point: CurriculumPoint) -> bool:
+        sample = self.samples[rng.integers(len(self.samples))]
+        L, m = point.text_len, row.visual_len
+        query = [sample.prompt[i:i + L] for i in range(0, len(sample.prompt), L)]
+        response = [sample.tokens[i:i + L] for i in range(0, len(sample.tokens), L)][:point.max_chunks]
+        need_query = len(query) * m
+        n_resp = self._chunks_that_fit_after(row, need_query, len(query), L, len(response))
+        if not query or n_resp == 0:
+            return False
+        response = response[:n_resp]
+        images = [self._render(chunk, sample) for chunk in query + response[:-1]]
+        if any(image is None for image in images):
+            return True
+        row.start_document()
+        for q in range(len(query)):
+            row.add_image(images[q], chunk_id=q + 1)
+        for r, chunk in enumerate(response):
+            chunk_id = len(query) + r + 1
+            row.add_text(chunk, chunk_id=chunk_id)
+            if r < len(response) - 1:
+                row.add_image(images[len(query) + r], chunk_id=chunk_id)
+        self.counters["documents"] += 1
+        return True
+
+    def _chunks_that_fit_after(self, row, need_positions, need_slots, text_len, wanted) -> int:
+        free, slots = row.free() - need_positions, len(row.image_mask) - row.slot - need_slots
+        if free < row.text_cost(MIN_TEXT_TOKENS) or slots < 0:
+            return 0
+        per = row.text_cost(text_len) + row.visual_len
+        return max(0, min(wanted, (free + row.visual_len) // per, slots + 1))
+
+    def _caption(self, rng, row: RowBuilder, point) -> bool:
+        image, caption = captioned_shapes(rng, self.config.model.layout.image_size)
+        tokens = self.tokenizer.encode(caption)
+        if row.free() < row.visual_len + row.text_cost(len(tokens)):
+            return False
+        row.start_document()
+        row.add_image(image, chunk_id=1)
+        row.add_text(tokens, chunk_id=2)
+        self.counters["documents"] += 1
+        return True

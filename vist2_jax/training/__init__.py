@@ -1,0 +1,1 @@
+"""Training: optimizer, sharded step, metrics, checkpoints, the loop, multi-host set-up."""
