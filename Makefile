@@ -16,11 +16,9 @@ $(BIN)/vist2: pyproject.toml
 
 setup: $(BIN)/vist2
 
-# Until `vist2 demo` (four-stage training) lands, the main job is `vist2 check`: one
-# compiled forward+backward of the tiny VIST2 model on packed OLM rows, timed.
+# The main job: the tiny preset trained through the four stages on the embedded corpus.
 demo: setup
-	$(BIN)/vist2 params --preset tiny
-	$(BIN)/vist2 check --preset tiny
+	$(BIN)/vist2 demo --workdir runs/demo
 
 test: setup
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q

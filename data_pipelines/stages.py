@@ -181,9 +181,17 @@ class RowMaker:
         L, m = point.text_len, row.visual_len
         query = [sample.prompt[i:i + L] for i in range(0, len(sample.prompt), L)]
         response = [sample.tokens[i:i + L] for i in range(0, len(sample.tokens), L)][:point.max_chunks]
-        need_query = len(query) * m
-        n_resp = self._chunks_that_fit_after(row, need_query, len(query), L, len(response))
-        if not query or n_resp == 0:
+        # Keep the most recent query chunks that leave room for one response chunk (left
+        # truncation of an over-long context, counted).
+        room = min((row.free() - row.text_cost(min(L, len(sample.tokens)))) // m,
+                   len(row.image_mask) - row.slot)
+        if room < 1:
+            return False
+        if len(query) > room:
+            self.counters["query_truncated"] = self.counters.get("query_truncated", 0) + 1
+            query = query[-room:]
+        n_resp = self._chunks_that_fit_after(row, len(query) * m, len(query), L, len(response))
+        if n_resp == 0:
             return False
         response = response[:n_resp]
         images = [self._render(chunk, sample) for chunk in query + response[:-1]]

@@ -20,6 +20,8 @@ COMMAND_MODULES = (
     "data_pipelines.cli_data",
     "vist2_jax.cli.bench",
     "vist2_jax.cli.train",
+    "vist2_jax.cli.demo",
+    "vist2_jax.cli.sweep",
 )
 
 

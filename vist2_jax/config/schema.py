@@ -188,7 +188,8 @@ class TrainConfig:
 
     ``trainable`` lists the components that get updates (DESIGN §1 per stage); frozen ones
     get no optimizer state. ``init_from`` is a previous stage's workdir (its latest
-    checkpoint's parameters start this stage). ``peak_tflops_per_device`` (bf16 dense peak
+    checkpoint's parameters start this stage). ``init_decoder_hf`` / ``init_vision_hf`` are
+    Hugging Face folders (Qwen3 / SigLIP or SigLIP2 safetensors) loaded into a fresh run. ``peak_tflops_per_device`` (bf16 dense peak
     of the accelerator) turns on MFU in the metrics; 0 leaves it out.
     """
 
@@ -202,6 +203,8 @@ class TrainConfig:
     grad_accum_steps: int = 1
     trainable: tuple[str, ...] = COMPONENTS
     init_from: str = ""
+    init_decoder_hf: str = ""
+    init_vision_hf: str = ""
     eval_every: int = 50
     eval_batches: int = 2
     checkpoint_every: int = 50
@@ -226,6 +229,8 @@ class TrainConfig:
         _require(not unknown, f"{prefix}.trainable", f"unknown components {sorted(unknown)}; "
                  f"choose from {', '.join(COMPONENTS)}")
         _require(len(self.trainable) > 0, f"{prefix}.trainable", "nothing would be trained")
+        _require(not (self.init_from and (self.init_decoder_hf or self.init_vision_hf)), f"{prefix}.init_from",
+                 "a stage starts either from a previous stage or from Hugging Face weights, not both")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,12 +21,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import yaml
 
 from data_pipelines.pipeline import build_pipeline
 from vist2_jax.config.loader import to_dict
-from vist2_jax.config.schema import Config
+from vist2_jax.config.schema import Config, ConfigError
 from vist2_jax.model.vist2 import Vist2Model, example_batch
 from vist2_jax.parallel.sharding import LOGICAL_AXIS_RULES, logical_shardings, make_mesh, replicated
 from vist2_jax.training.checkpoint import RunCheckpoints, restore_params, tokenizer_asset
@@ -81,13 +80,34 @@ def _abstract_state(config: Config, mesh, optimizer):
     param_shardings = logical_shardings(boxed, mesh)
     params = nn.unbox(boxed)
     opt_state = jax.eval_shape(optimizer.init, params)
-    opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, opt_state, param_shardings,
-                                          transform_non_params=lambda _: replicated(mesh))
+    opt_shardings = optimizer_state_shardings(opt_state, params, param_shardings, replicated(mesh))
     shardings = {"step": replicated(mesh), "params": param_shardings, "opt_state": opt_shardings}
     abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params, "opt_state": opt_state}
     abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                       abstract, shardings)
     return model, example, abstract, shardings
+
+
+def optimizer_state_shardings(opt_state, params, param_shardings, default):
+    """Shard each optimizer-state leaf like the parameter it mirrors (Adam's mu and nu).
+
+    A leaf mirrors a parameter when the parameter's tree path is a suffix of the leaf's
+    path and the shapes agree; anything else (step counts) gets ``default``.
+    """
+    by_path = {}
+    for (path, param), (_, sharding) in zip(jax.tree_util.tree_leaves_with_path(params),
+                                            jax.tree_util.tree_leaves_with_path(param_shardings)):
+        by_path[tuple(str(k) for k in path)] = (param.shape, sharding)
+
+    def pick(path, leaf):
+        keys = tuple(str(k) for k in path)
+        for start in range(len(keys)):
+            found = by_path.get(keys[start:])
+            if found is not None and found[0] == getattr(leaf, "shape", None):
+                return found[1]
+        return default
+
+    return jax.tree_util.tree_map_with_path(pick, opt_state)
 
 
 def _host_metrics(metrics: dict) -> dict:
@@ -209,9 +229,41 @@ def _initial_state(config, model, optimizer, example, abstract, shardings):
     else:
         init = jax.jit(lambda rng: nn.unbox(model.init(rng, example)), out_shardings=shardings["params"])
         params = init(jax.random.key(config.run.seed))
+        params = _load_hf_components(config, params, shardings["params"])
     make = jax.jit(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": optimizer.init(p)},
                    in_shardings=(shardings["params"],), out_shardings=shardings)
     return make(params)
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    return {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _load_hf_components(config, params, shardings):
+    """Replace the decoder / vision tower of fresh params with Hugging Face weights."""
+    from vist2_jax.convert.hf_mapping import QWEN3_DECODER, SIGLIP2_VISION, SIGLIP_VISION, import_hf
+    from vist2_jax.convert.safetensors_io import read_checkpoint_dir
+
+    for folder, component in ((config.train.init_decoder_hf, "decoder"), (config.train.init_vision_hf, "vision")):
+        if not folder:
+            continue
+        if component == "decoder":
+            table = QWEN3_DECODER
+        else:
+            hf_config = json.loads((Path(folder) / "config.json").read_text())
+            table = SIGLIP2_VISION if "siglip2" in hf_config.get("model_type", "") else SIGLIP_VISION
+        try:
+            loaded = import_hf(table, read_checkpoint_dir(folder), config.model)["params"][component]
+        except (KeyError, ValueError, OSError) as err:
+            raise ConfigError(f"train.init_{component}_hf: {folder}: {err}") from None
+        want, got = _shapes(params["params"][component]), _shapes(loaded)
+        if want != got:
+            first = next(k for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k))
+            raise ConfigError(f"train.init_{component}_hf: {folder} does not fit model.{component}: "
+                             f"{first} is {got.get(first)} there, {want.get(first)} here")
+        params["params"][component] = jax.device_put(loaded, shardings["params"][component])
+        log.info("model.%s initialised from %s", component, folder)
+    return params
 
 
 def _save(checkpoints, step, state, iterator, config, pipeline, force=False):

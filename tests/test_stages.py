@@ -1,0 +1,145 @@
+"""Stage behaviour in process: frozen components get no optimizer state and no update,
+a stage starts from Hugging Face weights or from the previous stage, every stage layout
+meets the row contract, and the demo / sweep / launch commands run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from data_pipelines.pipeline import build_pipeline
+from data_pipelines.row_contract import TEXT, VISUAL, validate_batch
+from vist2_jax.config import load_config
+from vist2_jax.model.vist2 import Vist2Model, example_batch
+from vist2_jax.training.checkpoint import restore_params
+from vist2_jax.training.optimizer import make_optimizer
+from vist2_jax.training.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["model.decoder.num_layers=2", "model.vision.num_layers=2", "data.seq_len=256",
+         "data.global_batch_size=4", "data.images_per_row=4", "data.eval_rows=4", "train.eval_batches=1",
+         "train.warmup_steps=1", "run.progress=false", "mesh.fsdp=4", "mesh.tensor=2"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+    from data_pipelines.pipeline import resolve_tokenizer
+
+    return str(resolve_tokenizer(load_config(), tmp_path_factory.mktemp("tok")).path)
+
+
+def abstract_params(config):
+    example = example_batch(config.model, 1, config.data.seq_len, config.data.images_per_row)
+    return nn.unbox(jax.eval_shape(lambda: Vist2Model(config.model).init(jax.random.key(0), example)))
+
+
+def test_frozen_components_have_no_optimizer_state():
+    config = load_config(overrides=["train.trainable=[aligner]"])
+    params = abstract_params(config)
+    opt_state = jax.eval_shape(make_optimizer(config.train, params).init, params)
+    state_size = sum(x.size for x in jax.tree_util.tree_leaves(opt_state))
+    aligner_size = sum(x.size for x in jax.tree_util.tree_leaves(params["params"]["aligner"]))
+    assert state_size - 2 * aligner_size < 8  # Adam's mu and nu for the aligner, plus step counts
+
+
+@pytest.mark.parametrize("stage", ["caption", "ocr", "olm", "sft"])
+def test_every_stage_meets_the_row_contract(stage, tmp_path, tokenizer_path):
+    config = load_config(overrides=[*SMALL, f"data.stage={stage}", f"data.tokenizer={tokenizer_path}",
+                                    "train.steps=2"])
+    pipeline = build_pipeline(config, tmp_path)
+    batch = next(iter(pipeline.train_dataset()))
+    validate_batch(batch, config.model.layout.visual_len)
+    modality, chunk, loss = batch["modality"], batch["chunk_id"], batch["loss_mask"]
+    assert (loss[modality != TEXT] == 0).all()  # visual positions and padding carry no loss
+    assert (modality == VISUAL).any() and loss.sum() > 0
+    first = modality[0][modality[0] > 0][0]
+    assert first == {"caption": VISUAL, "ocr": VISUAL, "olm": TEXT, "sft": VISUAL}[stage]
+    if stage == "caption":  # [V_img][T caption]: the caption reads the image, ids 1 then 2
+        seg = batch["segment_id"][0] == 1
+        assert set(chunk[0][seg & (modality[0] == VISUAL)]) == {1}
+        assert set(chunk[0][seg & (modality[0] == TEXT)]) == {2}
+
+
+def test_frozen_stage_changes_only_the_aligner_and_starts_from_hf(tmp_path, tokenizer_path):
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6}))
+    hf.save_pretrained(tmp_path / "qwen3")
+    config = load_config(overrides=[*SMALL, "data.stage=caption", f"data.tokenizer={tokenizer_path}", "train.steps=2",
+                                    "train.trainable=[aligner]", f"train.init_decoder_hf={tmp_path / 'qwen3'}",
+                                    f"run.workdir={tmp_path / 'stage1'}", "train.checkpoint_every=2"])
+    train(config)
+    _, trained = restore_params(tmp_path / "stage1", abstract_params(config))
+    from vist2_jax.convert.hf_mapping import QWEN3_DECODER, import_hf
+    from vist2_jax.convert.safetensors_io import read_checkpoint_dir
+
+    hf_params = import_hf(QWEN3_DECODER, read_checkpoint_dir(tmp_path / "qwen3"), config.model)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(trained["params"]["decoder"]),
+                           hf_params["params"]["decoder"])
+    fresh = jax.jit(Vist2Model(config.model).init)(jax.random.key(config.run.seed), example_batch(
+        config.model, 1, config.data.seq_len, config.data.images_per_row))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(trained["params"]["vision"]),
+                           jax.device_get(nn.unbox(fresh)["params"]["vision"]))
+    changed = jax.tree_util.tree_map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                                     trained["params"]["aligner"], nn.unbox(fresh)["params"]["aligner"])
+    assert max(jax.tree_util.tree_leaves(changed)) > 0
+
+    # stage 2 starts from stage 1's parameters
+    config2 = load_config(overrides=[*SMALL, "data.stage=ocr", f"data.tokenizer={tokenizer_path}", "train.steps=2",
+                                     "train.trainable=[vision,aligner]", f"train.init_from={tmp_path / 'stage1'}",
+                                     f"run.workdir={tmp_path / 'stage2'}", "train.checkpoint_every=2"])
+    train(config2)
+    _, stage2 = restore_params(tmp_path / "stage2", abstract_params(config2))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(stage2["params"]["decoder"]),
+                           hf_params["params"]["decoder"])
+
+
+def test_demo_cli_runs_all_four_stages(tmp_path):
+    env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    proc = subprocess.run([sys.executable, "-m", "vist2_jax.cli.main", "demo", "--workdir", str(tmp_path / "demo"),
+                           "--steps-scale", "0.05", "model.decoder.num_layers=2", "model.vision.num_layers=2",
+                           "run.progress=false"],
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    demo = tmp_path / "demo"
+    for stage in ("stage1_caption", "stage2_ocr", "stage3_olm", "stage4_sft"):
+        assert (demo / stage / "metrics.jsonl").is_file()
+        assert any((demo / stage / "checkpoints").iterdir())
+        assert list((demo / stage / "tensorboard").glob("events.out.tfevents.*"))
+    assert (demo / "loss_curve.png").stat().st_size > 1000
+    assert list(demo.glob("sketch_*.png"))
+    assert "stage 3 validation loss" in proc.stdout
+    summary = json.loads((demo / "summary.json").read_text())
+    assert set(summary["stages"]) == {"stage1_caption", "stage2_ocr", "stage3_olm", "stage4_sft"}
+
+
+def test_sweep_and_launchers_dry_run():
+    proc = subprocess.run([sys.executable, "-m", "vist2_jax.cli.main", "sweep", str(ROOT / "recipes" / "sweep.yaml"),
+                           "--json"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    runs = json.loads(proc.stdout)
+    assert {r["size"] for r in runs} == {"0.6b", "1.7b", "4b", "8b"} and len(runs) == 16
+    assert all(r["command"].startswith("launch/tpu_pod.sh") for r in runs)
+    tpu = subprocess.run(["bash", "launch/tpu_pod.sh", "--tpu", "t1", "--zone", "z1", "--dry-run", "--",
+                          "recipes/8b/stage3_olm.yaml"], capture_output=True, text=True, cwd=ROOT)
+    assert tpu.returncode == 0 and "--worker=all" in tpu.stdout and "vist2 train recipes/8b/stage3_olm.yaml" in tpu.stdout
+    slurm = subprocess.run(["bash", "launch/slurm.sbatch", "--dry-run", "recipes/8b/stage3_olm.yaml"],
+                           capture_output=True, text=True, cwd=ROOT)
+    assert slurm.returncode == 0 and slurm.stdout.startswith("srun")
+    gke = subprocess.run(["bash", "launch/gke.sh", "--name", "n", "--image", "img", "--accelerator", "tpu-v5p-slice",
+                          "--topology", "4x4x4", "--workers", "16", "--dry-run", "--", "recipes/8b/stage3_olm.yaml"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert gke.returncode == 0 and "kind: JobSet" in gke.stdout and "parallelism: 16" in gke.stdout
+    local = subprocess.run([sys.executable, "launch/local.py", "--processes", "2", "--dry-run", "--", "vist2", "train",
+                            "r.yaml"], capture_output=True, text=True, cwd=ROOT)
+    assert local.returncode == 0 and local.stdout.count("VIST2_PROCESS_ID=") == 2
