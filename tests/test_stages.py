@@ -143,3 +143,30 @@ def test_sweep_and_launchers_dry_run():
     local = subprocess.run([sys.executable, "launch/local.py", "--processes", "2", "--dry-run", "--", "vist2", "train",
                             "r.yaml"], capture_output=True, text=True, cwd=ROOT)
     assert local.returncode == 0 and local.stdout.count("VIST2_PROCESS_ID=") == 2
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, tokenizer_path):
+    from vist2_jax.training.step import make_train_step
+
+    base = [*SMALL, f"data.tokenizer={tokenizer_path}", "train.steps=2", "data.stage=olm",
+            "data.curriculum=[{start_step: 0, text_len: 16, max_chunks: 3, ocr_fraction: 0.5}]"]
+    config = load_config(overrides=base)
+    batch = next(iter(build_pipeline(config, tmp_path).train_dataset()))
+    params = nn.unbox(jax.jit(Vist2Model(config.model).init)(jax.random.key(0), batch))
+    results = {}
+    for accum in (1, 2):
+        cfg = load_config(overrides=[*base, f"train.grad_accum_steps={accum}"])
+        optimizer = make_optimizer(cfg.train, params)
+        state = {"step": 0, "params": params, "opt_state": optimizer.init(params)}
+        step = jax.jit(make_train_step(cfg, optimizer))
+        state, first = step(state, batch)
+        _, second = step(state, batch)
+        results[accum] = (jax.device_get(first), jax.device_get(second))
+    one, two = results[1], results[2]
+    np.testing.assert_allclose(two[0]["loss"], one[0]["loss"], rtol=1e-6)  # same weights, exact sums
+    np.testing.assert_allclose(two[1]["loss"], one[1]["loss"], rtol=2e-3)  # after one (mean-of-means) update
+    assert {"loss_olm", "loss_ocr"} <= set(one[0])
+    total = one[0]["tokens_olm"] + one[0]["tokens_ocr"]
+    assert total == one[0]["target_tokens"]
+    mixed = (one[0]["loss_olm"] * one[0]["tokens_olm"] + one[0]["loss_ocr"] * one[0]["tokens_ocr"]) / total
+    np.testing.assert_allclose(mixed, one[0]["loss"], rtol=1e-5)

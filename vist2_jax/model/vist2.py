@@ -44,7 +44,8 @@ def place_visual_tokens(text_embeddings: jax.Array, visual_tokens: jax.Array,
 def next_token_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array
                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Weighted mean cross-entropy over target positions, in fp32, with token accuracy and
-    the z-loss term mean(log Z^2) (PaLM) that a config may add to keep logits anchored."""
+    the z-loss term mean(log Z^2) (PaLM) that a config may add to keep logits anchored.
+    ``row_nll`` / ``row_tokens`` ([B]) let callers split the loss by task per row."""
     logits = logits.astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
@@ -54,7 +55,8 @@ def next_token_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array
     loss = (nll * weights).sum() / denom
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     metrics = {"loss": loss, "accuracy": (correct * weights).sum() / denom,
-               "target_tokens": weights.sum(), "z_loss": (jnp.square(log_z) * weights).sum() / denom}
+               "target_tokens": weights.sum(), "z_loss": (jnp.square(log_z) * weights).sum() / denom,
+               "row_nll": (nll * weights).sum(axis=-1), "row_tokens": weights.sum(axis=-1)}
     return loss, metrics
 
 

@@ -2,7 +2,9 @@
 
 State is ``{"step", "params", "opt_state"}`` with fp32 master weights; the model computes
 in ``model.dtype`` (bf16 by default). The global batch is split into
-``grad_accum_steps`` micro-batches scanned with fp32 gradient accumulation.
+``grad_accum_steps`` micro-batches scanned with fp32 gradient accumulation; the gradient
+is the mean of the micro-batches' mean-loss gradients, while the reported metrics are
+exact token-weighted means over the whole batch (accumulated as sums).
 """
 
 from __future__ import annotations
@@ -24,13 +26,45 @@ def _freeze(params: Any, trainable: tuple[str, ...]) -> Any:
                        for name, sub in params["params"].items()}}
 
 
+SUMMED = ("loss", "accuracy", "z_loss")  # token-weighted means, accumulated as sums
+
+
+def task_of_rows(config: Config, modality: jax.Array) -> dict[str, jax.Array]:
+    """Row masks per task. In stage 3 a row that starts with an image is an OCR row mixed
+    in by the curriculum; every other stage has one task, named after the stage."""
+    stage = config.data.stage
+    if stage != "olm":
+        return {stage: jnp.ones(modality.shape[:1], bool)}
+    first = jnp.take_along_axis(modality, jnp.argmax(modality > 0, axis=1)[:, None], axis=1)[:, 0]
+    return {"olm": first == 1, "ocr": first == 2}
+
+
 def loss_and_metrics(model: Vist2Model, config: Config, params: Any, batch: Mapping[str, jax.Array]):
+    """(objective, sums): the objective to differentiate and token-weighted metric sums."""
     out = model.apply(params, batch)
     loss = out["loss"]
     if config.train.z_loss_weight > 0:
         loss = loss + config.train.z_loss_weight * out["z_loss"]
-    metrics = {k: out[k] for k in ("loss", "accuracy", "target_tokens", "z_loss")}
-    return loss, metrics
+    tokens = out["target_tokens"]
+    sums = {k: out[k] * tokens for k in SUMMED}
+    sums["target_tokens"] = tokens
+    for task, rows in task_of_rows(config, batch["modality"]).items():
+        sums[f"loss_sum_{task}"] = jnp.sum(jnp.where(rows, out["row_nll"], 0.0))
+        sums[f"tokens_{task}"] = jnp.sum(jnp.where(rows, out["row_tokens"], 0.0))
+    return loss, sums
+
+
+def finish_metrics(sums: dict) -> dict:
+    """Metric sums -> means (loss, accuracy, z_loss, loss_TASK), keeping token counts."""
+    total = jnp.maximum(sums["target_tokens"], 1.0)
+    metrics = {k: sums[k] / total for k in SUMMED}
+    metrics["target_tokens"] = sums["target_tokens"]
+    for key in sums:
+        if key.startswith("loss_sum_"):
+            task = key[len("loss_sum_"):]
+            metrics[f"loss_{task}"] = sums[key] / jnp.maximum(sums[f"tokens_{task}"], 1.0)
+            metrics[f"tokens_{task}"] = sums[f"tokens_{task}"]
+    return metrics
 
 
 def make_train_step(config: Config, optimizer: optax.GradientTransformation):
@@ -42,31 +76,30 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation):
     def grads_of(params, batch):
         def objective(p):
             return loss_and_metrics(model, config, _freeze(p, trainable), batch)
-        (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params)
-        return grads, metrics
+        (_, sums), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        return grads, sums
 
     def train_step(state: dict, batch: Mapping[str, jax.Array]) -> tuple[dict, dict]:
         params = state["params"]
         if accum == 1:
-            grads, metrics = grads_of(params, batch)
+            grads, sums = grads_of(params, batch)
         else:
             micro = jax.tree_util.tree_map(
                 lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
 
             def body(carry, mb):
-                grads, metrics = grads_of(params, mb)
-                weight = metrics["target_tokens"]
-                acc_g, acc_m = carry
+                grads, sums = grads_of(params, mb)
+                acc_g, acc_s = carry
                 acc_g = jax.tree_util.tree_map(lambda a, g: a + g.astype(jnp.float32) / accum, acc_g, grads)
-                acc_m = {k: acc_m[k] + (v if k == "target_tokens" else v * weight) for k, v in metrics.items()}
-                return (acc_g, acc_m), None
+                return (acc_g, jax.tree_util.tree_map(jnp.add, acc_s, sums)), None
 
             zeros_g = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-            zeros_m = {k: jnp.zeros((), jnp.float32) for k in ("loss", "accuracy", "target_tokens", "z_loss")}
-            (grads, summed), _ = jax.lax.scan(body, (zeros_g, zeros_m), micro)
-            total = jnp.maximum(summed["target_tokens"], 1.0)
-            metrics = {k: (v if k == "target_tokens" else v / total) for k, v in summed.items()}
-        grad_norm = optax.global_norm(grads)
+            first = jax.tree_util.tree_map(lambda x: x[0], micro)
+            zeros_s = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype),
+                                             jax.eval_shape(lambda: grads_of(params, first)[1]))
+            (grads, sums), _ = jax.lax.scan(body, (zeros_g, zeros_s), micro)
+        metrics = finish_metrics(sums)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
@@ -84,7 +117,7 @@ def make_eval_step(config: Config):
     model = Vist2Model(config.model)
 
     def eval_step(params: Any, batch: Mapping[str, jax.Array]) -> dict:
-        _, metrics = loss_and_metrics(model, config, params, batch)
-        return metrics
+        _, sums = loss_and_metrics(model, config, params, batch)
+        return finish_metrics(sums)
 
     return eval_step
