@@ -122,6 +122,23 @@ def test_demo_cli_runs_all_four_stages(tmp_path):
     summary = json.loads((demo / "summary.json").read_text())
     assert set(summary["stages"]) == {"stage1_caption", "stage2_ocr", "stage3_olm", "stage4_sft"}
 
+    # the demo's checkpoints serve inference directly: config, params and tokenizer come from the run
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("The built-in functions are listed here in alphabetical order. " * 4)
+    generated = subprocess.run([sys.executable, "-m", "vist2_jax.cli.main", "generate", "--checkpoint",
+                                str(demo / "stage4_sft"), "--prompt-file", str(prompt), "--mode", "gcc",
+                                "--max-new-tokens", "6"], env={**os.environ, **env}, capture_output=True,
+                               text=True, timeout=600, cwd=ROOT)
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    assert generated.stdout.strip()
+    (tmp_path / "ids.txt").write_text("5 100 200 300")
+    scored = subprocess.run([sys.executable, "-m", "vist2_jax.cli.main", "score", "--checkpoint",
+                             str(demo / "stage3_olm"), "--token-ids-file", str(tmp_path / "ids.txt")],
+                            env={**os.environ, **env}, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    report = json.loads(scored.stdout)
+    assert report["num_scored"] == 3 and all(lp < 0 for lp in report["logprobs"][1:])
+
 
 def test_sweep_and_launchers_dry_run():
     proc = subprocess.run([sys.executable, "-m", "vist2_jax.cli.main", "sweep", str(ROOT / "recipes" / "sweep.yaml"),

@@ -1,6 +1,7 @@
 """``vist2 bench WHAT``: measurements that go into closing notes and READMEs.
 
-``mask``: block sparsity of the vision-as-memory mask; ``data``: sketch renderer throughput.
+``mask``: block sparsity of the vision-as-memory mask; ``data``: sketch renderer throughput;
+``efficiency``: KV memory, FLOPs and speed of gcc vs pcc vs text generation.
 """
 
 from __future__ import annotations
@@ -8,11 +9,12 @@ from __future__ import annotations
 
 def register(subparsers) -> None:
     from data_pipelines import cli_data
-    from vist2_jax.cli import bench_mask
+    from vist2_jax.cli import bench_efficiency, bench_mask
 
-    bench = subparsers.add_parser("bench", help="measure: mask block sparsity, renderer throughput")
+    bench = subparsers.add_parser("bench", help="measure: mask block sparsity, renderer throughput, generation efficiency")
     what = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
     bench_mask.add_mask_parser(what)
     data = what.add_parser("data", help="renderer throughput: sketch images/s per core (JSON)")
     cli_data.add_bench_data_arguments(data)
     data.set_defaults(func=cli_data.bench_data)
+    bench_efficiency.add_efficiency_parser(what)

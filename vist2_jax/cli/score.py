@@ -1,5 +1,5 @@
 """``vist2 score``: per-token log-probabilities of a token-id sequence under plain causal
-text attention, from a Hugging Face Qwen3 checkpoint folder, as JSON."""
+text attention, from a Hugging Face Qwen3 folder or a training run's checkpoint, as JSON."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from vist2_jax.cli.errors import UsageError
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("score", help="per-token log-probs of token ids (JSON)")
-    parser.add_argument("--hf-decoder", required=True, metavar="DIR",
-                        help="HF Qwen3 folder: config.json + *.safetensors")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf-decoder", metavar="DIR", help="HF Qwen3 folder: config.json + *.safetensors")
+    source.add_argument("--checkpoint", metavar="DIR", help="a `vist2 train` / `vist2 demo` run directory")
     parser.add_argument("--token-ids-file", required=True, metavar="F",
                         help="token ids: a JSON list or whitespace/comma separated integers")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -39,7 +40,16 @@ def run(args) -> int:
     from vist2_jax.inference.scoring import load_hf_decoder, score_tokens
 
     ids = read_token_ids(args.token_ids_file)
-    model_config, params = load_hf_decoder(args.hf_decoder, dtype=args.dtype)
+    if args.checkpoint:
+        import dataclasses
+
+        from vist2_jax.inference.checkpoints import load_run
+
+        config, variables, _, _ = load_run(args.checkpoint)
+        model_config = dataclasses.replace(config.model, dtype=args.dtype)
+        params = {"params": variables["params"]["decoder"]}
+    else:
+        model_config, params = load_hf_decoder(args.hf_decoder, dtype=args.dtype)
     vocab = model_config.decoder.vocab_size
     if max(ids) >= vocab or min(ids) < 0:
         raise UsageError(f"--token-ids-file: ids must lie in [0, {vocab}); got {min(ids)}..{max(ids)}")

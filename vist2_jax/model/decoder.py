@@ -5,24 +5,45 @@ so the same decoder runs plain causal text and the vision-as-memory mask.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from vist2_jax.config.schema import ModelConfig
-from vist2_jax.kernels.attention import attention
-from vist2_jax.kernels.mask import RowMeta
+from vist2_jax.kernels.attention import attention, dense_attention
+from vist2_jax.kernels.mask import RowMeta, vision_memory_mask
 from vist2_jax.model.layers import (DTYPES, DenseGeneral, LayerStack, RMSNorm, constrain,
                                     param_with_axes, rotary_embedding)
 
 BSE = ("batch", "length", "act_embed")
 
 
+class KVCache(NamedTuple):
+    """A static-shape KV cache: ``k``/``v`` [layers, B, C, kv_heads, head_dim] (post-RoPE)
+    and the row metadata of every slot, ``meta`` (each [B, C]). A free slot has modality
+    PAD, which the vision-as-memory mask never lets a text or visual query read."""
+
+    k: jax.Array
+    v: jax.Array
+    meta: RowMeta
+
+
+def write_rows(buffer: jax.Array, slots: jax.Array, values: jax.Array) -> jax.Array:
+    """``buffer[b, slots[b, s]] = values[b, s]`` for every row b (slots [B, S])."""
+    rows = jnp.arange(buffer.shape[0])[:, None]
+    return buffer.at[rows, slots].set(values.astype(buffer.dtype))
+
+
 class Qwen3Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, meta: RowMeta) -> jax.Array:
+    def __call__(self, x: jax.Array, meta: RowMeta, cache_ctx=None, layer_cache=None):
+        """Self-attention over the row; with ``layer_cache=(k, v)`` and
+        ``cache_ctx=(kv_meta, slots)`` the new K/V are written at ``slots`` and the queries
+        attend over the whole cache (keys described by ``kv_meta``); returns (out, (k, v))."""
         cfg = self.config.decoder
         dtype, pdtype = DTYPES[self.config.dtype], DTYPES[self.config.param_dtype]
         hidden, heads, kv_heads, head_dim = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -41,11 +62,19 @@ class Qwen3Attention(nn.Module):
                       ("batch", "length", "act_heads", None))
         k = constrain(rotary_embedding(k, meta.positions, cfg.rope_theta),
                       ("batch", "length", "act_kv_heads", None))
-        out = attention(q, k, v, meta, impl=self.config.attention_impl,
-                        visual_attends_past_visual=self.config.layout.visual_attends_past_visual)
+        vapv = self.config.layout.visual_attends_past_visual
+        if layer_cache is None:
+            out = attention(q, k, v, meta, impl=self.config.attention_impl,
+                            visual_attends_past_visual=vapv)
+        else:
+            kv_meta, slots = cache_ctx
+            k_cache, v_cache = write_rows(layer_cache[0], slots, k), write_rows(layer_cache[1], slots, v)
+            out = dense_attention(q, k_cache, v_cache, vision_memory_mask(meta, vapv, kv_meta=kv_meta))
+            layer_cache = (k_cache, v_cache)
         out = constrain(out, ("batch", "length", "act_heads", None))
-        return DenseGeneral((heads, head_dim), (hidden,), ("heads", "head_dim"), ("embed",),
-                            dtype=dtype, param_dtype=pdtype, name="o_proj")(out)
+        out = DenseGeneral((heads, head_dim), (hidden,), ("heads", "head_dim"), ("embed",),
+                           dtype=dtype, param_dtype=pdtype, name="o_proj")(out)
+        return out if layer_cache is None else (out, layer_cache)
 
 
 class Qwen3MLP(nn.Module):
@@ -70,14 +99,19 @@ class Qwen3Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, meta: RowMeta):
+    def __call__(self, x: jax.Array, meta: RowMeta, cache_ctx=None, layer_cache=None):
         cfg = self.config.decoder
         dtype, pdtype = DTYPES[self.config.dtype], DTYPES[self.config.param_dtype]
         h = RMSNorm(cfg.rms_norm_eps, "norm", dtype, pdtype, name="input_norm")(x)
-        x = constrain(x + Qwen3Attention(self.config, name="attn")(h, meta), BSE)
+        attn = Qwen3Attention(self.config, name="attn")
+        if layer_cache is None:
+            out = attn(h, meta)
+        else:
+            out, layer_cache = attn(h, meta, cache_ctx, layer_cache)
+        x = constrain(x + out, BSE)
         h = RMSNorm(cfg.rms_norm_eps, "norm", dtype, pdtype, name="post_attn_norm")(x)
         x = constrain(x + Qwen3MLP(self.config, name="mlp")(h), BSE)
-        return x, None
+        return x, layer_cache
 
 
 class Qwen3Decoder(nn.Module):
@@ -107,6 +141,15 @@ class Qwen3Decoder(nn.Module):
 
     def __call__(self, x: jax.Array, meta: RowMeta) -> jax.Array:
         return self.final_norm(self.blocks(x, meta))
+
+    def extend(self, x: jax.Array, meta: RowMeta, slots: jax.Array, cache: KVCache
+               ) -> tuple[jax.Array, KVCache]:
+        """Cached forward: new entries ``x`` [B, S, D] with metadata ``meta`` are written at
+        cache ``slots`` [B, S] and attend over every live cache entry under the same mask
+        as training. Returns (final hidden [B, S, D], updated cache)."""
+        kv_meta = RowMeta(*(write_rows(c, slots, n) for c, n in zip(cache.meta, meta)))
+        x, (k, v) = self.blocks(x, meta, (kv_meta, slots), per_layer=(cache.k, cache.v))
+        return self.final_norm(x), KVCache(k, v, kv_meta)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         if self.config.decoder.tie_embeddings:

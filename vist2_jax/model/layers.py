@@ -125,6 +125,10 @@ class LayerStack(nn.Module):
     With ``scan`` the parameters sit on a leading ``layers`` axis (one compile of the
     block, the layout MaxText uses); otherwise blocks are named ``layers_0``, ``layers_1``...
     ``remat_policy`` wraps each block in ``nn.remat`` with a policy from ``REMAT_POLICIES``.
+
+    ``per_layer`` (inference only) is a pytree with a leading ``layers`` axis, e.g. a KV
+    cache: layer i receives its slice as a last argument (scan ``in_axes`` 0, not
+    broadcast), returns its update, and the call returns ``(x, stacked updates)``.
     """
 
     block_cls: Any
@@ -134,17 +138,29 @@ class LayerStack(nn.Module):
     remat_policy: str = "none"
 
     @nn.compact
-    def __call__(self, x: jax.Array, *args) -> jax.Array:
+    def __call__(self, x: jax.Array, *args, per_layer: Any = None):
         block_cls = self.block_cls
         if self.remat_policy != "none":
             block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[self.remat_policy],
                                  prevent_cse=not self.scan)
         kwargs = dict(self.block_kwargs)
+        if per_layer is not None:
+            args = args + (per_layer,)
         if self.scan:
+            in_axes = (nn.broadcast,) * (len(args) - (per_layer is not None))
+            in_axes += (0,) if per_layer is not None else ()
             stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=(nn.broadcast,) * len(args), length=self.num_layers,
+                            in_axes=in_axes, length=self.num_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            return stack(name="layers", **kwargs)(x, *args)[0]
+            x, updates = stack(name="layers", **kwargs)(x, *args)
+            return x if per_layer is None else (x, updates)
+        updates = []
         for i in range(self.num_layers):
-            x = block_cls(name=f"layers_{i}", **kwargs)(x, *args)[0]
-        return x
+            layer_args = args
+            if per_layer is not None:
+                layer_args = args[:-1] + (jax.tree_util.tree_map(lambda a, i=i: a[i], per_layer),)
+            x, update = block_cls(name=f"layers_{i}", **kwargs)(x, *layer_args)
+            updates.append(update)
+        if per_layer is None:
+            return x
+        return x, jax.tree_util.tree_map(lambda *u: jnp.stack(u), *updates)
