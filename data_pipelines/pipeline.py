@@ -40,8 +40,12 @@ def resolve_tokenizer(config: Config, workdir: str | Path):
             corpus = Path(workdir) / "tokenizer_corpus.txt"
             corpus.parent.mkdir(parents=True, exist_ok=True)
             with corpus.open("w", encoding="utf-8") as f:
-                for text, prompt, _ in iter_records(config.data.source):
-                    f.write((prompt or "") + "\n" + text + "\n")
+                data = config.data
+                for record in iter_records(data.source, "olm" if data.stage == "caption" and
+                                           data.source == "embedded" else data.stage,
+                                           data.data_dir, data.manual_dir):
+                    if not record.error:
+                        f.write((record.prompt or "") + "\n" + record.text + "\n")
             tokenizer = train_tokenizer([corpus], config.model.decoder.vocab_size, prefix)
     if tokenizer.vocab_size > config.model.decoder.vocab_size:
         raise ConfigError(f"data.tokenizer: vocabulary of {tokenizer.vocab_size} exceeds "
@@ -59,6 +63,7 @@ class Pipeline:
     eval_maker: RowMaker
     process_index: int = 0
     process_count: int = 1
+    source_counters: dict = dataclasses.field(default_factory=dict)
 
     @property
     def local_batch_size(self) -> int:
@@ -71,6 +76,10 @@ class Pipeline:
         dataset = dataset.map(self.row_maker).batch(self.local_batch_size, drop_remainder=True)
         iterable = dataset.to_iter_dataset()
         if data.num_workers > 0:
+            from absl import flags
+
+            if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; unparsed, they fail
+                flags.FLAGS.mark_as_parsed()
             iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(
                 num_workers=data.num_workers, per_worker_buffer_size=data.prefetch))
         return iterable
@@ -92,8 +101,10 @@ def build_pipeline(config: Config, workdir: str | Path, process_index: int = 0,
         raise ConfigError(f"data.global_batch_size={config.data.global_batch_size} is not divisible "
                           f"by the {process_count} hosts")
     tokenizer = resolve_tokenizer(config, workdir)
-    samples, _ = load_samples(config.data.source, tokenizer, config.data.stage, config.data.bad_input)
+    data = config.data
+    samples, counters = load_samples(data.source, tokenizer, data.stage, data.bad_input,
+                                     data.data_dir, data.manual_dir)
     seed = config.run.seed
     return Pipeline(config, tokenizer, RowMaker(config, samples, tokenizer, seed),
                     RowMaker(config, samples, tokenizer, seed + EVAL_SEED_OFFSET),
-                    process_index, process_count)
+                    process_index, process_count, counters)

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from typing import Sequence
 
 import numpy as np
 
+from data_pipelines.images import ImageUnreadable, fit_image
 from data_pipelines.render import RenderConfig, RenderRejected, SketchRenderer
-from data_pipelines.row_contract import RowBuilder, RowOverflow
+from data_pipelines.row_contract import RowBuilder
 from data_pipelines.shapes import captioned_shapes
 from vist2_jax.config.schema import Config, CurriculumPoint
 
@@ -39,11 +41,13 @@ class BadInput(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Sample:
-    """A tokenized source record: a document (``prompt`` empty) or a prompt/response pair."""
+    """A tokenized source record: a document (``prompt`` empty), a prompt/response pair, or
+    a caption with its ``image`` (path, bytes or lazy TFDS reference; decoded per row)."""
 
     tokens: np.ndarray
     prompt: np.ndarray | None = None
     location: str = ""
+    image: object = None
 
 
 def curriculum_at(config: Config, step: int) -> CurriculumPoint:
@@ -59,22 +63,30 @@ class RowMaker:
 
     def __init__(self, config: Config, samples: Sequence[Sample], tokenizer, seed: int):
         self.config, self.samples, self.tokenizer, self.seed = config, list(samples), tokenizer, seed
-        if not self.samples and config.data.stage != "caption":
+        if not self.samples and (config.data.stage != "caption" or config.data.source != "embedded"):
             raise BadInput(f"data.source={config.data.source!r} yielded no usable records")
-        self._renderer = None
-        self.counters = {"rows": 0, "documents": 0, "skipped_render": 0, "images": 0}
+        self._local = threading.local()  # one renderer per thread: its glyph atlas grows lazily
+        self.counters = {"rows": 0, "documents": 0, "skipped_render": 0, "skipped_image": 0,
+                         "skipped_long_caption": 0, "images": 0}
+        self.captions = [s for s in self.samples if s.image is not None]
 
     def __getstate__(self):
-        return {**self.__dict__, "_renderer": None}
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _local=threading.local())
 
     @property
     def renderer(self) -> SketchRenderer:
-        if self._renderer is None:
+        """This thread's renderer (Grain's read-ahead threads call the maker concurrently and
+        the renderer's atlas is not thread-safe)."""
+        renderer = getattr(self._local, "renderer", None)
+        if renderer is None:
             data, layout = self.config.data, self.config.model.layout
-            self._renderer = SketchRenderer(RenderConfig(
+            renderer = self._local.renderer = SketchRenderer(RenderConfig(
                 image_size=layout.image_size, font_path=data.font_path or None,
                 font_sizes=tuple(data.font_sizes)))
-        return self._renderer
+        return renderer
 
     def builder(self) -> RowBuilder:
         data, layout = self.config.data, self.config.model.layout
@@ -215,9 +227,33 @@ class RowMaker:
         per = row.text_cost(text_len) + row.visual_len
         return max(0, min(wanted, (free + row.visual_len) // per, slots + 1))
 
+    def _skip(self, counter: str, location: str, problem: str) -> None:
+        """Count and log a record this row cannot use, or stop under ``bad_input=fail``."""
+        if self.config.data.bad_input == "fail":
+            raise BadInput(f"{location}: {problem} (data.bad_input=fail)")
+        self.counters[counter] += 1
+        log.warning("skipping %s: %s", location, problem)
+
     def _caption(self, rng, row: RowBuilder, point) -> bool:
-        image, caption = captioned_shapes(rng, self.config.model.layout.image_size)
-        tokens = self.tokenizer.encode(caption)
+        """A real caption sample when the source has them, else synthetic shapes."""
+        size = self.config.model.layout.image_size
+        if not self.captions:
+            image, caption = captioned_shapes(rng, size)
+            tokens = self.tokenizer.encode(caption)
+        else:
+            sample = self.captions[rng.integers(len(self.captions))]
+            tokens = sample.tokens
+            if row.visual_len + row.text_cost(len(tokens)) > row.seq_len:
+                self._skip("skipped_long_caption", sample.location,
+                           f"caption of {len(tokens)} tokens does not fit a row of {row.seq_len}")
+                return True
+            if row.free() < row.visual_len + row.text_cost(len(tokens)):
+                return False
+            try:
+                image = fit_image(sample.image, size)
+            except ImageUnreadable as err:
+                self._skip("skipped_image", sample.location, f"image {err}")
+                return True
         if row.free() < row.visual_len + row.text_cost(len(tokens)):
             return False
         row.start_document()

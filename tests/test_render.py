@@ -1,7 +1,6 @@
 """The sketch renderer: fixed shapes, faithful layout (nothing dropped), the glyph atlas
 matching Pillow pixel for pixel, counted fallbacks, and the render / bench-data commands."""
 
-import argparse
 import hashlib
 import json
 import time
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines import cli_data, fonts
+from data_pipelines import fonts
 from data_pipelines.corpus import embedded_documents
 from data_pipelines.render import RenderConfig, RenderRejected, SketchRenderer, _wrap, _wrap_cols
 from test_tokenizer import sp_tokenizer  # noqa: F401  (session fixture: a real trained model)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 
 def register(subparsers) -> None:
-    from data_pipelines import cli_data
+    from vist2_jax.cli import render
     from vist2_jax.cli import bench_efficiency, bench_mask
 
     bench = subparsers.add_parser("bench", help="measure: mask block sparsity, renderer throughput, generation efficiency")
     what = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
     bench_mask.add_mask_parser(what)
     data = what.add_parser("data", help="renderer throughput: sketch images/s per core (JSON)")
-    cli_data.add_bench_data_arguments(data)
-    data.set_defaults(func=cli_data.bench_data)
+    render.add_bench_data_arguments(data)
+    data.set_defaults(func=render.bench_data)
     bench_efficiency.add_efficiency_parser(what)

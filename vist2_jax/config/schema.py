@@ -121,7 +121,7 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     scan_layers: bool = True
     remat_policy: Literal["none", "full", "dots", "dots_no_batch"] = "none"
-    attention_impl: Literal["auto", "dense", "xla_chunked"] = "auto"
+    attention_impl: Literal["auto", "dense", "xla_chunked", "pallas_tpu", "pallas_gpu"] = "auto"
 
     def validate(self, prefix: str) -> None:
         self.decoder.validate(f"{prefix}.decoder")
@@ -144,7 +144,9 @@ class CurriculumPoint:
 class DataConfig:
     """What one packed row looks like (DESIGN §2) and where rows come from.
 
-    ``source``: ``embedded`` (prose shipped with CPython) or a folder of .txt / .jsonl files.
+    ``source``: ``embedded`` (prose shipped with CPython), a folder of .txt / .jsonl files
+    (stage caption: images with captions), or ``tfds:NAME``, a TFDS ArrayRecord dataset
+    prepared into ``data_dir`` (default ``~/tensorflow_datasets``) from ``manual_dir``.
     ``tokenizer``: a SentencePiece ``.model`` or HF ``tokenizer.json``; empty means "train
     one on the source into the run's workdir" (vocab = model.decoder.vocab_size).
     ``bad_input``: ``skip`` (count and log each bad record) or ``fail`` (stop the run).
@@ -163,8 +165,12 @@ class DataConfig:
     font_path: str = ""
     font_sizes: tuple[int, ...] = (10, 9, 8, 7)
     eval_rows: int = 16
+    data_dir: str = ""
+    manual_dir: str = ""
 
     def validate(self, prefix: str) -> None:
+        _require(self.source != "" and self.source.strip() not in ("tfds", "tfds:"), f"{prefix}.source",
+                 "must be 'embedded', a folder or tfds:NAME")
         for name in ("seq_len", "global_batch_size", "images_per_row", "prefetch", "eval_rows"):
             _require(getattr(self, name) > 0, f"{prefix}.{name}", "must be positive")
         _require(self.num_workers >= 0, f"{prefix}.num_workers", "must be >= 0")

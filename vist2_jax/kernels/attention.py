@@ -1,9 +1,17 @@
 """The attention entry point used by the decoder: ``attention(q, k, v, meta, impl=...)``.
 
-``dense`` materialises the [B, S, S] mask from :mod:`vist2_jax.kernels.mask` and runs
-softmax attention in fp32; it is exact and the reference for every faster path.
-``auto`` picks the best implementation available for the platform; block-sparse Pallas
-kernels and a chunked XLA path plug in here (see the kernel issue).
+* ``dense`` materialises the [B, S, S] mask from :mod:`vist2_jax.kernels.mask` and runs
+  softmax attention in fp32; it is exact and the reference for every faster path.
+* ``xla_chunked`` (:mod:`.chunked`): the same arithmetic, a chunk of queries at a time.
+* ``pallas_tpu`` / ``pallas_gpu`` (:mod:`.pallas_tpu`, :mod:`.pallas_gpu`): block-sparse
+  kernels with forward and backward. They run in the visual-first order
+  (:mod:`.reorder`), which this entry point applies to q, k, v and the metadata and undoes
+  on the output (exact gathers by a permutation, differentiable), so callers keep the
+  natural order. On a platform other than the kernel's own they run in Pallas interpret
+  mode (slow; for tests).
+* ``auto``: ``pallas_tpu`` on TPU, ``pallas_gpu`` on GPU and ``xla_chunked`` elsewhere
+  (CPU): interpret-mode kernels are far too slow there, and ``xla_chunked`` is exact like
+  ``dense`` but its memory grows with S * chunk rather than S^2.
 """
 
 from __future__ import annotations
@@ -13,8 +21,10 @@ import jax.numpy as jnp
 
 from vist2_jax.kernels.chunked import xla_chunked_attention
 from vist2_jax.kernels.mask import RowMeta, vision_memory_mask
+from vist2_jax.kernels.reorder import permute, permute_meta, visual_first_permutation
 
-IMPLEMENTATIONS = ("auto", "dense", "xla_chunked")
+IMPLEMENTATIONS = ("auto", "dense", "xla_chunked", "pallas_tpu", "pallas_gpu")
+_KERNEL_PLATFORM = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}
 _NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -34,13 +44,45 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -
     return out.reshape(batch, seq, heads, dim)
 
 
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+    """The concrete implementation ``impl`` stands for on ``platform`` (default: the
+    default backend); raises on an unknown name."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"attention_impl={impl!r}; available: {', '.join(IMPLEMENTATIONS)}")
+    if impl != "auto":
+        return impl
+    platform = platform or jax.default_backend()
+    return {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(platform, "xla_chunked")
+
+
+def block_sparse_visual_first(q, k, v, meta: RowMeta, *, impl: str,
+                              visual_attends_past_visual: bool = False,
+                              interpret: bool | None = None, block: int | None = None):
+    """A Pallas kernel on the visual-first permutation of the row, output in the original
+    order. ``interpret`` defaults to "not on the kernel's platform"."""
+    if impl == "pallas_tpu":
+        from vist2_jax.kernels.pallas_tpu import block_sparse_attention
+    else:
+        from vist2_jax.kernels.pallas_gpu import block_sparse_attention
+    if interpret is None:
+        interpret = jax.default_backend() != _KERNEL_PLATFORM[impl]
+    kwargs = {} if block is None else {"block": block}
+    perm, inverse = visual_first_permutation(meta)
+    out = block_sparse_attention(permute(q, perm), permute(k, perm), permute(v, perm),
+                                 permute_meta(meta, perm), interpret=interpret,
+                                 visual_attends_past_visual=visual_attends_past_visual, **kwargs)
+    return permute(out, inverse)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, meta: RowMeta, *, impl: str = "auto",
               visual_attends_past_visual: bool = False) -> jax.Array:
     """Self-attention over one packed row under the vision-as-memory mask."""
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"attention_impl={impl!r}; available: {', '.join(IMPLEMENTATIONS)}")
+    impl = resolve_impl(impl)
     if impl == "xla_chunked":
         return xla_chunked_attention(q, k, v, meta,
                                      visual_attends_past_visual=visual_attends_past_visual)
+    if impl in _KERNEL_PLATFORM:
+        return block_sparse_visual_first(q, k, v, meta, impl=impl,
+                                         visual_attends_past_visual=visual_attends_past_visual)
     mask = vision_memory_mask(meta, visual_attends_past_visual)
     return dense_attention(q, k, v, mask)

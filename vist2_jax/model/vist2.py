@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from vist2_jax.config.schema import ModelConfig
 from vist2_jax.kernels.mask import TEXT, VISUAL, RowMeta
 from vist2_jax.model.decoder import BSE, Qwen3Decoder
-from vist2_jax.model.layers import DTYPES, constrain
+from vist2_jax.model.layers import constrain
 from vist2_jax.model.vision import Aligner, VisionTower
 
 

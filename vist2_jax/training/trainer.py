@@ -20,7 +20,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import yaml
 
 from data_pipelines.pipeline import build_pipeline

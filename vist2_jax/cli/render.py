@@ -1,4 +1,4 @@
-"""``vist2 render`` (one text file -> the sketch the model would see) and ``vist2 bench-data``
+"""``vist2 render`` (one text file -> the sketch the model would see) and ``vist2 bench data``
 (renderer throughput, images/s on one core, Pillow vs the glyph atlas)."""
 
 from __future__ import annotations
@@ -73,6 +73,12 @@ def add_bench_data_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a .model or tokenizer.json: chunk real token ids and detokenize")
     parser.add_argument("--chunks", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--workers", type=int, nargs="*", default=[],
+                        help="also time the full pipeline (rows/s) with each of these data.num_workers")
+    parser.add_argument("--batches", type=int, default=20, help="timed batches per pipeline repeat")
+    parser.add_argument("--recipe", default=None, help="pipeline recipe (default: the tiny preset)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="key=value",
+                        help="pipeline config override (repeatable)")
 
 
 def bench_chunks(text_len: int, count: int, chars_per_token: float = 4.0,
@@ -136,7 +142,45 @@ def bench_data(args: argparse.Namespace) -> int:
     result["speedup"] = result["atlas"]["images_per_s_median"] / result["pillow"]["images_per_s_median"]
     print(f"atlas/pillow speedup {result['speedup']:.1f}x at {args.image_size}x{args.image_size}, "
           f"L={args.text_len}, {result['mean_chars_per_chunk']:.0f} chars/chunk ({result['chunk_source']})")
+    if args.workers:
+        result["pipeline"] = bench_pipeline(args)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def bench_pipeline(args: argparse.Namespace) -> dict:
+    """Rows/s of the full pipeline (sample -> render -> pack -> batch) per worker count:
+    after one warm-up batch (worker start, renderer build), ``--batches`` batches timed,
+    median over ``--repeats`` fresh iterators."""
+    import tempfile
+
+    from data_pipelines.pipeline import build_pipeline
+    from vist2_jax.config import load_config
+
+    if any(w < 0 for w in args.workers) or args.batches <= 0:
+        raise _usage_error("--workers must be >= 0 and --batches positive")
+    base = [*(["data.tokenizer=" + args.tokenizer] if args.tokenizer else []), *args.overrides]
+    out = {"batches": args.batches, "repeats": args.repeats, "by_workers": {}}
+    with tempfile.TemporaryDirectory() as workdir:
+        for workers in args.workers:
+            steps = 1_000_000  # never the end of the data: read-ahead cannot pre-fill the timed span
+            config = load_config(args.recipe, overrides=[*base, f"data.num_workers={workers}",
+                                                         f"train.steps={steps}", "train.warmup_steps=0"])
+            pipeline = build_pipeline(config, workdir)
+            dataset, rates = pipeline.train_dataset(), []
+            for _ in range(args.repeats):
+                iterator = iter(dataset)
+                next(iterator)
+                start = time.perf_counter()
+                for _ in range(args.batches):
+                    next(iterator)
+                rates.append(args.batches * pipeline.local_batch_size / (time.perf_counter() - start))
+                iterator.close()
+            out["by_workers"][str(workers)] = {"rows_per_s_median": statistics.median(rates), "rows_per_s": rates}
+            print(f"pipeline, {workers} workers: {statistics.median(rates):8.1f} rows/s (median of "
+                  f"{args.repeats}; {args.batches} batches of {pipeline.local_batch_size} rows, "
+                  f"seq_len {config.data.seq_len}, stage {config.data.stage})")
+    out["config"] = {"recipe": args.recipe, "overrides": base, "cpus": os.cpu_count()}
+    return out
