@@ -130,7 +130,9 @@ def test_demo_cli_runs_all_four_stages(tmp_path):
                                 "--max-new-tokens", "6"], env={**os.environ, **env}, capture_output=True,
                                text=True, timeout=600, cwd=ROOT)
     assert generated.returncode == 0, generated.stderr[-3000:]
-    assert generated.stdout.strip()
+    summary_line = generated.stderr.strip().splitlines()[-1]
+    assert summary_line.startswith("[gcc]") and " generated;" in summary_line
+    assert int(summary_line.split("prompt tokens, ")[1].split(" generated")[0]) >= 1
     (tmp_path / "ids.txt").write_text("5 100 200 300")
     scored = subprocess.run([sys.executable, "-m", "vist2_jax.cli.main", "score", "--checkpoint",
                              str(demo / "stage3_olm"), "--token-ids-file", str(tmp_path / "ids.txt")],

@@ -111,7 +111,10 @@ def run(args) -> int:
         sys.stdout.flush()
         shown[0] = text
 
-    gen.generate([ids], args.mode, args.max_new_tokens, sampling=sampling, seed=args.seed,
-                 on_token=on_token)
+    result = gen.generate([ids], args.mode, args.max_new_tokens, sampling=sampling, seed=args.seed,
+                          on_token=on_token)
     sys.stdout.write("\n")
+    rate = result.decode_steps / result.decode_s if result.decode_s > 0 else float("nan")
+    print(f"[{args.mode}] {len(ids)} prompt tokens, {len(result.tokens[0])} generated; "
+          f"time to first token {result.ttft_s:.2f} s, decode {rate:.1f} tokens/s", file=sys.stderr)
     return 0
