@@ -1,8 +1,8 @@
 """Analytic FLOP counts of the generation programs (multiply-add = 2 FLOPs).
 
-Uses the real shapes: Qwen3's explicit ``head_dim`` (not hidden/heads), GQA (K/V
-projections sized by ``num_kv_heads``), the ViT at its patch count and the aligner's
-merge + projector. Two attention counts are kept apart:
+The per-piece counts (real head_dim, GQA, ViT, aligner) come from
+:mod:`vist2_jax.model.flops`; this module adds the generation schedule. Two attention
+counts are kept apart:
 
 * ``executed``: what the static-shape programs compute, every query against every one
   of the C cache slots (dense masked attention), the number the compiled programs'
@@ -18,39 +18,7 @@ from __future__ import annotations
 
 from vist2_jax.config.schema import ModelConfig
 from vist2_jax.inference.cache import finished_chunks
-
-
-def decoder_token_flops(cfg: ModelConfig) -> int:
-    """Projections + SwiGLU MLP of one token through every decoder layer (no attention)."""
-    d = cfg.decoder
-    qkv = 2 * d.hidden_size * (d.num_heads + 2 * d.num_kv_heads) * d.head_dim
-    out = 2 * d.num_heads * d.head_dim * d.hidden_size
-    mlp = 3 * 2 * d.hidden_size * d.intermediate_size
-    return d.num_layers * (qkv + out + mlp)
-
-
-def attention_flops(cfg: ModelConfig, pairs: int) -> int:
-    """QK^T and PV over ``pairs`` (query, key) pairs, every query head, every layer."""
-    d = cfg.decoder
-    return d.num_layers * 4 * d.num_heads * d.head_dim * pairs
-
-
-def lm_head_flops(cfg: ModelConfig, rows: int) -> int:
-    return rows * 2 * cfg.decoder.hidden_size * cfg.decoder.vocab_size
-
-
-def image_flops(cfg: ModelConfig) -> int:
-    """One image through the ViT (patch conv, blocks) and the aligner (merge + projector)."""
-    v, lay, dim = cfg.vision, cfg.layout, cfg.decoder.hidden_size
-    patches = lay.patch_grid ** 2
-    embed = 2 * patches * lay.patch_size ** 2 * 3 * v.hidden_size
-    block = (8 * patches * v.hidden_size ** 2 + 4 * patches ** 2 * v.hidden_size
-             + 4 * patches * v.hidden_size * v.mlp_dim)
-    width = lay.merge ** 2 * v.hidden_size
-    aligner = 2 * lay.visual_len * width * dim
-    if cfg.aligner.projector == "mlp":
-        aligner += 2 * lay.visual_len * dim * dim
-    return embed + v.num_layers * block + aligner
+from vist2_jax.model.flops import attention_flops, decoder_token_flops, image_flops, lm_head_flops
 
 
 def unused_last_layer_flops(cfg: ModelConfig, tokens: int, pairs: int) -> int:

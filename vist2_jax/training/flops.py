@@ -15,7 +15,9 @@ from typing import Mapping
 
 import numpy as np
 
-from vist2_jax.config.schema import Config, ModelConfig
+from vist2_jax.config.schema import Config
+from vist2_jax.model.flops import (aligner_flops, attention_flops, decoder_token_flops, lm_head_flops,
+                                   vision_flops)
 
 PAD, TEXT, VISUAL = 0, 1, 2
 
@@ -47,31 +49,6 @@ def attended_pairs(modality: np.ndarray, chunk_id: np.ndarray, segment_id: np.nd
     return total
 
 
-def vision_flops_per_image(model: ModelConfig) -> float:
-    v, layout = model.vision, model.layout
-    patches, d, f = layout.patch_grid ** 2, v.hidden_size, v.mlp_dim
-    embed = 2 * patches * (layout.patch_size ** 2 * 3) * d
-    per_layer = 2 * patches * (4 * d * d + 2 * d * f) + 4 * patches * patches * d
-    return float(embed + v.num_layers * per_layer)
-
-
-def aligner_flops_per_image(model: ModelConfig) -> float:
-    merged = model.layout.merge ** 2 * model.vision.hidden_size
-    hidden = model.decoder.hidden_size
-    per_token = 2 * merged * hidden + (2 * hidden * hidden if model.aligner.projector == "mlp" else 0)
-    return float(model.layout.visual_len * per_token)
-
-
-def decoder_flops(model: ModelConfig, tokens: int, pairs: int) -> float:
-    """Forward FLOPs of the decoder over ``tokens`` positions with ``pairs`` attended pairs."""
-    d = model.decoder
-    q_width, kv_width = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
-    per_token_layer = 2 * (d.hidden_size * (2 * q_width + 2 * kv_width) + 3 * d.hidden_size * d.intermediate_size)
-    attention = 4 * d.num_heads * d.head_dim * pairs
-    lm_head = 2 * tokens * d.hidden_size * d.vocab_size
-    return float(d.num_layers * (tokens * per_token_layer + attention) + lm_head)
-
-
 def train_step_flops(config: Config, batch: Mapping[str, np.ndarray]) -> dict[str, float]:
     """Forward FLOPs per component and the whole step's FLOPs (forward + backward)."""
     model, trainable = config.model, set(config.train.trainable)
@@ -79,9 +56,10 @@ def train_step_flops(config: Config, batch: Mapping[str, np.ndarray]) -> dict[st
     pairs = attended_pairs(batch["modality"], batch["chunk_id"], batch["segment_id"],
                            model.layout.visual_attends_past_visual)
     tokens = int(np.asarray(batch["modality"]).size)
-    forward = {"vision": images * vision_flops_per_image(model),
-               "aligner": images * aligner_flops_per_image(model),
-               "decoder": decoder_flops(model, tokens, pairs)}
+    forward = {"vision": images * vision_flops(model),
+               "aligner": images * aligner_flops(model),
+               "decoder": float(tokens * decoder_token_flops(model) + attention_flops(model, pairs)
+                                + lm_head_flops(model, tokens))}
     total, below_trainable = 0.0, False
     for name in ("vision", "aligner", "decoder"):  # bottom to top
         total += forward[name]
