@@ -215,3 +215,61 @@ def test_attention_dispatches_pallas(impl):
 @pytest.mark.parametrize("impl", KERNELS)
 def test_config_accepts_pallas(impl):
     assert load_config(overrides=[f"model.attention_impl={impl}"]).model.attention_impl == impl
+
+
+def test_decoder_permutes_once_and_matches_dense(tiny_config, monkeypatch):
+    """The model with a block-sparse kernel (interpret mode) gives the dense model's loss,
+    logits (natural order) and gradients: the decoder's one visual-first permutation and
+    its inverse are exact."""
+    import dataclasses
+
+    import flax.linen as nn
+
+    from conftest import make_olm_batch
+    from vist2_jax.model.vist2 import Vist2Model
+
+    batch = make_olm_batch(tiny_config.model)
+    dense_model = Vist2Model(dataclasses.replace(tiny_config.model, attention_impl="dense"))
+    kernel_model = Vist2Model(dataclasses.replace(tiny_config.model, attention_impl="pallas_tpu"))
+    params = nn.unbox(jax.jit(dense_model.init)(jax.random.key(0), batch))
+
+    def run(model):
+        def loss(p):
+            out = model.apply(p, batch)
+            return out["loss"], out["logits"]
+        (value, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        return value, logits, grads
+
+    want, got = run(dense_model), run(kernel_model)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-4)
+    for a, b in zip(jax.tree_util.tree_leaves(got[2]), jax.tree_util.tree_leaves(want[2])):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+    # once per forward, not once per layer: trace the unrolled 2-layer decoder and count
+    import vist2_jax.kernels.attention as attention_module
+    import vist2_jax.model.decoder as decoder_module
+
+    calls = {"decoder": 0, "attention": 0}
+
+    def counting(where, real):
+        def wrapped(meta):
+            calls[where] += 1
+            return real(meta)
+        return wrapped
+
+    monkeypatch.setattr(decoder_module, "visual_first_permutation",
+                        counting("decoder", decoder_module.visual_first_permutation))
+    monkeypatch.setattr(attention_module, "visual_first_permutation",
+                        counting("attention", attention_module.visual_first_permutation))
+    unrolled = Vist2Model(dataclasses.replace(tiny_config.model, attention_impl="pallas_tpu", scan_layers=False))
+    abstract = params_unrolled(unrolled, batch)
+    calls.update(decoder=0, attention=0)
+    jax.make_jaxpr(lambda p: unrolled.apply(p, batch)["loss"])(abstract)
+    assert tiny_config.model.decoder.num_layers == 2 and calls == {"decoder": 1, "attention": 0}
+
+
+def params_unrolled(model, batch):
+    import flax.linen as nn
+
+    return nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), batch)))

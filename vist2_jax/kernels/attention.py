@@ -4,11 +4,12 @@
   softmax attention in fp32; it is exact and the reference for every faster path.
 * ``xla_chunked`` (:mod:`.chunked`): the same arithmetic, a chunk of queries at a time.
 * ``pallas_tpu`` / ``pallas_gpu`` (:mod:`.pallas_tpu`, :mod:`.pallas_gpu`): block-sparse
-  kernels with forward and backward. They run in the visual-first order
-  (:mod:`.reorder`), which this entry point applies to q, k, v and the metadata and undoes
-  on the output (exact gathers by a permutation, differentiable), so callers keep the
-  natural order. On a platform other than the kernel's own they run in Pallas interpret
-  mode (slow; for tests).
+  kernels with forward and backward. They skip blocks in the visual-first order
+  (:mod:`.reorder`). The decoder permutes its input once and undoes it at its output
+  (:func:`wants_visual_first`), then calls this entry point with ``reorder=False``; a
+  caller in the natural order leaves ``reorder=True`` and the permutation is applied
+  around the kernel call (exact gathers, differentiable). On a platform other than the
+  kernel's own they run in Pallas interpret mode (slow; for tests).
 * ``auto``: ``pallas_tpu`` on TPU, ``pallas_gpu`` on GPU and ``xla_chunked`` elsewhere
   (CPU): interpret-mode kernels are far too slow there, and ``xla_chunked`` is exact like
   ``dense`` but its memory grows with S * chunk rather than S^2.
@@ -55,11 +56,18 @@ def resolve_impl(impl: str, platform: str | None = None) -> str:
     return {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(platform, "xla_chunked")
 
 
+def wants_visual_first(impl: str) -> bool:
+    """Whether ``impl`` resolves to a block-sparse kernel that wants the visual-first order."""
+    return resolve_impl(impl) in _KERNEL_PLATFORM
+
+
 def block_sparse_visual_first(q, k, v, meta: RowMeta, *, impl: str,
                               visual_attends_past_visual: bool = False,
-                              interpret: bool | None = None, block: int | None = None):
+                              interpret: bool | None = None, block: int | None = None,
+                              reorder: bool = True):
     """A Pallas kernel on the visual-first permutation of the row, output in the original
-    order. ``interpret`` defaults to "not on the kernel's platform"."""
+    order (``reorder=False``: the row is already in the order to run, e.g. permuted once
+    by the decoder). ``interpret`` defaults to "not on the kernel's platform"."""
     if impl == "pallas_tpu":
         from vist2_jax.kernels.pallas_tpu import block_sparse_attention
     else:
@@ -67,6 +75,9 @@ def block_sparse_visual_first(q, k, v, meta: RowMeta, *, impl: str,
     if interpret is None:
         interpret = jax.default_backend() != _KERNEL_PLATFORM[impl]
     kwargs = {} if block is None else {"block": block}
+    if not reorder:
+        return block_sparse_attention(q, k, v, meta, interpret=interpret,
+                                      visual_attends_past_visual=visual_attends_past_visual, **kwargs)
     perm, inverse = visual_first_permutation(meta)
     out = block_sparse_attention(permute(q, perm), permute(k, perm), permute(v, perm),
                                  permute_meta(meta, perm), interpret=interpret,
@@ -75,14 +86,15 @@ def block_sparse_visual_first(q, k, v, meta: RowMeta, *, impl: str,
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, meta: RowMeta, *, impl: str = "auto",
-              visual_attends_past_visual: bool = False) -> jax.Array:
-    """Self-attention over one packed row under the vision-as-memory mask."""
+              visual_attends_past_visual: bool = False, reorder: bool = True) -> jax.Array:
+    """Self-attention over one packed row under the vision-as-memory mask. Exact in any
+    token order; ``reorder=False`` tells a block-sparse kernel the row is already ordered."""
     impl = resolve_impl(impl)
     if impl == "xla_chunked":
         return xla_chunked_attention(q, k, v, meta,
                                      visual_attends_past_visual=visual_attends_past_visual)
     if impl in _KERNEL_PLATFORM:
-        return block_sparse_visual_first(q, k, v, meta, impl=impl,
+        return block_sparse_visual_first(q, k, v, meta, impl=impl, reorder=reorder,
                                          visual_attends_past_visual=visual_attends_past_visual)
     mask = vision_memory_mask(meta, visual_attends_past_visual)
     return dense_attention(q, k, v, mask)

@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 
 from vist2_jax.config.schema import ModelConfig
-from vist2_jax.kernels.attention import attention, dense_attention
+from vist2_jax.kernels.attention import attention, dense_attention, wants_visual_first
 from vist2_jax.kernels.mask import RowMeta, vision_memory_mask
+from vist2_jax.kernels.reorder import permute, permute_meta, visual_first_permutation
 from vist2_jax.model.layers import (DTYPES, DenseGeneral, LayerStack, RMSNorm, constrain,
                                     param_with_axes, rotary_embedding)
 
@@ -63,9 +64,9 @@ class Qwen3Attention(nn.Module):
         k = constrain(rotary_embedding(k, meta.positions, cfg.rope_theta),
                       ("batch", "length", "act_kv_heads", None))
         vapv = self.config.layout.visual_attends_past_visual
-        if layer_cache is None:
+        if layer_cache is None:  # the decoder already put a block-sparse kernel's row in order
             out = attention(q, k, v, meta, impl=self.config.attention_impl,
-                            visual_attends_past_visual=vapv)
+                            visual_attends_past_visual=vapv, reorder=False)
         else:
             kv_meta, slots = cache_ctx
             k_cache, v_cache = write_rows(layer_cache[0], slots, k), write_rows(layer_cache[1], slots, v)
@@ -140,7 +141,14 @@ class Qwen3Decoder(nn.Module):
         return constrain(x, BSE)
 
     def __call__(self, x: jax.Array, meta: RowMeta) -> jax.Array:
-        return self.final_norm(self.blocks(x, meta))
+        """Final hidden states of the row. For a block-sparse kernel the row is permuted to
+        the visual-first order once here and restored at the end (every other op is
+        per-token, and RoPE and the mask read the permuted positions), not in every layer."""
+        if not wants_visual_first(self.config.attention_impl):
+            return self.final_norm(self.blocks(x, meta))
+        perm, inverse = visual_first_permutation(meta)
+        hidden = self.blocks(permute(x, perm), permute_meta(meta, perm))
+        return self.final_norm(permute(hidden, inverse))
 
     def extend(self, x: jax.Array, meta: RowMeta, slots: jax.Array, cache: KVCache
                ) -> tuple[jax.Array, KVCache]:
