@@ -14,6 +14,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
+from data_pipelines.row_contract import stack_rows
 from data_pipelines.sources import load_samples
 from data_pipelines.stages import RowMaker
 from data_pipelines.tokenizer import load_tokenizer, train_tokenizer
@@ -91,8 +92,7 @@ class Pipeline:
         indices = list(range(self.process_index, rows, self.process_count))
         made = [self.eval_maker(i) for i in indices]
         size = self.local_batch_size
-        return [{k: np.stack([r[k] for r in made[i:i + size]]) for k in made[0]}
-                for i in range(0, len(made) - size + 1, size)]
+        return [stack_rows(made[i:i + size]) for i in range(0, len(made) - size + 1, size)]
 
 
 def build_pipeline(config: Config, workdir: str | Path, process_index: int = 0,

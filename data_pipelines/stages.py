@@ -143,12 +143,16 @@ class RowMaker:
         window = tokens[start:start + span]
         return [window[i:i + text_len] for i in range(0, len(window), text_len)]
 
-    def _chunks_that_fit(self, row: RowBuilder, text_len: int, wanted: int, with_last_image: bool) -> int:
-        """How many chunks of L tokens (each followed by an image, except maybe the last) fit."""
+    def _chunks_that_fit(self, row: RowBuilder, text_len: int, wanted: int, with_last_image: bool,
+                         reserve_positions: int = 0, reserve_slots: int = 0) -> int:
+        """How many chunks of L tokens (each followed by an image, except maybe the last) fit
+        after ``reserve_positions`` positions and ``reserve_slots`` image slots are set aside."""
         m = row.visual_len
         per = row.text_cost(text_len) + m
-        by_space = (row.free() + (0 if with_last_image else m)) // per
-        by_slots = len(row.image_mask) - row.slot + (0 if with_last_image else 1)
+        free = row.free() - reserve_positions
+        slots = len(row.image_mask) - row.slot - reserve_slots
+        by_space = (free + (0 if with_last_image else m)) // per
+        by_slots = slots + (0 if with_last_image else 1)
         return max(0, min(wanted, by_space, by_slots))
 
     def _olm(self, rng, row: RowBuilder, point: CurriculumPoint) -> bool:
@@ -202,7 +206,8 @@ class RowMaker:
         if len(query) > room:
             self.counters["query_truncated"] = self.counters.get("query_truncated", 0) + 1
             query = query[-room:]
-        n_resp = self._chunks_that_fit_after(row, len(query) * m, len(query), L, len(response))
+        n_resp = self._chunks_that_fit(row, L, len(response), with_last_image=False,
+                                       reserve_positions=len(query) * m, reserve_slots=len(query))
         if n_resp == 0:
             return False
         response = response[:n_resp]
@@ -219,13 +224,6 @@ class RowMaker:
                 row.add_image(images[len(query) + r], chunk_id=chunk_id)
         self.counters["documents"] += 1
         return True
-
-    def _chunks_that_fit_after(self, row, need_positions, need_slots, text_len, wanted) -> int:
-        free, slots = row.free() - need_positions, len(row.image_mask) - row.slot - need_slots
-        if free < row.text_cost(MIN_TEXT_TOKENS) or slots < 0:
-            return 0
-        per = row.text_cost(text_len) + row.visual_len
-        return max(0, min(wanted, (free + row.visual_len) // per, slots + 1))
 
     def _skip(self, counter: str, location: str, problem: str) -> None:
         """Count and log a record this row cannot use, or stop under ``bad_input=fail``."""

@@ -45,7 +45,7 @@ def _save_sketches(pipeline, out_dir: Path, count: int = 4) -> list[Path]:
 
 
 def run(args) -> int:
-    from data_pipelines.pipeline import build_pipeline, resolve_tokenizer
+    from data_pipelines.pipeline import resolve_tokenizer
     from vist2_jax.cli.train import setup_logging
     from vist2_jax.config import load_config
     from vist2_jax.training.plots import line_chart
@@ -71,7 +71,7 @@ def run(args) -> int:
         results.append((stage, config, result.summary))
         previous = workdir / stage
         if stage == "stage3_olm":
-            _save_sketches(build_pipeline(config, workdir / stage), workdir)
+            _save_sketches(result.pipeline, workdir)
 
     series = {}
     for stage, _, _ in results:

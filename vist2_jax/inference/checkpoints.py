@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import flax.linen as nn
-import jax
 import yaml
 
 from vist2_jax.config.loader import build
@@ -22,16 +21,14 @@ def is_run_dir(path: str | Path) -> bool:
 def load_run(workdir: str | Path):
     """(Config, ``{"params": ...}`` on the default device, tokenizer, step) of a run."""
     from data_pipelines.tokenizer import load_tokenizer
-    from vist2_jax.model.vist2 import Vist2Model, example_batch
+    from vist2_jax.model.vist2 import abstract_params
     from vist2_jax.training.checkpoint import RunCheckpoints, restore_params, write_tokenizer_asset
 
     workdir = Path(workdir)
     if not is_run_dir(workdir):
         raise ConfigError(f"--checkpoint: {workdir} is not a training run (no config.yaml + checkpoints/)")
     config = build(Config, yaml.safe_load((workdir / "config.yaml").read_text())).validate()
-    example = example_batch(config.model, 1, config.data.seq_len, config.data.images_per_row)
-    abstract = nn.unbox(jax.eval_shape(lambda: Vist2Model(config.model).init(jax.random.key(0), example)))
-    step, params = restore_params(workdir, abstract)
+    step, params = restore_params(workdir, nn.unbox(abstract_params(config.model)))
     checkpoints = RunCheckpoints(workdir, keep=1000, async_save=False)
     try:
         asset = checkpoints.read_json(step, "tokenizer")

@@ -25,7 +25,7 @@ import yaml
 from data_pipelines.pipeline import build_pipeline
 from vist2_jax.config.loader import to_dict
 from vist2_jax.config.schema import Config, ConfigError
-from vist2_jax.model.vist2 import Vist2Model, example_batch
+from vist2_jax.model.vist2 import Vist2Model, abstract_params, example_batch
 from vist2_jax.parallel.sharding import LOGICAL_AXIS_RULES, logical_shardings, make_mesh, replicated
 from vist2_jax.training.checkpoint import RunCheckpoints, restore_params, tokenizer_asset
 from vist2_jax.training.distributed import batch_sharding, global_batch
@@ -47,6 +47,7 @@ class TrainResult:
     steps_done: int
     preempted: bool
     summary: dict
+    pipeline: Any = None  # the run's data pipeline (tokenizer, row makers), for callers to reuse
 
 
 class _Preemption:
@@ -72,19 +73,19 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _abstract_state(config: Config, mesh, optimizer):
-    model = Vist2Model(config.model)
-    example = example_batch(config.model, 1, config.data.seq_len, config.data.images_per_row)
-    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), example))
+def _abstract_state(config: Config, mesh):
+    """(optimizer, abstract state with shardings, shardings) from one abstract init."""
+    boxed = abstract_params(config.model)
     param_shardings = logical_shardings(boxed, mesh)
     params = nn.unbox(boxed)
+    optimizer = make_optimizer(config.train, params)  # labels need only the tree structure
     opt_state = jax.eval_shape(optimizer.init, params)
     opt_shardings = optimizer_state_shardings(opt_state, params, param_shardings, replicated(mesh))
     shardings = {"step": replicated(mesh), "params": param_shardings, "opt_state": opt_shardings}
     abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params, "opt_state": opt_state}
     abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                       abstract, shardings)
-    return model, example, abstract, shardings
+    return optimizer, abstract, shardings
 
 
 def optimizer_state_shardings(opt_state, params, param_shardings, default):
@@ -121,12 +122,7 @@ def train(config: Config) -> TrainResult:
         (workdir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     mesh = make_mesh(config.mesh)
     pipeline = build_pipeline(config, workdir, jax.process_index(), jax.process_count())
-    # Labels only need the tree structure, so an abstract tree builds the optimizer.
-    model = Vist2Model(config.model)
-    example = example_batch(config.model, 1, config.data.seq_len, config.data.images_per_row)
-    optimizer = make_optimizer(config.train, nn.unbox(jax.eval_shape(
-        lambda: model.init(jax.random.key(0), example))))
-    model, example, abstract, shardings = _abstract_state(config, mesh, optimizer)
+    optimizer, abstract, shardings = _abstract_state(config, mesh)
     data_sharding = batch_sharding(mesh)
     checkpoints = RunCheckpoints(workdir, keep=config.train.keep_checkpoints)
     logger = MetricsLogger(workdir, config.train.steps, enabled=is_chief, progress=config.run.progress,
@@ -147,7 +143,7 @@ def train(config: Config) -> TrainResult:
             logger.truncate_after(start)
         else:
             start = 0
-            state = _initial_state(config, model, optimizer, example, abstract, shardings)
+            state = _initial_state(config, optimizer, abstract, shardings)
         eval_batches = [global_batch(b, mesh) for b in pipeline.eval_batches()]
 
         def evaluate() -> float:
@@ -218,14 +214,16 @@ def train(config: Config) -> TrainResult:
     })
     if is_chief:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return TrainResult(workdir, steps_done, preempted, summary)
+    return TrainResult(workdir, steps_done, preempted, summary, pipeline)
 
 
-def _initial_state(config, model, optimizer, example, abstract, shardings):
+def _initial_state(config, optimizer, abstract, shardings):
     if config.train.init_from:
         step, params = restore_params(config.train.init_from, abstract["params"])
         log.info("stage starts from %s (step %d)", config.train.init_from, step)
     else:
+        model = Vist2Model(config.model)
+        example = example_batch(config.model, 1, config.data.seq_len, config.data.images_per_row)
         init = jax.jit(lambda rng: nn.unbox(model.init(rng, example)), out_shardings=shardings["params"])
         params = init(jax.random.key(config.run.seed))
         params = _load_hf_components(config, params, shardings["params"])
