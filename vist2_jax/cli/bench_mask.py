@@ -42,6 +42,7 @@ def synthetic_meta(seq_len: int, text_len: int, visual_len: int, docs: int):
     import jax.numpy as jnp
 
     from data_pipelines.row_contract import pack_olm_row
+    from data_pipelines.tokenizer import CHUNK_ID
     from vist2_jax.kernels.mask import RowMeta
 
     budget = seq_len // docs
@@ -51,7 +52,7 @@ def synthetic_meta(seq_len: int, text_len: int, visual_len: int, docs: int):
     image = np.zeros((1, 1, 3), np.uint8)
     row = pack_olm_row([[[4] * text_len] * chunks] * docs, [[image] * chunks] * docs,
                        seq_len=seq_len, visual_len=visual_len, num_image_slots=docs * chunks,
-                       image_shape=(1, 1), chunk_token=3)
+                       image_shape=(1, 1), chunk_token=CHUNK_ID)
     meta = RowMeta(*(jnp.asarray(row[name])[None]
                      for name in ("modality", "chunk_id", "segment_id", "positions")))
     return meta, chunks

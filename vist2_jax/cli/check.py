@@ -27,6 +27,7 @@ def register(subparsers) -> None:
 def random_olm_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
     """Rows of random documents, each filling its row with as many chunks as fit."""
     from data_pipelines.row_contract import pack_olm_row, stack_rows
+    from data_pipelines.tokenizer import CHUNK_ID
 
     layout, data = config.model.layout, config.data
     rng = np.random.default_rng(seed)
@@ -38,7 +39,7 @@ def random_olm_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
         images = rng.integers(0, 256, (chunks, layout.image_size, layout.image_size, 3), dtype=np.uint8)
         rows.append(pack_olm_row([doc], [list(images)], seq_len=data.seq_len, visual_len=layout.visual_len,
                                  num_image_slots=data.images_per_row,
-                                 image_shape=(layout.image_size, layout.image_size), chunk_token=3))
+                                 image_shape=(layout.image_size, layout.image_size), chunk_token=CHUNK_ID))
     return stack_rows(rows)
 
 

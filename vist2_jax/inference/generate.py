@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data_pipelines.tokenizer import CHUNK_ID
 from vist2_jax.config.schema import ModelConfig
 from vist2_jax.inference.cache import (MODES, SEGMENT, CacheLayout, empty_cache, marker_position,
                                        prefill_pieces,
@@ -28,7 +29,7 @@ from vist2_jax.kernels.mask import PAD, TEXT, VISUAL, RowMeta
 from vist2_jax.model.layers import DTYPES
 from vist2_jax.model.vist2 import Vist2Model, place_visual_tokens
 
-CHUNK_TOKEN = 3
+CHUNK_TOKEN = CHUNK_ID  # the row contract's <|chunk|> marker
 
 
 def _meta(modality, chunk, positions) -> RowMeta:
@@ -52,10 +53,6 @@ def extend_cache(module: Vist2Model, tokens, visual, meta: RowMeta, slots, cache
     if logits_at is None:
         return None, cache
     return module.decoder.logits(hidden[:, logits_at:logits_at + 1])[:, 0], cache
-
-
-def encode_images(module: Vist2Model, images):
-    return module.encode_images(images)
 
 
 def prefill_visual(module: Vist2Model, images, modality):
