@@ -1,4 +1,4 @@
-"""The row contract (DESIGN §2): field specs, a row builder, a validator, the OLM packer.
+"""Building rows of the row contract (``vist2_jax/row_contract.py``): a row builder and the OLM packer.
 
 Every text span starts with the ``<|chunk|>`` marker, whose output predicts the span's
 first token; the target at position i is the token at i+1 inside the same span and the
@@ -14,12 +14,9 @@ from typing import Sequence
 
 import numpy as np
 
-PAD, TEXT, VISUAL = 0, 1, 2
+from vist2_jax.row_contract import ROW_FIELDS, TEXT, VISUAL, stack_rows, text_span_cost, validate_batch
 
-ROW_FIELDS = {
-    "tokens": np.int32, "modality": np.int8, "chunk_id": np.int32, "segment_id": np.int32,
-    "positions": np.int32, "targets": np.int32, "loss_mask": np.float32,
-}
+__all__ = ["RowBuilder", "RowOverflow", "pack_olm_row", "stack_rows", "validate_batch"]
 
 
 class RowOverflow(ValueError):
@@ -41,7 +38,7 @@ class RowBuilder:
         return self.seq_len - self.cursor
 
     def text_cost(self, num_tokens: int) -> int:
-        return 1 + num_tokens
+        return text_span_cost(num_tokens)
 
     def start_document(self) -> None:
         self.segment += 1
@@ -102,27 +99,3 @@ def pack_olm_row(documents: Sequence[Sequence[Sequence[int]]],
             if index < len(chunks) - 1:
                 row.add_image(doc_images[index], chunk_id=index + 1)
     return row.finish()
-
-
-def stack_rows(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    return {name: np.stack([row[name] for row in rows]) for name in rows[0]}
-
-
-def validate_batch(batch: dict[str, np.ndarray], visual_len: int) -> None:
-    """Check a batch against the contract; raises ValueError naming the first violation."""
-    for name, dtype in ROW_FIELDS.items():
-        if name not in batch:
-            raise ValueError(f"row contract: missing field {name!r}")
-        if batch[name].dtype != dtype or batch[name].ndim != 2:
-            raise ValueError(f"row contract: {name} must be {np.dtype(dtype)} [B,S], "
-                             f"got {batch[name].dtype} {batch[name].shape}")
-    images, image_mask = batch["images"], batch["image_mask"]
-    if images.dtype != np.uint8 or images.ndim != 5:
-        raise ValueError(f"row contract: images must be uint8 [B,N,H,W,3], got {images.dtype} {images.shape}")
-    visual = np.asarray(batch["modality"]) == VISUAL
-    counts = visual.sum(axis=1)
-    if np.any(counts % visual_len):
-        raise ValueError(f"row contract: visual positions per row {counts.tolist()} are not "
-                         f"multiples of m={visual_len}")
-    if np.any(counts // visual_len > np.asarray(image_mask).sum(axis=1)):
-        raise ValueError("row contract: more visual spans than real image slots")

@@ -15,12 +15,8 @@ import os
 from pathlib import Path
 from typing import Iterable, Mapping, Protocol, Sequence
 
-# Name -> piece, in id order starting at 0. The order is the on-disk contract: never reorder.
-SPECIAL_TOKENS: dict[str, str] = {
-    "pad": "<pad>", "eos": "</s>", "bos": "<s>", "chunk": "<|chunk|>",
-    "system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>", "end": "<|end|>",
-}
-PAD_ID, EOS_ID, BOS_ID, CHUNK_ID = 0, 1, 2, 3
+from vist2_jax.row_contract import BOS_ID, CHUNK_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS
+
 UNK_ID = len(SPECIAL_TOKENS)  # SentencePiece needs an unk; byte fallback means it never appears
 
 

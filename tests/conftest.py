@@ -15,10 +15,9 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
-from data_pipelines.row_contract import pack_olm_row, stack_rows  # noqa: E402
+from data_pipelines.row_contract import pack_olm_row  # noqa: E402
 from vist2_jax.config import load_config  # noqa: E402
-
-CHUNK_TOKEN = 3
+from vist2_jax.row_contract import CHUNK_ID, stack_rows  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +45,7 @@ def make_olm_batch(model_config, chunk_counts=((3,), (2, 2)), seq_len=96, num_sl
         rows.append(pack_olm_row(documents, images, seq_len=seq_len, visual_len=layout.visual_len,
                                  num_image_slots=num_slots,
                                  image_shape=(layout.image_size, layout.image_size),
-                                 chunk_token=CHUNK_TOKEN))
+                                 chunk_token=CHUNK_ID))
     return stack_rows(rows)
 
 

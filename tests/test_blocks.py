@@ -15,6 +15,7 @@ from hypothesis import given, settings, strategies as st
 
 from data_pipelines.row_contract import pack_olm_row
 from vist2_jax.kernels import blocks
+from vist2_jax.row_contract import CHUNK_ID
 from vist2_jax.kernels.mask import PAD, TEXT, VISUAL, RowMeta, vision_memory_mask
 from vist2_jax.kernels.reorder import permute, permute_meta, visual_first_permutation
 
@@ -44,7 +45,7 @@ def random_olm_meta(seed: int, seq: int, rows: int = 2) -> RowMeta:
         image = np.zeros((1, 1, 3), np.uint8)
         row = pack_olm_row(docs, [[image] * len(c) for c in docs], seq_len=seq,
                            visual_len=visual_len, num_image_slots=64, image_shape=(1, 1),
-                           chunk_token=3)
+                           chunk_token=CHUNK_ID)
         out.append(row)
     return RowMeta(*(jnp.asarray(np.stack([r[name] for r in out]))
                      for name in ("modality", "chunk_id", "segment_id", "positions")))

@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import CHUNK_TOKEN, make_olm_batch
+from conftest import make_olm_batch
+from vist2_jax.row_contract import CHUNK_ID
 from data_pipelines.row_contract import pack_olm_row, stack_rows
 from vist2_jax.config.presets import preset_model
 from vist2_jax.inference import flops as F
@@ -39,7 +40,7 @@ def test_attended_pairs_equal_the_training_mask(mode, n, new):
     images = [np.zeros((2, 2, 3), np.uint8)] * len(chunks)
     seq = sum(len(c) + 1 for c in chunks) + (len(chunks) - 1) * m
     row = stack_rows([pack_olm_row([chunks], [images], seq_len=seq, visual_len=m,
-                                   num_image_slots=len(chunks), image_shape=(2, 2), chunk_token=CHUNK_TOKEN)])
+                                   num_image_slots=len(chunks), image_shape=(2, 2), chunk_token=CHUNK_ID)])
     mask = np.asarray(vision_memory_mask(RowMeta.from_batch(row)))[0]
     fed = []
     index = 0  # stream index of the next text token along the row
@@ -47,7 +48,7 @@ def test_attended_pairs_equal_the_training_mask(mode, n, new):
         mod, chunk = row["modality"][0, pos], row["chunk_id"][0, pos]
         if mod == VISUAL:
             fed.append(pos)
-        elif mod == TEXT and row["tokens"][0, pos] == CHUNK_TOKEN and row["targets"][0, pos] != 0:
+        elif mod == TEXT and row["tokens"][0, pos] == CHUNK_ID and row["targets"][0, pos] != 0:
             fed.append(pos) if chunk > k else None
         elif mod == TEXT:
             full_last = mode == "gcc" and (index + 1) % L == 0

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import CHUNK_TOKEN, make_olm_batch
+from conftest import make_olm_batch
+from vist2_jax.row_contract import CHUNK_ID
 from data_pipelines.row_contract import pack_olm_row, stack_rows
 from vist2_jax.inference.cache import peak_entries
 from vist2_jax.inference.generate import Generator
@@ -48,7 +49,7 @@ def training_logits(config, model, params, render, chunks):
     seq_len = sum(len(c) + 1 for c in chunks) + (len(chunks) - 1) * lay.visual_len
     row = pack_olm_row([chunks], [images + [None]], seq_len=seq_len + 3, visual_len=lay.visual_len,
                        num_image_slots=max(len(images), 1),
-                       image_shape=(lay.image_size, lay.image_size), chunk_token=CHUNK_TOKEN)
+                       image_shape=(lay.image_size, lay.image_size), chunk_token=CHUNK_ID)
     batch = stack_rows([row])
     return np.asarray(jax.jit(model.apply)(params, batch)["logits"])[0], batch
 

@@ -25,6 +25,7 @@ from vist2_jax.config import load_config
 from vist2_jax.kernels import blocks
 from vist2_jax.kernels.attention import (attention, block_sparse_visual_first, dense_attention,
                                          resolve_impl)
+from vist2_jax.row_contract import CHUNK_ID
 from vist2_jax.kernels.mask import RowMeta, vision_memory_mask
 from vist2_jax.kernels.reorder import permute_meta, visual_first_permutation
 
@@ -41,7 +42,7 @@ def long_chunk_meta(seq: int) -> RowMeta:
     for docs in ([[[5] * 20, [5] * 24, [5] * 9]], [[[5] * 12, [5] * 30], [[5] * 7]]):
         rows.append(pack_olm_row(docs, [[image] * len(c) for c in docs], seq_len=seq,
                                  visual_len=16, num_image_slots=64, image_shape=(1, 1),
-                                 chunk_token=3))
+                                 chunk_token=CHUNK_ID))
     return RowMeta(*(jnp.asarray(np.stack([r[n] for r in rows]))
                      for n in ("modality", "chunk_id", "segment_id", "positions")))
 

@@ -97,7 +97,7 @@ def run(args) -> int:
         return tokenizer.decode([t for t in tokens if t < vocab])
 
     gen = Generator(config, variables, render_fn=render, detokenize=detokenize,
-                    chunk_token=tokenizer.special_ids.get("chunk", 3))
+                    chunk_token=tokenizer.special_ids["chunk"])
     stop = tuple(i for name, i in tokenizer.special_ids.items() if name in ("eos", "end"))
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               repetition_penalty=args.repetition_penalty,

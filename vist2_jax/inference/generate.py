@@ -19,17 +19,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data_pipelines.tokenizer import CHUNK_ID
 from vist2_jax.config.schema import ModelConfig
 from vist2_jax.inference.cache import (MODES, SEGMENT, CacheLayout, empty_cache, marker_position,
                                        prefill_pieces,
                                        visual_position)
 from vist2_jax.inference.sampling import SamplingConfig, sample
-from vist2_jax.kernels.mask import PAD, TEXT, VISUAL, RowMeta
+from vist2_jax.kernels.mask import RowMeta
+from vist2_jax.row_contract import CHUNK_ID, PAD, TEXT, VISUAL
 from vist2_jax.model.layers import DTYPES
 from vist2_jax.model.vist2 import Vist2Model, place_visual_tokens
 
-CHUNK_TOKEN = CHUNK_ID  # the row contract's <|chunk|> marker
 
 
 def _meta(modality, chunk, positions) -> RowMeta:
@@ -95,7 +94,7 @@ class Generator:
     prefill call (chunked prefill), so a long prompt never needs an [S, S] score matrix."""
 
     def __init__(self, config: ModelConfig, params, *, render_fn: Callable[[str], np.ndarray],
-                 detokenize: Callable[[Sequence[int]], str], chunk_token: int = CHUNK_TOKEN,
+                 detokenize: Callable[[Sequence[int]], str], chunk_token: int = CHUNK_ID,
                  prefill_chunk: int = 1024):
         self.config = dataclasses.replace(config, remat_policy="none")
         self.model = Vist2Model(self.config)

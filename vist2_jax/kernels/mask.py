@@ -22,7 +22,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-PAD, TEXT, VISUAL = 0, 1, 2
+from vist2_jax.row_contract import PAD, TEXT, VISUAL
 
 
 class RowMeta(NamedTuple):

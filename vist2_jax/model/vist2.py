@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from vist2_jax.config.schema import ModelConfig
-from vist2_jax.kernels.mask import TEXT, VISUAL, RowMeta
+from vist2_jax.kernels.mask import RowMeta
+from vist2_jax.row_contract import IMAGE_FIELDS, ROW_FIELDS, TEXT, VISUAL
 from vist2_jax.model.decoder import BSE, Qwen3Decoder
 from vist2_jax.model.layers import constrain
 from vist2_jax.model.vision import Aligner, VisionTower
@@ -110,17 +111,10 @@ def example_batch(config: ModelConfig, batch_size: int = 1, seq_len: int = 32,
                   num_images: int = 1) -> dict[str, jax.Array]:
     """A row-contract batch of zeros with the right dtypes, for init and shape tracing."""
     size = config.layout.image_size
-
-    def zeros(dtype, *shape):
-        return jnp.zeros(shape, dtype)
-    return {
-        "tokens": zeros(jnp.int32, batch_size, seq_len), "modality": zeros(jnp.int8, batch_size, seq_len),
-        "chunk_id": zeros(jnp.int32, batch_size, seq_len), "segment_id": zeros(jnp.int32, batch_size, seq_len),
-        "positions": zeros(jnp.int32, batch_size, seq_len), "targets": zeros(jnp.int32, batch_size, seq_len),
-        "loss_mask": zeros(jnp.float32, batch_size, seq_len),
-        "images": zeros(jnp.uint8, batch_size, num_images, size, size, 3),
-        "image_mask": zeros(jnp.bool_, batch_size, num_images),
-    }
+    batch = {name: jnp.zeros((batch_size, seq_len), dtype) for name, dtype in ROW_FIELDS.items()}
+    batch["images"] = jnp.zeros((batch_size, num_images, size, size, 3), IMAGE_FIELDS["images"])
+    batch["image_mask"] = jnp.zeros((batch_size, num_images), IMAGE_FIELDS["image_mask"])
+    return batch
 
 
 def abstract_params(config: ModelConfig):

@@ -19,7 +19,7 @@ from vist2_jax.config.schema import Config
 from vist2_jax.model.flops import (aligner_flops, attention_flops, decoder_token_flops, lm_head_flops,
                                    vision_flops)
 
-PAD, TEXT, VISUAL = 0, 1, 2
+from vist2_jax.row_contract import TEXT, VISUAL
 
 
 def attended_pairs(modality: np.ndarray, chunk_id: np.ndarray, segment_id: np.ndarray,

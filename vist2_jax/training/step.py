@@ -17,6 +17,7 @@ import optax
 
 from vist2_jax.config.schema import Config
 from vist2_jax.model.vist2 import Vist2Model
+from vist2_jax.row_contract import TEXT, VISUAL
 
 STATE_KEYS = ("step", "params", "opt_state")
 
@@ -36,7 +37,7 @@ def task_of_rows(config: Config, modality: jax.Array) -> dict[str, jax.Array]:
     if stage != "olm":
         return {stage: jnp.ones(modality.shape[:1], bool)}
     first = jnp.take_along_axis(modality, jnp.argmax(modality > 0, axis=1)[:, None], axis=1)[:, 0]
-    return {"olm": first == 1, "ocr": first == 2}
+    return {"olm": first == TEXT, "ocr": first == VISUAL}
 
 
 def loss_and_metrics(model: Vist2Model, config: Config, params: Any, batch: Mapping[str, jax.Array]):

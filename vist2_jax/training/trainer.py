@@ -26,6 +26,7 @@ from data_pipelines.pipeline import build_pipeline
 from vist2_jax.config.loader import to_dict
 from vist2_jax.config.schema import Config, ConfigError
 from vist2_jax.model.vist2 import Vist2Model, abstract_params, example_batch
+from vist2_jax.row_contract import TEXT
 from vist2_jax.parallel.sharding import LOGICAL_AXIS_RULES, logical_shardings, make_mesh, replicated
 from vist2_jax.training.checkpoint import RunCheckpoints, restore_params, tokenizer_asset
 from vist2_jax.training.distributed import batch_sharding, global_batch
@@ -179,7 +180,7 @@ def train(config: Config) -> TrainResult:
                 losses.append(metrics["loss"])
                 if step > start:  # the first step of a process includes compilation
                     step_times.append(elapsed)
-                text_tokens = float((local["modality"] == 1).sum()) * jax.process_count()
+                text_tokens = float((local["modality"] == TEXT).sum()) * jax.process_count()
                 text_rates.append(text_tokens / elapsed)
                 last = done == config.train.steps
                 if done % config.run.log_every == 0 or last or done == start + 1:

@@ -1,0 +1,75 @@
+"""The row contract (docs/design.md §2): the one home of what every part agrees on.
+
+A packed row of decoder length S is a set of arrays (``ROW_FIELDS`` plus ``images`` and
+``image_mask``); the data pipelines write them, the model, the kernels, the loss and the
+generator read them. This module holds the field names and dtypes, the modality codes,
+the fixed special token ids and the chunk-id rule, and nothing that needs JAX, so the
+data pipelines, PyTorch export and the tests import it alone.
+
+Chunk-id rule: in OLM rows a text chunk and the image of that same text share one id
+(``[T1][V1][T2]`` is ``1,1,2``; ``T2`` reads ``V1``). A text span that *reads* an image
+(a caption, an OCR answer, a response after a rendered query) takes the next id after
+that image (``[V_img][T_caption]`` is ``1,2``): ``reader_chunk_id``.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+# Modality codes of the ``modality`` field.
+PAD, TEXT, VISUAL = 0, 1, 2
+
+# Per-position fields: name -> dtype, each [B, S].
+ROW_FIELDS: Mapping[str, type] = {
+    "tokens": np.int32, "modality": np.int8, "chunk_id": np.int32, "segment_id": np.int32,
+    "positions": np.int32, "targets": np.int32, "loss_mask": np.float32,
+}
+# Per-image fields: ``images`` uint8 [B, N, H, W, 3], ``image_mask`` bool [B, N].
+IMAGE_FIELDS: Mapping[str, type] = {"images": np.uint8, "image_mask": np.bool_}
+ALL_FIELDS = (*ROW_FIELDS, *IMAGE_FIELDS)
+
+# Special tokens: name -> piece, in id order starting at 0. The order is the on-disk
+# contract of our tokenizers (never reorder); HF tokenizers map the names to their ids.
+SPECIAL_TOKENS: Mapping[str, str] = {
+    "pad": "<pad>", "eos": "</s>", "bos": "<s>", "chunk": "<|chunk|>",
+    "system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>", "end": "<|end|>",
+}
+PAD_ID, EOS_ID, BOS_ID, CHUNK_ID = 0, 1, 2, 3  # CHUNK_ID: the ``<|chunk|>`` marker opening every text span
+assert [*SPECIAL_TOKENS][:4] == ["pad", "eos", "bos", "chunk"]
+
+
+def reader_chunk_id(image_chunk_id: int) -> int:
+    """The chunk id of a text span that reads the image of ``image_chunk_id``."""
+    return image_chunk_id + 1
+
+
+def text_span_cost(num_tokens: int) -> int:
+    """Positions a text span of ``num_tokens`` takes: the ``<|chunk|>`` marker plus the tokens."""
+    return 1 + num_tokens
+
+
+def stack_rows(rows):
+    """Rows (dicts of per-row arrays) -> one batch with a leading [B] axis."""
+    return {name: np.stack([row[name] for row in rows]) for name in rows[0]}
+
+
+def validate_batch(batch: Mapping[str, np.ndarray], visual_len: int) -> None:
+    """Check a batch against the contract; raises ValueError naming the first violation."""
+    for name, dtype in ROW_FIELDS.items():
+        if name not in batch:
+            raise ValueError(f"row contract: missing field {name!r}")
+        if batch[name].dtype != dtype or batch[name].ndim != 2:
+            raise ValueError(f"row contract: {name} must be {np.dtype(dtype)} [B,S], "
+                             f"got {batch[name].dtype} {batch[name].shape}")
+    images, image_mask = batch["images"], batch["image_mask"]
+    if images.dtype != np.uint8 or images.ndim != 5:
+        raise ValueError(f"row contract: images must be uint8 [B,N,H,W,3], got {images.dtype} {images.shape}")
+    visual = np.asarray(batch["modality"]) == VISUAL
+    counts = visual.sum(axis=1)
+    if np.any(counts % visual_len):
+        raise ValueError(f"row contract: visual positions per row {counts.tolist()} are not "
+                         f"multiples of m={visual_len}")
+    if np.any(counts // visual_len > np.asarray(image_mask).sum(axis=1)):
+        raise ValueError("row contract: more visual spans than real image slots")
