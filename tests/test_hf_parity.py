@@ -18,7 +18,8 @@ from vist2_jax.config.schema import LayoutConfig, VisionConfig  # noqa: E402
 from vist2_jax.convert.hf_mapping import (QWEN3_DECODER, SIGLIP2_VISION, SIGLIP_VISION,  # noqa: E402
                                           export_hf, import_hf)
 from vist2_jax.convert.safetensors_io import read_checkpoint_dir  # noqa: E402
-from vist2_jax.inference.scoring import decoder_text_logits, load_hf_decoder  # noqa: E402
+from vist2_jax.convert.hf_weights import load_hf_decoder  # noqa: E402
+from vist2_jax.inference.scoring import decoder_text_logits  # noqa: E402
 from vist2_jax.model.vision import VisionTower  # noqa: E402
 
 TOL = 1e-4

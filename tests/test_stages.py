@@ -18,7 +18,7 @@ from data_pipelines.row_contract import TEXT, VISUAL, validate_batch
 from vist2_jax.config import load_config
 from vist2_jax.model.vist2 import Vist2Model, example_batch
 from vist2_jax.model.vist2 import abstract_params as model_abstract_params
-from vist2_jax.training.checkpoint import restore_params
+from vist2_jax.checkpointing.runs import restore_params
 from vist2_jax.training.optimizer import make_optimizer
 from vist2_jax.training.trainer import train
 

@@ -37,17 +37,18 @@ def read_token_ids(path: str | Path) -> list[int]:
 
 
 def run(args) -> int:
-    from vist2_jax.inference.scoring import load_hf_decoder, score_tokens
+    from vist2_jax.convert.hf_weights import load_hf_decoder
+    from vist2_jax.inference.scoring import score_tokens
 
     ids = read_token_ids(args.token_ids_file)
     if args.checkpoint:
         import dataclasses
 
-        from vist2_jax.inference.checkpoints import load_run
+        from vist2_jax.checkpointing.runs import load_run
 
-        config, variables, _, _ = load_run(args.checkpoint)
-        model_config = dataclasses.replace(config.model, dtype=args.dtype)
-        params = {"params": variables["params"]["decoder"]}
+        run = load_run(args.checkpoint)
+        model_config = dataclasses.replace(run.config.model, dtype=args.dtype)
+        params = {"params": run.params["params"]["decoder"]}
     else:
         model_config, params = load_hf_decoder(args.hf_decoder, dtype=args.dtype)
     vocab = model_config.decoder.vocab_size

@@ -1,1 +1,1 @@
-"""Inference: scoring and (later) generation with global context compression."""
+"""Inference: generation with global context compression (gcc / pcc / text) and scoring."""

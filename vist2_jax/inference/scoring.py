@@ -2,34 +2,12 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from vist2_jax.config import ModelConfig
-from vist2_jax.config.schema import ConfigError
-from vist2_jax.convert.hf_mapping import QWEN3_DECODER, decoder_config_from_hf, import_hf
-from vist2_jax.convert.safetensors_io import read_checkpoint_dir
 from vist2_jax.model.decoder import Qwen3Decoder
-
-
-def load_hf_decoder(directory: str | Path, dtype: str = "float32") -> tuple[ModelConfig, dict]:
-    """A HF Qwen3 folder -> (ModelConfig with that decoder, decoder params ``{"params": ...}``)."""
-    directory = Path(directory)
-    config_file = directory / "config.json"
-    if not config_file.is_file():
-        raise ConfigError(f"--hf-decoder: {directory} has no config.json")
-    try:
-        decoder = decoder_config_from_hf(json.loads(config_file.read_text()))
-    except (ValueError, KeyError) as err:
-        raise ConfigError(f"--hf-decoder: {config_file}: {err}") from None
-    decoder.validate("decoder")
-    config = ModelConfig(decoder=decoder, dtype=dtype, scan_layers=True)
-    tree = import_hf(QWEN3_DECODER, read_checkpoint_dir(directory), config)
-    return config, {"params": tree["params"]["decoder"]}
 
 
 def decoder_text_logits(config: ModelConfig, params: dict, tokens: jax.Array) -> jax.Array:

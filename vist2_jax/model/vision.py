@@ -12,21 +12,6 @@ from vist2_jax.model.layers import DTYPES, DenseGeneral, LayerNorm, LayerStack, 
 IMAGE_AXES = ("images", "patches", "act_embed")
 
 
-def resize_position_embedding(table: jax.Array, new_grid: int) -> jax.Array:
-    """Bilinearly resize a learned [g*g, D] position table to [new_grid**2, D].
-
-    Used to load a tower trained at one resolution for another sketch size.
-    """
-    grid = int(round(table.shape[0] ** 0.5))
-    if grid * grid != table.shape[0]:
-        raise ValueError(f"position table of {table.shape[0]} rows is not a square grid")
-    if grid == new_grid:
-        return table
-    image = table.reshape(grid, grid, -1).astype(jnp.float32)
-    resized = jax.image.resize(image, (new_grid, new_grid, table.shape[-1]), method="bilinear")
-    return resized.reshape(new_grid * new_grid, -1).astype(table.dtype)
-
-
 class ViTBlock(nn.Module):
     """Pre-norm transformer block: LN -> MHA -> residual, LN -> GELU-tanh MLP -> residual."""
 

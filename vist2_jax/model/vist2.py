@@ -100,13 +100,6 @@ class Vist2Model(nn.Module):
         return {"logits": logits, **metrics}
 
 
-def init_params(config: ModelConfig, batch: Mapping[str, jax.Array], rng: jax.Array):
-    """Boxed parameters (``nn.Partitioned`` leaves carrying logical axes)."""
-    return Vist2Model(config).init(rng, batch)
-
-
-
-
 def example_batch(config: ModelConfig, batch_size: int = 1, seq_len: int = 32,
                   num_images: int = 1) -> dict[str, jax.Array]:
     """A row-contract batch of zeros with the right dtypes, for init and shape tracing."""

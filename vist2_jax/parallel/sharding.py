@@ -44,9 +44,6 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("aligner_in", "tensor"),
 )
 
-ACTIVATION_AXES = {name for name, _ in LOGICAL_AXIS_RULES[:9]}
-
-
 def resolve_mesh_shape(mesh_config: MeshConfig, num_devices: int) -> dict[str, int]:
     """Fill the one ``-1`` axis and check the product equals the device count."""
     sizes = mesh_config.axis_sizes()

@@ -1,1 +1,1 @@
-"""Training: optimizer, sharded step, metrics, checkpoints, the loop, multi-host set-up."""
+"""Training: optimizer, train state, sharded step, metrics, the loop, multi-host set-up."""

@@ -19,41 +19,56 @@ from vist2_jax.config.schema import Config
 from vist2_jax.model.flops import (aligner_flops, attention_flops, decoder_token_flops, lm_head_flops,
                                    vision_flops)
 
-from vist2_jax.row_contract import TEXT, VISUAL
+from vist2_jax.row_contract import PAD, TEXT, VISUAL
 
 
-def attended_pairs(modality: np.ndarray, chunk_id: np.ndarray, segment_id: np.ndarray,
-                   visual_attends_past_visual: bool = False) -> int:
-    """Number of (q, k) pairs the mask allows over non-padding queries, in O(B*S).
+def mask_attended_pairs(modality: np.ndarray, chunk_id: np.ndarray, segment_id: np.ndarray,
+                        visual_attends_past_visual: bool = False) -> int:
+    """Number of (q, k) pairs the mask allows over non-padding queries, vectorised per row.
 
-    Relies on the row contract: positions increase along each document, so "k not after
-    q" is the physical order; text of a chunk is contiguous per span.
+    Relies on the row contract: positions increase along each document and chunk ids never
+    decrease along a row, so a query's allowed keys are its own span's earlier tokens (rank
+    inside its (segment, chunk, modality) group) plus the visual tokens of earlier chunks.
     """
     total = 0
     for mod, chunk, seg in zip(np.asarray(modality), np.asarray(chunk_id), np.asarray(segment_id)):
-        seen_text: dict[tuple[int, int], int] = {}
-        seen_visual: dict[tuple[int, int], int] = {}
-        visual_before: dict[int, list[tuple[int, int]]] = {}
-        for m, c, s in zip(mod.tolist(), chunk.tolist(), seg.tolist()):
-            key = (s, c)
-            if m == TEXT:
-                seen_text[key] = seen_text.get(key, 0) + 1
-                past = sum(n for cc, n in visual_before.get(s, {}).items() if cc < c)
-                total += seen_text[key] + past
-            elif m == VISUAL:
-                seen_visual[key] = seen_visual.get(key, 0) + 1
-                per_seg = visual_before.setdefault(s, {})
-                per_seg[c] = per_seg.get(c, 0) + 1
-                past = sum(n for cc, n in per_seg.items() if cc < c) if visual_attends_past_visual else 0
-                total += seen_visual[key] + past
+        mod, chunk, seg = mod.astype(np.int64), chunk.astype(np.int64), seg.astype(np.int64)
+        live = mod != PAD
+        span = ((seg << 32) + chunk) * 4 + mod
+        order = np.argsort(span, kind="stable")
+        ranked = span[order]
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order)) - np.searchsorted(ranked, ranked, "left") + 1
+        visual_keys = np.sort(((seg << 32) + chunk)[mod == VISUAL])
+        earlier_visual = (np.searchsorted(visual_keys, (seg << 32) + chunk, "left")
+                          - np.searchsorted(visual_keys, seg << 32, "left"))
+        reads_past = (mod == TEXT) | ((mod == VISUAL) & visual_attends_past_visual)
+        total += int(np.sum(np.where(live, rank + np.where(reads_past, earlier_visual, 0), 0)))
     return total
+
+
+def step_record(config: Config, local_batch: Mapping[str, np.ndarray], elapsed: float) -> dict[str, float]:
+    """Throughput of one step: text and decoder tokens/s, analytic model FLOPs and MFU
+    (the chip peak from ``train.peak_tflops_per_device``; the compiler's count is not used,
+    it misses scanned layers and Pallas calls)."""
+    import jax
+
+    hosts = jax.process_count()
+    text_tokens = float((np.asarray(local_batch["modality"]) == TEXT).sum()) * hosts
+    step_flops = train_step_flops(config, local_batch)["train_step"] * hosts
+    record = {"step_time_s": elapsed, "text_tokens_per_s": text_tokens / elapsed,
+              "decoder_tokens_per_s": config.data.global_batch_size * config.data.seq_len / elapsed,
+              "model_flops_per_step": step_flops, "model_tflops_per_s": step_flops / elapsed / 1e12}
+    if config.train.peak_tflops_per_device > 0:
+        record["mfu"] = step_flops / elapsed / 1e12 / (config.train.peak_tflops_per_device * jax.device_count())
+    return record
 
 
 def train_step_flops(config: Config, batch: Mapping[str, np.ndarray]) -> dict[str, float]:
     """Forward FLOPs per component and the whole step's FLOPs (forward + backward)."""
     model, trainable = config.model, set(config.train.trainable)
     images = float(np.asarray(batch["image_mask"]).sum())
-    pairs = attended_pairs(batch["modality"], batch["chunk_id"], batch["segment_id"],
+    pairs = mask_attended_pairs(batch["modality"], batch["chunk_id"], batch["segment_id"],
                            model.layout.visual_attends_past_visual)
     tokens = int(np.asarray(batch["modality"]).size)
     forward = {"vision": images * vision_flops(model),

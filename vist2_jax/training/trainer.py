@@ -1,9 +1,11 @@
-"""The training loop: mesh, sharded state, data, steps, metrics, eval, checkpoints, signals.
+"""The training loop: data, compiled steps, metrics, eval, checkpoints, signals.
 
 One program on every host (JAX multi-controller). Resume is exact: the state and the
 Grain iterator come back from the newest readable checkpoint, and every later step is the
-same compiled program on the same rows. SIGTERM (preemption) saves at the next step
-boundary and returns normally.
+same compiled program on the same rows. SIGTERM (preemption) and SIGINT (Ctrl-C) save at
+the next step boundary and return normally. A run directory whose checkpoints are all
+unreadable is refused unless ``restart`` is asked for, which moves them aside (nothing is
+deleted).
 """
 
 from __future__ import annotations
@@ -11,11 +13,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import signal
 import statistics
 import time
 from pathlib import Path
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -23,16 +25,15 @@ import jax.numpy as jnp
 import yaml
 
 from data_pipelines.pipeline import build_pipeline
+from vist2_jax.checkpointing.checkpoints import RunCheckpoints, tokenizer_asset
 from vist2_jax.config.loader import to_dict
 from vist2_jax.config.schema import Config, ConfigError
-from vist2_jax.model.vist2 import Vist2Model, abstract_params, example_batch
-from vist2_jax.row_contract import TEXT
-from vist2_jax.parallel.sharding import LOGICAL_AXIS_RULES, logical_shardings, make_mesh, replicated
-from vist2_jax.training.checkpoint import RunCheckpoints, restore_params, tokenizer_asset
+from vist2_jax.parallel.sharding import LOGICAL_AXIS_RULES, make_mesh, replicated
 from vist2_jax.training.distributed import batch_sharding, global_batch
-from vist2_jax.training.flops import train_step_flops
+from vist2_jax.training.flops import step_record
 from vist2_jax.training.metrics import MetricsLogger
-from vist2_jax.training.optimizer import learning_rate_schedule, make_optimizer
+from vist2_jax.training.optimizer import learning_rate_schedule
+from vist2_jax.training.state import abstract_state, initial_state
 from vist2_jax.training.step import make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -48,86 +49,85 @@ class TrainResult:
     steps_done: int
     preempted: bool
     summary: dict
-    pipeline: Any = None  # the run's data pipeline (tokenizer, row makers), for callers to reuse
 
 
-class _Preemption:
-    """Turns SIGTERM into a flag the loop checks at each step boundary."""
+class _StopRequests:
+    """Turns SIGTERM (preemption) and SIGINT (Ctrl-C) into a flag checked at each step boundary."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.requested: str | None = None
+        self._previous: dict = {}
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no handler, nothing to restore
-            self._previous = None
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handler, nothing to restore
+                pass
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
-        log.warning("SIGTERM received: saving a checkpoint at the next step boundary")
+        self.requested = signal.Signals(signum).name
+        log.warning("%s received: saving a checkpoint at the next step boundary", self.requested)
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
-def _abstract_state(config: Config, mesh):
-    """(optimizer, abstract state with shardings, shardings) from one abstract init."""
-    boxed = abstract_params(config.model)
-    param_shardings = logical_shardings(boxed, mesh)
-    params = nn.unbox(boxed)
-    optimizer = make_optimizer(config.train, params)  # labels need only the tree structure
-    opt_state = jax.eval_shape(optimizer.init, params)
-    opt_shardings = optimizer_state_shardings(opt_state, params, param_shardings, replicated(mesh))
-    shardings = {"step": replicated(mesh), "params": param_shardings, "opt_state": opt_shardings}
-    abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params, "opt_state": opt_state}
-    abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                      abstract, shardings)
-    return optimizer, abstract, shardings
-
-
-def optimizer_state_shardings(opt_state, params, param_shardings, default):
-    """Shard each optimizer-state leaf like the parameter it mirrors (Adam's mu and nu).
-
-    A leaf mirrors a parameter when the parameter's tree path is a suffix of the leaf's
-    path and the shapes agree; anything else (step counts) gets ``default``.
-    """
-    by_path = {}
-    for (path, param), (_, sharding) in zip(jax.tree_util.tree_leaves_with_path(params),
-                                            jax.tree_util.tree_leaves_with_path(param_shardings)):
-        by_path[tuple(str(k) for k in path)] = (param.shape, sharding)
-
-    def pick(path, leaf):
-        keys = tuple(str(k) for k in path)
-        for start in range(len(keys)):
-            found = by_path.get(keys[start:])
-            if found is not None and found[0] == getattr(leaf, "shape", None):
-                return found[1]
-        return default
-
-    return jax.tree_util.tree_map_with_path(pick, opt_state)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def _host_metrics(metrics: dict) -> dict:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def train(config: Config) -> TrainResult:
+def _set_aside(workdir: Path, checkpoints: RunCheckpoints) -> Path:
+    """Move unreadable checkpoints and the metrics of that attempt into ``previous-<time>/``."""
+    aside = workdir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir()
+    for name in ("checkpoints", "metrics.jsonl", "tensorboard", "summary.json"):
+        if (workdir / name).exists():
+            shutil.move(str(workdir / name), str(aside / name))
+    return aside
+
+
+def _restore_or_refuse(checkpoints: RunCheckpoints, abstract, iterator, workdir: Path, restart: bool):
+    """(start step, restored state or None). Refuses a directory of only unreadable checkpoints."""
+    restored = checkpoints.restore_latest(abstract, iterator)
+    if restored is not None or not checkpoints.steps():
+        return restored
+    reasons = "; ".join(f"step {s}: {r}" for s, r in sorted(checkpoints.unreadable.items()))
+    if not restart:
+        checkpoints.close()
+        raise ConfigError(f"{checkpoints.directory}: no checkpoint can be read ({reasons}); "
+                          "rerun with --restart to move them aside and start from step 0")
+    return None
+
+
+def _save_sample_sketches(pipeline, workdir: Path, count: int = 4) -> None:
+    """The first evaluation row's sketches as PNGs: what the ViT of this run reads."""
+    from PIL import Image
+
+    row = pipeline.eval_maker(0)
+    (workdir / "sketches").mkdir(exist_ok=True)
+    for slot in range(min(count, int(row["image_mask"].sum()))):
+        Image.fromarray(row["images"][slot]).save(workdir / "sketches" / f"sketch_{slot}.png")
+
+
+def train(config: Config, restart: bool = False) -> TrainResult:
     workdir = Path(config.run.workdir)
     is_chief = jax.process_index() == 0
+    logger = MetricsLogger(workdir, config.train.steps, enabled=is_chief, progress=config.run.progress,
+                           label=f"{config.data.stage}")
     if is_chief:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     mesh = make_mesh(config.mesh)
+    logger.status("building the data pipeline")
     pipeline = build_pipeline(config, workdir, jax.process_index(), jax.process_count())
-    optimizer, abstract, shardings = _abstract_state(config, mesh)
+    optimizer, abstract, shardings = abstract_state(config, mesh)
     data_sharding = batch_sharding(mesh)
     checkpoints = RunCheckpoints(workdir, keep=config.train.keep_checkpoints)
-    logger = MetricsLogger(workdir, config.train.steps, enabled=is_chief, progress=config.run.progress,
-                           label=f"{config.data.stage}")
     schedule = learning_rate_schedule(config.train)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
@@ -136,15 +136,23 @@ def train(config: Config) -> TrainResult:
         eval_step = jax.jit(make_eval_step(config), in_shardings=(shardings["params"], data_sharding),
                             out_shardings=replicated(mesh))
         iterator = iter(pipeline.train_dataset())
-        restored = checkpoints.restore_latest(abstract, iterator)
+        restored = _restore_or_refuse(checkpoints, abstract, iterator, workdir, restart)
         if restored is not None:
             start, state = restored
             state = {"step": jnp.asarray(start, jnp.int32), **state}
-            log.info("resumed from %s step %d", checkpoints.directory, start)
-            logger.truncate_after(start)
+            logger.status(f"resumed from {checkpoints.directory} at step {start}")
         else:
+            if checkpoints.steps() and is_chief:
+                checkpoints.close()
+                logger.status(f"--restart: unreadable checkpoints moved to {_set_aside(workdir, checkpoints)}")
+                checkpoints = RunCheckpoints(workdir, keep=config.train.keep_checkpoints)
             start = 0
-            state = _initial_state(config, optimizer, abstract, shardings)
+            iterator = iter(pipeline.train_dataset())  # a failed restore may have moved the old one
+            logger.status(f"fresh start at step 0 (no checkpoint in {checkpoints.directory})")
+            state = initial_state(config, optimizer, abstract, shardings)
+        logger.start(start)
+        if is_chief:
+            _save_sample_sketches(pipeline, workdir)
         eval_batches = [global_batch(b, mesh) for b in pipeline.eval_batches()]
 
         def evaluate() -> float:
@@ -155,17 +163,21 @@ def train(config: Config) -> TrainResult:
                 weights.append(m["target_tokens"])
             return sum(losses) / max(sum(weights), 1.0)
 
-        summary: dict[str, Any] = {"stage": config.data.stage, "start_step": start}
+        summary: dict = {"stage": config.data.stage, "start_step": start}
         if start == 0:
+            logger.status("compiling the eval step")
             summary["eval_loss_start"] = evaluate()
             logger.log(0, {"eval_loss": summary["eval_loss_start"]})
         step_times, text_rates, losses = [], [], []
-        preempted = False
+        stopped_by = None
+        done = start
         wall_start = time.time()
-        with _Preemption() as preemption:
+        with _StopRequests() as stop:
             for step in range(start, config.train.steps):
                 local = next(iterator)
                 batch = global_batch(local, mesh)
+                if step == start:
+                    logger.status("compiling the train step (the first step includes it)")
                 t0 = time.perf_counter()
                 state, metrics = train_step(state, batch)
                 metrics = _host_metrics(metrics)
@@ -178,90 +190,39 @@ def train(config: Config) -> TrainResult:
                                                f"last checkpoint: {checkpoints.steps()[-1:] or 'none'}")
                     log.warning("step %d: non-finite loss, update skipped", done)
                 losses.append(metrics["loss"])
+                throughput = step_record(config, local, elapsed)
                 if step > start:  # the first step of a process includes compilation
                     step_times.append(elapsed)
-                text_tokens = float((local["modality"] == TEXT).sum()) * jax.process_count()
-                text_rates.append(text_tokens / elapsed)
+                    text_rates.append(throughput["text_tokens_per_s"])
                 last = done == config.train.steps
                 if done % config.run.log_every == 0 or last or done == start + 1:
-                    flops = train_step_flops(config, local)
-                    step_flops = flops["train_step"] * jax.process_count()
-                    record = {**metrics, "learning_rate": float(schedule(step)), "step_time_s": elapsed,
-                              "text_tokens_per_s": text_tokens / elapsed,
-                              "decoder_tokens_per_s": config.data.global_batch_size * config.data.seq_len / elapsed,
-                              "model_flops_per_step": step_flops, "model_tflops_per_s": step_flops / elapsed / 1e12}
-                    if config.train.peak_tflops_per_device > 0:
-                        record["mfu"] = step_flops / elapsed / 1e12 / (config.train.peak_tflops_per_device
-                                                                       * jax.device_count())
+                    record = {**metrics, "learning_rate": float(schedule(step)), **throughput,
+                              **pipeline.counters()}
                     if done % config.train.eval_every == 0 or last:
-                        record["eval_loss"] = evaluate()
+                        record["eval_loss"] = summary["eval_loss_end"] = evaluate()
                     logger.log(done, record)
-                    if "eval_loss" in record:
-                        summary["eval_loss_end"] = record["eval_loss"]
-                if preemption.requested or done % config.train.checkpoint_every == 0 or last:
-                    _save(checkpoints, done, state, iterator, config, pipeline, force=preemption.requested)
-                if preemption.requested:
-                    preempted = True
-                    log.warning("preempted: checkpoint of step %d saved, exiting", done)
+                if stop.requested or done % config.train.checkpoint_every == 0 or last:
+                    _save(checkpoints, done, state, iterator, config, pipeline, force=bool(stop.requested))
+                if stop.requested:
+                    stopped_by = stop.requested
+                    logger.status(f"{stop.requested}: checkpoint of step {done} saved, exiting")
                     break
         checkpoints.close()
         logger.close()
-    steps_done = done if config.train.steps > start else start
+    counters = pipeline.counters()
+    if any(counters.values()):
+        log.info("data counters: %s", json.dumps(counters))
     summary.update({
-        "steps_done": steps_done, "preempted": preempted, "wall_s": time.time() - wall_start,
+        "steps_done": done, "preempted": stopped_by is not None, "stopped_by": stopped_by,
+        "wall_s": time.time() - wall_start,
         "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
         "step_time_s_median": statistics.median(step_times) if step_times else None,
         "text_tokens_per_s_median": statistics.median(text_rates) if text_rates else None,
+        "data": counters, "data_problems": pipeline.problems(),
     })
     if is_chief:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return TrainResult(workdir, steps_done, preempted, summary, pipeline)
-
-
-def _initial_state(config, optimizer, abstract, shardings):
-    if config.train.init_from:
-        step, params = restore_params(config.train.init_from, abstract["params"])
-        log.info("stage starts from %s (step %d)", config.train.init_from, step)
-    else:
-        model = Vist2Model(config.model)
-        example = example_batch(config.model, 1, config.data.seq_len, config.data.images_per_row)
-        init = jax.jit(lambda rng: nn.unbox(model.init(rng, example)), out_shardings=shardings["params"])
-        params = init(jax.random.key(config.run.seed))
-        params = _load_hf_components(config, params, shardings["params"])
-    make = jax.jit(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": optimizer.init(p)},
-                   in_shardings=(shardings["params"],), out_shardings=shardings)
-    return make(params)
-
-
-def _shapes(tree) -> dict[str, tuple]:
-    return {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def _load_hf_components(config, params, shardings):
-    """Replace the decoder / vision tower of fresh params with Hugging Face weights."""
-    from vist2_jax.convert.hf_mapping import QWEN3_DECODER, SIGLIP2_VISION, SIGLIP_VISION, import_hf
-    from vist2_jax.convert.safetensors_io import read_checkpoint_dir
-
-    for folder, component in ((config.train.init_decoder_hf, "decoder"), (config.train.init_vision_hf, "vision")):
-        if not folder:
-            continue
-        if component == "decoder":
-            table = QWEN3_DECODER
-        else:
-            hf_config = json.loads((Path(folder) / "config.json").read_text())
-            table = SIGLIP2_VISION if "siglip2" in hf_config.get("model_type", "") else SIGLIP_VISION
-        try:
-            loaded = import_hf(table, read_checkpoint_dir(folder), config.model)["params"][component]
-        except (KeyError, ValueError, OSError) as err:
-            raise ConfigError(f"train.init_{component}_hf: {folder}: {err}") from None
-        want, got = _shapes(params["params"][component]), _shapes(loaded)
-        if want != got:
-            first = next(k for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k))
-            raise ConfigError(f"train.init_{component}_hf: {folder} does not fit model.{component}: "
-                             f"{first} is {got.get(first)} there, {want.get(first)} here")
-        params["params"][component] = jax.device_put(loaded, shardings["params"][component])
-        log.info("model.%s initialised from %s", component, folder)
-    return params
+    return TrainResult(workdir, done, stopped_by is not None, summary)
 
 
 def _save(checkpoints, step, state, iterator, config, pipeline, force=False):

@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a run: train state, Grain iterator state, resolved config, the
+"""Orbax checkpoints of a run (``WORKDIR/checkpoints``): train state, Grain iterator state, resolved config, the
 tokenizer and the renderer config, saved asynchronously with a keep-N policy.
 
 Restore walks back from the newest step: a checkpoint that cannot be read (truncated or
@@ -47,6 +47,7 @@ class RunCheckpoints:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.unreadable: dict[int, str] = {}  # step -> reason, filled by restore_latest
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -66,13 +67,14 @@ class RunCheckpoints:
         self.manager.wait_until_finished()
 
     def restore_latest(self, abstract_state: dict, data_iterator: Any = None,
-                       params_only: bool = False) -> tuple[int, dict] | None:
+                       params_only: bool = False, only_step: int | None = None) -> tuple[int, dict] | None:
         """(step, state) of the newest readable checkpoint; the iterator is restored in place.
 
         ``abstract_state`` holds ShapeDtypeStructs with shardings; with ``params_only`` only
-        ``abstract_state["params"]`` is needed and read.
+        ``abstract_state["params"]`` is needed and read. Unreadable steps land in
+        ``self.unreadable`` with their reason.
         """
-        for step in reversed(self.steps()):
+        for step in reversed(self.steps() if only_step is None else [only_step]):
             items = {"params": ocp.args.StandardRestore(abstract_state["params"])}
             if not params_only:
                 items["opt_state"] = ocp.args.StandardRestore(abstract_state["opt_state"])
@@ -81,8 +83,9 @@ class RunCheckpoints:
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(**items))
             except Exception as err:  # orbax/tensorstore raise many kinds for damaged files
-                log.error("checkpoint step %d at %s is unreadable (%s: %s); trying the previous one",
-                          step, self.directory, type(err).__name__, str(err).splitlines()[0][:200])
+                log.error("checkpoint step %d at %s is unreadable (%s); trying the previous one",
+                          step, self.directory, _one_line(err))
+                self.unreadable[step] = _one_line(err)
                 continue
             state = {"params": restored["params"]}
             if not params_only:
@@ -98,13 +101,10 @@ class RunCheckpoints:
         self.manager.close()
 
 
-def restore_params(workdir: str | Path, abstract_params: Any) -> tuple[int, Any]:
-    """Parameters of the newest readable checkpoint of another run (stage k -> k+1)."""
-    checkpoints = RunCheckpoints(workdir, keep=1000, async_save=False)
-    try:
-        found = checkpoints.restore_latest({"params": abstract_params}, params_only=True)
-    finally:
-        checkpoints.close()
-    if found is None:
-        raise FileNotFoundError(f"train.init_from: no readable checkpoint under {checkpoints.directory}")
-    return found[0], found[1]["params"]
+def _one_line(err: BaseException) -> str:
+    """``Type: first line of the message`` (orbax wraps some errors around bound-method reprs)."""
+    text = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    cause = err.__cause__ or err.__context__
+    if (not text or "<bound method" in text) and cause is not None:
+        return _one_line(cause)
+    return f"{type(err).__name__}: {text[:200]}"

@@ -1,0 +1,1 @@
+"""Checkpointing: Orbax checkpoints of a run (``checkpoints``) and loading a run back (``runs``)."""
