@@ -166,10 +166,10 @@ def test_visual_first_permutation(seed, seq, flag):
 def test_bench_mask_json(tmp_path):
     import argparse
 
-    from vist2_jax.cli.bench_mask import add_mask_parser
+    from vist2_jax.bench.mask import add_parser
 
     parser = argparse.ArgumentParser()
-    add_mask_parser(parser.add_subparsers(dest="bench"))
+    add_parser(parser.add_subparsers(dest="bench"))
     out = tmp_path / "mask.json"
     args = parser.parse_args(["mask", "--seq-len", "512", "--text-len", "16", "--visual-len", "8",
                               "--block", "32", "--docs", "2", "--json", str(out)])
@@ -189,7 +189,7 @@ def test_bench_mask_json(tmp_path):
 def test_bench_mask_meets_the_issue_target():
     """S=8192, L=128, m=32, block 128, one document: visual-first visits <= 30% of the
     causal blocks and <= 1.1x the exact minimum."""
-    from vist2_jax.cli.bench_mask import bench
+    from vist2_jax.bench.mask import bench
 
     report = bench(8192, 128, 32, 128, 1)
     vf = report["visual_first"]

@@ -14,7 +14,7 @@ from data_pipelines.row_contract import pack_olm_row, stack_rows
 from vist2_jax.config.presets import preset_model
 from vist2_jax.inference import flops as F
 from vist2_jax.inference.cache import peak_entries
-from vist2_jax.inference.efficiency import compiled_flops, grid_point, mode_report
+from vist2_jax.bench.efficiency import compiled_flops, grid_point, mode_report
 from vist2_jax.kernels.mask import TEXT, VISUAL, RowMeta, vision_memory_mask
 
 
@@ -28,7 +28,7 @@ def test_kv_cut_at_4x_meets_the_bound():
 
 @pytest.mark.parametrize("mode,n,new", [("gcc", 13, 20), ("gcc", 16, 9), ("pcc", 13, 12), ("gcc", 3, 30)])
 def test_attended_pairs_equal_the_training_mask(mode, n, new):
-    """Pairs counted by flops.attended_pairs == mask entries of the equivalent training row,
+    """Pairs counted by flops.generation_attended_pairs == mask entries of the equivalent training row,
     summed over the queries the generator actually computes."""
     L, m = 8, 4
     stream = list(range(10, 10 + n + new))
@@ -55,7 +55,7 @@ def test_attended_pairs_equal_the_training_mask(mode, n, new):
             if chunk > k and index <= n + new - 2 and not full_last:
                 fed.append(pos)
             index += 1
-    assert F.attended_pairs(mode, n, new, L, m)["total"] == int(mask[fed].sum())
+    assert F.generation_attended_pairs(mode, n, new, L, m)["total"] == int(mask[fed].sum())
 
 
 @pytest.fixture(scope="module")

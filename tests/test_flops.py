@@ -8,7 +8,7 @@ import pytest
 
 from conftest import make_olm_batch
 from vist2_jax.kernels.mask import PAD, RowMeta, vision_memory_mask
-from vist2_jax.training.flops import attended_pairs, train_step_flops
+from vist2_jax.training.flops import mask_attended_pairs, train_step_flops
 
 
 @pytest.mark.parametrize("past_visual", [False, True])
@@ -17,7 +17,7 @@ def test_attended_pairs_equal_the_mask_entries(tiny_config, past_visual):
     mask = np.asarray(vision_memory_mask(RowMeta.from_batch(batch), past_visual))
     real_queries = batch["modality"] != PAD
     want = int((mask & real_queries[:, :, None]).sum())
-    assert attended_pairs(batch["modality"], batch["chunk_id"], batch["segment_id"], past_visual) == want
+    assert mask_attended_pairs(batch["modality"], batch["chunk_id"], batch["segment_id"], past_visual) == want
 
 
 def test_backward_counted_only_where_gradients_flow(tiny_config):

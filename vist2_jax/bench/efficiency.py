@@ -208,3 +208,35 @@ def time_modes(cfg: ModelConfig, prompt: int, new: int, repeats: int = 3, prefil
     out["ttft_speedup_text_over_gcc"] = out["text"]["ttft_s_median"] / out["gcc"]["ttft_s_median"]
     out["ttft_speedup_pcc_over_gcc"] = out["pcc"]["ttft_s_median"] / out["gcc"]["ttft_s_median"]
     return out
+
+
+def scaling_curves(cfg: ModelConfig, new_tokens: int, prompts=None) -> dict:
+    """Per mode, analytic peak KV bytes and whole-generation attended FLOPs vs prompt length."""
+    lay, dec = cfg.layout, cfg.decoder
+    prompts = prompts or [2 ** k for k in range(10, 17)]
+    itemsize = 2 if DTYPES[cfg.dtype].__name__ == "bfloat16" else 4
+    out = {}
+    for mode in ("text", "pcc", "gcc"):
+        mem, fl = [], []
+        for n in prompts:
+            peak = peak_entries(mode, n, new_tokens, lay.text_len, lay.visual_len)
+            mem.append(kv_bytes(peak, dec.num_layers, dec.num_kv_heads, dec.head_dim, itemsize))
+            cap = CacheLayout.for_generation(mode, [n], new_tokens, lay.text_len, lay.visual_len).capacity
+            pieces, piece = prefill_pieces(prefill_length(mode, n, lay.text_len, lay.visual_len), 1024)
+            fl.append(F.generation_flops(cfg, mode, n, new_tokens, cap, pieces, piece)["total_attended"])
+        out[mode] = {"kv_bytes": mem, "flops": fl}
+    return {"prompts": prompts, "modes": out}
+
+
+def plot_scaling(cfg: ModelConfig, name: str, new_tokens: int, path: str) -> dict:
+    """Peak KV bytes and generation FLOPs of gcc / pcc / text against prompt length, log-log."""
+    from vist2_jax.plotting import line_charts
+
+    curves = scaling_curves(cfg, new_tokens)
+    modes, prompts = curves["modes"], curves["prompts"]
+    panels = [{"series": {m: list(zip(prompts, d[key])) for m, d in modes.items()}, "title": title,
+               "x_label": "prompt tokens", "y_label": unit, "log_x": True, "log_y": True}
+              for key, title, unit in (("kv_bytes", f"{name}: peak KV cache (+{new_tokens} new tokens)", "bytes"),
+                                       ("flops", f"{name}: generation FLOPs (attended)", "FLOPs"))]
+    line_charts(panels, path)
+    return curves

@@ -10,7 +10,7 @@ from pathlib import Path
 from vist2_jax.cli.errors import UsageError
 
 
-def add_efficiency_parser(bench_subparsers) -> None:
+def add_parser(bench_subparsers) -> None:
     p = bench_subparsers.add_parser("efficiency", help="memory / FLOPs / speed of gcc vs pcc vs text")
     p.add_argument("--preset", default="0.6b", help="preset name, or several comma-separated")
     p.add_argument("--prompt-tokens", type=int, default=8192)
@@ -34,7 +34,7 @@ def _log(msg):
 
 def run(args) -> int:
     from vist2_jax.config.presets import preset_model
-    from vist2_jax.inference.efficiency import GRID, grid_point, time_modes, timed_config
+    from vist2_jax.bench.efficiency import GRID, grid_point, time_modes, timed_config
 
     presets = [p.strip() for p in args.preset.split(",") if p.strip()]
     if args.prompt_tokens < 1 or args.new_tokens < 1:
@@ -78,7 +78,7 @@ def run(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     if args.plot:
-        from vist2_jax.inference.plot import plot_scaling
+        from vist2_jax.bench.efficiency import plot_scaling
         plot_scaling(preset_model(presets[-1]), presets[-1], args.new_tokens, args.plot)
     return 0
 

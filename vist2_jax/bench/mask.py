@@ -7,7 +7,7 @@ compares with the exact block classes of the dense reference mask. A text chunk 
 ``1 + text_len`` positions (its ``<|chunk|>`` marker, then ``text_len`` tokens), as in real
 rows; documents get as many chunks as fit in ``seq_len // docs`` positions.
 
-Wire-up: ``add_mask_parser(bench_subparsers)`` adds the ``mask`` parser, ``run(args)``.
+Wire-up: ``add_parser(bench_subparsers)`` adds the ``mask`` parser, ``run(args)``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ TARGET_FRACTION_OF_CAUSAL = 0.30
 TARGET_OVER_EXACT = 1.1
 
 
-def add_mask_parser(bench_subparsers) -> argparse.ArgumentParser:
+def add_parser(bench_subparsers) -> argparse.ArgumentParser:
     parser = bench_subparsers.add_parser(
         "mask", help="block-sparsity of the vision-as-memory mask on a synthetic OLM row")
     parser.add_argument("--seq-len", type=int, default=8192)

@@ -1,20 +1,20 @@
-"""``vist2 bench WHAT``: measurements that go into closing notes and READMEs.
+"""``vist2 bench WHAT``: measurements that go into closing notes and READMEs. The
+measuring code lives in the bench room (``vist2_jax/bench/``); each module there adds its
+own sub-command.
 
-``mask``: block sparsity of the vision-as-memory mask; ``data``: sketch renderer throughput;
-``efficiency``: KV memory, FLOPs and speed of gcc vs pcc vs text generation.
+``mask``: block sparsity of the vision-as-memory mask; ``data``: sketch renderer and
+pipeline throughput; ``efficiency``: KV memory, FLOPs and speed of gcc vs pcc vs text.
 """
 
 from __future__ import annotations
 
+BENCH_MODULES = ("vist2_jax.bench.mask", "vist2_jax.bench.data", "vist2_jax.bench.efficiency_cli")
+
 
 def register(subparsers) -> None:
-    from vist2_jax.cli import render
-    from vist2_jax.cli import bench_efficiency, bench_mask
+    import importlib
 
-    bench = subparsers.add_parser("bench", help="measure: mask block sparsity, renderer throughput, generation efficiency")
+    bench = subparsers.add_parser("bench", help="measure: mask block sparsity, data throughput, generation efficiency")
     what = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
-    bench_mask.add_mask_parser(what)
-    data = what.add_parser("data", help="renderer throughput: sketch images/s per core (JSON)")
-    render.add_bench_data_arguments(data)
-    data.set_defaults(func=render.bench_data)
-    bench_efficiency.add_efficiency_parser(what)
+    for name in BENCH_MODULES:
+        importlib.import_module(name).add_parser(what)

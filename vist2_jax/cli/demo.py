@@ -32,23 +32,18 @@ def _scaled(config, scale: float) -> list[str]:
             f"train.eval_every={every}", f"train.checkpoint_every={every}", f"run.log_every={max(1, steps // 4)}"]
 
 
-def _save_sketches(pipeline, out_dir: Path, count: int = 4) -> list[Path]:
-    from PIL import Image
+def _copy_sketches(stage_dir: Path, out_dir: Path) -> list[Path]:
+    """The sketches the trainer saved for its first evaluation row (``stage/sketches/``)."""
+    import shutil
 
-    row = pipeline.eval_maker(0)
-    paths = []
-    for slot in range(min(count, int(row["image_mask"].sum()))):
-        path = out_dir / f"sketch_{slot}.png"
-        Image.fromarray(row["images"][slot]).save(path)
-        paths.append(path)
-    return paths
+    return [Path(shutil.copy(png, out_dir / png.name)) for png in sorted((stage_dir / "sketches").glob("*.png"))]
 
 
 def run(args) -> int:
     from data_pipelines.pipeline import resolve_tokenizer
     from vist2_jax.cli.train import setup_logging
     from vist2_jax.config import load_config
-    from vist2_jax.training.plots import line_chart
+    from vist2_jax.plotting import line_chart
     from vist2_jax.training.trainer import train
 
     setup_logging()
@@ -71,7 +66,7 @@ def run(args) -> int:
         results.append((stage, config, result.summary))
         previous = workdir / stage
         if stage == "stage3_olm":
-            _save_sketches(result.pipeline, workdir)
+            _copy_sketches(workdir / stage, workdir)
 
     series = {}
     for stage, _, _ in results:

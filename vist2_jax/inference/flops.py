@@ -11,7 +11,7 @@ counts are kept apart:
   the cost of an ideal kernel that skips masked entries.
 
 Norms, RoPE, softmax and other element-wise work are left out (well under 5% at the real
-presets; see the cross-check in :mod:`vist2_jax.inference.efficiency`).
+presets; see the cross-check in :mod:`vist2_jax.bench.efficiency`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def extend_flops(cfg: ModelConfig, batch: int, entries: int, capacity: int, logi
     return total + lm_head_flops(cfg, batch)
 
 
-def attended_pairs(mode: str, prompt_len: int, new_tokens: int, L: int, m: int) -> dict[str, int]:
+def generation_attended_pairs(mode: str, prompt_len: int, new_tokens: int, L: int, m: int) -> dict[str, int]:
     """(query, key) pairs the mask allows, for the prefill and the whole generation of one row.
 
     Replays the schedule of :mod:`vist2_jax.inference.cache`: text entries attend their
@@ -75,7 +75,7 @@ def generation_flops(cfg: ModelConfig, mode: str, prompt_len: int, new_tokens: i
     prefill = images + prefill_pieces * extend_flops(cfg, 1, piece, capacity, True)
     decode = (new_tokens - 1) * extend_flops(cfg, 1, 1, capacity, True)
     compress = compressions * (image_flops(cfg) + extend_flops(cfg, 1, m, capacity, False))
-    pairs = attended_pairs(mode, prompt_len, new_tokens, L, m)
+    pairs = generation_attended_pairs(mode, prompt_len, new_tokens, L, m)
     prefill_tokens = prompt_len if mode == "text" else k * m + 1 + prompt_len - k * L
     ideal_prefill = (images + prefill_tokens * decoder_token_flops(cfg)
                      + attention_flops(cfg, pairs["prefill"]) + lm_head_flops(cfg, 1))
