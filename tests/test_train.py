@@ -5,6 +5,7 @@ processes over loopback."""
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -14,7 +15,6 @@ import numpy as np
 import pytest
 import yaml
 
-from vist2_jax.training.metrics import read_events
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {
@@ -81,6 +81,23 @@ def wait_for_step(workdir, step, proc, timeout=300):
     raise TimeoutError(f"step {step} never logged")
 
 
+def read_scalar_events(path):
+    """(step, {tag: value}) per logged step of a TensorBoard file (TFRecord framing + Event
+    protos; tensorboardX writes one event per scalar, merged here by step)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    data, out, offset = path.read_bytes(), [], 0
+    while offset < len(data):
+        (length,) = struct.unpack("<Q", data[offset:offset + 8])
+        event = Event.FromString(data[offset + 12:offset + 12 + length])
+        offset += 16 + length
+        if event.summary.value:
+            if not out or out[-1][0] != event.step:
+                out.append((event.step, {}))
+            out[-1][1].update({v.tag: v.simple_value for v in event.summary.value})
+    return out
+
+
 def test_metrics_files(uninterrupted):
     workdir, _ = uninterrupted
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -91,7 +108,7 @@ def test_metrics_files(uninterrupted):
         assert all(np.isfinite(r[key]) for r in train_records), key
     assert records[0]["step"] == 0 and "eval_loss" in records[0]
     (events,) = (workdir / "tensorboard").glob("events.out.tfevents.*")
-    scalars = read_events(events)
+    scalars = read_scalar_events(events)
     assert [s for s, v in scalars if "loss" in v] == list(range(1, 9))
     assert scalars[-1][1]["loss"] == pytest.approx(train_records[-1]["loss"], rel=1e-6)
     summary = json.loads((workdir / "summary.json").read_text())
@@ -190,3 +207,80 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path, tokenizer_f
     assert got.keys() == want.keys() == {1, 2, 3, 4}
     # the same rows, in another order inside the global batch: equal up to summation order
     np.testing.assert_allclose([got[k] for k in sorted(got)], [want[k] for k in sorted(want)], rtol=1e-5)
+
+
+def test_sigint_saves_and_exits_zero_like_sigterm(tmp_path, tokenizer_file):
+    recipe = write_recipe(tmp_path, data={"tokenizer": tokenizer_file}, run={"workdir": str(tmp_path / "run")},
+                          train={"steps": 200, "checkpoint_every": 100})
+    command, env = vist2("train", recipe, devices=1)
+    proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(tmp_path / "run", 3, proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stderr and "preempted by SIGINT" in stderr
+    saved = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and 3 <= saved[-1] < 200
+
+
+def _damage_all_checkpoints(workdir):
+    for path in (workdir / "checkpoints").rglob("*"):
+        if path.is_file() and "params" in path.parts and path.stat().st_size > 0:
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_only_unreadable_checkpoints_are_refused_then_restart_moves_them_aside(tmp_path, uninterrupted,
+                                                                              tokenizer_file):
+    reference, _ = uninterrupted
+    workdir = tmp_path / "run"
+    recipe = write_recipe(tmp_path, data={"tokenizer": tokenizer_file}, run={"workdir": str(workdir)},
+                          train={"keep_checkpoints": 2})
+    first = run("train", recipe, devices=1)
+    assert first.returncode == 0, first.stderr[-3000:]
+    _damage_all_checkpoints(workdir)
+    before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    refused = run("train", recipe, devices=1)
+    assert refused.returncode == 2
+    last = refused.stderr.strip().splitlines()[-1]
+    assert "no checkpoint can be read" in last and "step 8" in last and "--restart" in last
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before  # nothing deleted
+    again = run("train", recipe, "--restart", devices=1)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "moved to" in again.stderr and "fresh start" in again.stderr
+    (aside,) = workdir.glob("previous-*")
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == before
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records]
+    assert len(steps) == len(set(steps)) and steps[0] == 0  # no step twice
+    assert losses(workdir) == losses(reference)
+
+
+def test_fresh_start_after_a_kill_before_the_first_save_logs_no_step_twice(tmp_path, tokenizer_file):
+    workdir = tmp_path / "run"
+    recipe = write_recipe(tmp_path, data={"tokenizer": tokenizer_file}, run={"workdir": str(workdir)},
+                          train={"steps": 6, "checkpoint_every": 100})
+    command, env = vist2("train", recipe, devices=1)
+    proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_step(workdir, 2, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    again = run("train", recipe, devices=1)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "fresh start at step 0" in again.stderr
+    steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == 6
+
+
+def test_progress_says_what_it_does_before_the_first_step(tmp_path, tokenizer_file):
+    recipe = write_recipe(tmp_path, data={"tokenizer": tokenizer_file}, run={"workdir": str(tmp_path / "run"),
+                                                                             "progress": True},
+                          train={"steps": 3})
+    proc = run("train", recipe, devices=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    first_step = next(i for i, line in enumerate(lines) if "1/3" in line)
+    assert any("compiling the train step" in line for line in lines[:first_step])
+    assert any("building the data pipeline" in line for line in lines[:first_step])
+    assert "eta nan" not in proc.stderr and "this one compiled" in lines[first_step]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["data"]["rows"] > 0 and "missing_characters" in summary["data_problems"]
