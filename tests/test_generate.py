@@ -152,3 +152,75 @@ def test_sampling_filters():
     assert int(sample(logits, hist, hlen, jax.random.key(0), SamplingConfig(no_repeat_ngram=2))[0]) == 1
     # a strong repetition penalty moves greedy off the seen tokens 0 and 1
     assert int(sample(logits, hist, hlen, jax.random.key(0), SamplingConfig(repetition_penalty=100.0))[0]) == 2
+
+
+@pytest.fixture(scope="module")
+def real_tokenizer(tmp_path_factory):
+    """The SentencePiece tokenizer a run trains on the embedded corpus."""
+    from data_pipelines.pipeline import resolve_tokenizer
+    from vist2_jax.config import load_config
+
+    return resolve_tokenizer(load_config(), tmp_path_factory.mktemp("gen_tok"))
+
+
+def capped_render(size, max_tokens):
+    """The stand-in renderer, refusing (like a full sketch) any text of more than ``max_tokens``."""
+    from data_pipelines.render import RenderRejected
+
+    inner = make_render(size)
+
+    def render(text):
+        if len(text.split()) > max_tokens:
+            raise RenderRejected(f"{len(text.split())} tokens do not fit")
+        return inner(text)
+    return render
+
+
+@pytest.mark.parametrize("mode,prompt_len,new", [("gcc", 13, 20), ("pcc", 19, 6)])
+def test_chunks_close_early_where_the_renderer_stops_and_carry_the_rest(setup, mode, prompt_len, new,
+                                                                        record_property):
+    """A chunk closes before the token its sketch cannot take (the chunk rule), and that token
+    is predicted again by the next chunk's marker. Teacher-forced logits equal one training
+    forward over the row with those variable-length chunks: nothing dropped, positions and
+    chunk ids as in training."""
+    config, model, params, _, _ = setup
+    L, m, cap = config.layout.text_len, config.layout.visual_len, 5
+    render = capped_render(config.layout.image_size, cap)
+    gen = Generator(config, params, render_fn=render, detokenize=detokenize, prefill_chunk=16)
+    stream = _stream(config, prompt_len + new, seed=prompt_len + 1)
+    result = gen.generate([stream[:prompt_len]], mode, new, forced_tokens=np.array([stream[prompt_len:]]),
+                          record_logits=True)
+    # The chunk rule by hand: this renderer takes 5 tokens, so a chunk closes before its 6th.
+    # gcc checks every token it feeds (not the last, never fed); pcc compresses the prompt only.
+    walked = stream[:-1] if mode == "gcc" else stream[:prompt_len]
+    chunks = [walked[i:i + cap] for i in range(0, len(walked), cap)]
+    chunks[-1] = chunks[-1] + stream[len(walked):]
+    assert max(len(c) for c in chunks[:-1]) < L
+    logits, batch = training_logits(config, model, params, render, chunks)
+    rows = predicting_rows(chunks, prompt_len, new, L, m)
+    np.testing.assert_array_equal(batch["targets"][0, rows], stream[prompt_len:])
+    err = float(np.abs(result.logits[0] - logits[rows]).max())
+    record_property(f"gen_early_close_vs_train_max_abs_{mode}", err)
+    assert err < 1e-4
+    assert result.tokens[0] == stream[prompt_len:]
+
+
+@pytest.mark.parametrize("prompt", [
+    "\n".join(str(i) for i in range(1, 201)),  # many short lines
+    "supercalifragilisticexpialidocious" * 12 + " end",  # a very long word
+    "first\n\n\n\n\n\n\n\n\n\n\n\nlast",  # blank lines
+    "mixed: 混合文字 עברית العربية 😀 Ελληνικά\n" * 6,  # scripts the font may lack
+])
+def test_gcc_generates_from_any_text_with_the_real_renderer(tiny_config, real_tokenizer, prompt):
+    from data_pipelines.render import RenderConfig, SketchRenderer
+
+    config, tokenizer = tiny_config.model, real_tokenizer
+    vocab = min(tokenizer.vocab_size, config.decoder.vocab_size)
+    params = nn.unbox(jax.jit(Vist2Model(config).init)(jax.random.key(1), make_olm_batch(config)))
+    renderer = SketchRenderer(RenderConfig(image_size=config.layout.image_size))
+    gen = Generator(config, params, render_fn=renderer.render,
+                    detokenize=lambda ids: tokenizer.decode([t for t in ids if t < vocab]), prefill_chunk=64)
+    ids = [t for t in tokenizer.encode(prompt) if t < vocab]
+    for mode in ("gcc", "pcc"):
+        result = gen.generate([ids], mode, 24)
+        assert len(result.tokens[0]) == 24

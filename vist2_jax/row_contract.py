@@ -73,3 +73,29 @@ def validate_batch(batch: Mapping[str, np.ndarray], visual_len: int) -> None:
                          f"multiples of m={visual_len}")
     if np.any(counts // visual_len > np.asarray(image_mask).sum(axis=1)):
         raise ValueError("row contract: more visual spans than real image slots")
+
+
+def close_chunk(tokens, try_render):
+    """The chunk rule, shared by training and generation: walking a document's tokens, a
+    chunk closes when it holds L tokens, or before the token that would make its text too
+    large for a sketch; the next chunk starts at that token. Text is never dropped or
+    truncated, and every closed chunk is one the renderer accepts.
+
+    ``tokens`` is the next window of a document (at most L tokens); ``try_render(prefix)``
+    returns the sketch or None when the renderer rejects it. Returns ``(k, sketch)`` for the
+    longest prefix that renders (the whole window when it does; found by bisection, as a
+    longer text never fits where a shorter one does not)."""
+    image = try_render(tokens)
+    if image is not None:
+        return len(tokens), image
+    low, high, best = 1, len(tokens) - 1, None
+    while low <= high:
+        mid = (low + high) // 2
+        found = try_render(tokens[:mid])
+        if found is None:
+            high = mid - 1
+        else:
+            low, best = mid + 1, (mid, found)
+    if best is None:
+        raise ValueError(f"the renderer rejects even the first token of the chunk {list(tokens[:1])}")
+    return best

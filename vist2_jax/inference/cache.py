@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -104,21 +105,46 @@ class CacheLayout:
     @classmethod
     def for_generation(cls, mode: str, prompt_lens, new_tokens: int, L: int, m: int,
                        capacity_chunks: int | None = None) -> "CacheLayout":
-        """The smallest layout that holds every row's whole generation."""
+        """The smallest layout that holds every row's whole generation (full chunks)."""
+        return cls.for_rows(mode, [n // L for n in prompt_lens], [n - (n // L) * L for n in prompt_lens],
+                            new_tokens, L, m, capacity_chunks)
+
+    @classmethod
+    def for_rows(cls, mode: str, prompt_chunks, prompt_rest, new_tokens: int, L: int, m: int,
+                 capacity_chunks: int | None = None) -> "CacheLayout":
+        """The layout for rows whose prompts closed ``prompt_chunks`` chunks and left
+        ``prompt_rest`` tokens of text; gcc reserves the generation's full chunks (a chunk
+        closed early by the renderer grows the cache, :func:`grow_cache`)."""
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}; choose one of {', '.join(MODES)}")
-        chunks = max(finished_chunks(mode, n, new_tokens, L) for n in prompt_lens)
+        rows = list(zip(prompt_chunks, prompt_rest))
+        if mode == "text":
+            chunks, text = 0, max(k * L + r for k, r in rows) + new_tokens - 1
+        elif mode == "pcc":
+            chunks, text = max(k for k, _ in rows), max(1 + r for _, r in rows) + new_tokens - 1
+        else:
+            chunks, text = max(k + (r + new_tokens - 1) // L for k, r in rows), L  # marker + <= L-1 fed
         if capacity_chunks is not None:
             if capacity_chunks < chunks:
                 raise ValueError(f"capacity of {capacity_chunks} chunks < the {chunks} needed")
             chunks = capacity_chunks
-        if mode == "text":
-            text = max(prompt_lens) + new_tokens - 1
-        elif mode == "pcc":
-            text = max(1 + n - (n // L) * L for n in prompt_lens) + new_tokens - 1
-        else:
-            text = L  # marker + at most L-1 fed tokens
         return cls(chunks, max(text, 1), m)
+
+
+def grow_cache(cache: KVCache, old: CacheLayout, new: CacheLayout) -> KVCache:
+    """The same entries in a layout with more visual chunks: visual slots keep their index,
+    the text region and the trash slot move up by the added visual slots."""
+    def move(array, fill):
+        shape = array.shape[:-1] + (new.capacity,) if array.ndim == 2 else \
+            array.shape[:2] + (new.capacity,) + array.shape[3:]
+        out = jnp.full(shape, fill, array.dtype)
+        axis = 1 if array.ndim == 2 else 2
+        take = lambda a, b: jax.lax.slice_in_dim(array, a, b, axis=axis)  # noqa: E731
+        out = jax.lax.dynamic_update_slice_in_dim(out, take(0, old.text_base), 0, axis)
+        return jax.lax.dynamic_update_slice_in_dim(out, take(old.text_base, old.capacity), new.text_base, axis)
+
+    meta = RowMeta(move(cache.meta.modality, PAD), *(move(a, 0) for a in cache.meta[1:]))
+    return KVCache(move(cache.k, 0), move(cache.v, 0), meta)
 
 
 def empty_cache(layout: CacheLayout, batch: int, num_layers: int, kv_heads: int,

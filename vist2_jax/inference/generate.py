@@ -20,12 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from vist2_jax.config.schema import ModelConfig
-from vist2_jax.inference.cache import (MODES, SEGMENT, CacheLayout, empty_cache, marker_position,
-                                       prefill_pieces,
-                                       visual_position)
+from data_pipelines.render import RenderRejected
+from vist2_jax.inference.cache import MODES, SEGMENT, CacheLayout, empty_cache, grow_cache, prefill_pieces
 from vist2_jax.inference.sampling import SamplingConfig, sample
 from vist2_jax.kernels.mask import RowMeta
-from vist2_jax.row_contract import CHUNK_ID, PAD, TEXT, VISUAL
+from vist2_jax.row_contract import CHUNK_ID, PAD, TEXT, VISUAL, close_chunk
 from vist2_jax.model.layers import DTYPES
 from vist2_jax.model.vist2 import Vist2Model, place_visual_tokens
 
@@ -111,39 +110,57 @@ class Generator:
                                donate_argnums=(4,))
         self._sample = jax.jit(sample, static_argnums=(4,))
         self._live = jax.jit(lambda c: jnp.max(jnp.sum(c.meta.modality != PAD, axis=1)))
+        self._grow = jax.jit(grow_cache, static_argnums=(1, 2))
 
     # ---- host-side bookkeeping -------------------------------------------------------------
-    def _render(self, tokens: Sequence[int]) -> np.ndarray:
-        image = np.asarray(self.render_fn(self.detokenize(list(tokens))), np.uint8)
+    def _try_render(self, tokens: Sequence[int]) -> np.ndarray | None:
+        """The sketch of ``tokens``, or None when the renderer rejects it (does not fit)."""
+        try:
+            image = np.asarray(self.render_fn(self.detokenize(list(tokens))), np.uint8)
+        except RenderRejected:
+            return None
         size = self.config.layout.image_size
         if image.shape != (size, size, 3):
             raise ValueError(f"render_fn returned {image.shape}, expected ({size}, {size}, 3)")
         return image
 
-    def _prefill_rows(self, mode, prompts, layout):
-        """Per row: entries (modality, token, chunk, position, slot), prompt chunk images, and
-        the row state after the prefill (current chunk, its tokens, next text slot, next position)."""
+    def _prefill_rows(self, mode, prompts):
+        """Per row: entries (modality, token, chunk, position, slot-or-text-index), prompt chunk
+        images, and the row state after the prefill. Prompt chunks close by the chunk rule
+        (``close_chunk``): at L tokens, or before the token that would not fit the sketch."""
         L, m = self.config.layout.text_len, self.config.layout.visual_len
         rows, images, states = [], [], []
         for prompt in prompts:
             n = len(prompt)
             if mode == "text":
-                rows.append([(TEXT, t, 0, i, layout.text_slot(i)) for i, t in enumerate(prompt)])
+                rows.append([(TEXT, t, 0, i, ("text", i)) for i, t in enumerate(prompt)])
                 images.append([])
-                states.append(dict(chunk=0, chunk_tokens=list(prompt), text_count=n, pos=n))
+                states.append(dict(chunk=0, chunk_tokens=list(prompt), text_count=n, pos=n, marker=0,
+                                   image=None))
                 continue
-            k = n // L
-            entries = [(VISUAL, 0, c, visual_position(c, L, m) + i, s)
-                       for c in range(1, k + 1) for i, s in enumerate(layout.visual_slots(c))]
-            start = marker_position(k + 1, L, m)
-            rest = list(prompt[k * L:])
-            entries += [(TEXT, t, k + 1, start + i, layout.text_slot(i))
+            entries, row_images, start, position, chunk, open_image = [], [], 0, 0, 0, None
+            while start < n:
+                k, image = close_chunk(prompt[start:start + L], self._try_render)
+                if k == n - start < L:  # the rest fits a sketch: it stays the open chunk's text
+                    open_image = image
+                    break
+                chunk += 1
+                visual_start = position + 1 + k  # after the chunk's marker and its k tokens
+                entries += [(VISUAL, 0, chunk, visual_start + i, ("visual", chunk, i)) for i in range(m)]
+                row_images.append(image)
+                start, position = start + k, visual_start + m
+            rest = list(prompt[start:])
+            entries += [(TEXT, t, chunk + 1, position + i, ("text", i))
                         for i, t in enumerate([self.chunk_token] + rest)]
             rows.append(entries)
-            images.append([self._render(prompt[(c - 1) * L:c * L]) for c in range(1, k + 1)])
-            states.append(dict(chunk=k + 1, chunk_tokens=rest, text_count=1 + len(rest),
-                               pos=start + 1 + len(rest)))
+            images.append(row_images)
+            states.append(dict(chunk=chunk + 1, chunk_tokens=rest, text_count=1 + len(rest),
+                               pos=position + 1 + len(rest), marker=position, image=open_image))
         return rows, images, states
+
+    @staticmethod
+    def _slot(layout: CacheLayout, where) -> int:
+        return layout.text_slot(where[1]) if where[0] == "text" else int(layout.visual_slots(where[1])[where[2]])
 
     def generate(self, prompts: Sequence[Sequence[int]], mode: str, max_new_tokens: int, *,
                  sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
@@ -151,26 +168,31 @@ class Generator:
                  track_entries: bool = False, capacity_chunks: int | None = None,
                  on_token: Callable[[int, int], None] | None = None) -> GenerationResult:
         """Generate up to ``max_new_tokens`` per prompt. ``forced_tokens`` [B, M] replaces
-        every sampled token (teacher forcing) while logits are still those of the model."""
+        every sampled token (teacher forcing) while logits are still those of the model.
+
+        In gcc a chunk closes at L tokens, or, by the chunk rule, before a sampled token that
+        would make its text too large for a sketch: that token is then not emitted, and the
+        next chunk's marker predicts again, exactly as in training. No text is ever dropped."""
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}; choose one of {', '.join(MODES)}")
         if max_new_tokens < 1 or not prompts or min(len(p) for p in prompts) < 1:
             raise ValueError("need at least one non-empty prompt and max_new_tokens >= 1")
         cfg, lay = self.config, self.config.layout
         L, m, batch = lay.text_len, lay.visual_len, len(prompts)
-        layout = CacheLayout.for_generation(mode, [len(p) for p in prompts], max_new_tokens, L, m,
-                                            capacity_chunks if mode == "gcc" else None)
+        start_time = time.perf_counter()
+        rows, images, states = self._prefill_rows(mode, prompts)
+        layout = CacheLayout.for_rows(mode, [len(im) for im in images], [len(s["chunk_tokens"]) for s in states],
+                                      max_new_tokens, L, m, capacity_chunks if mode == "gcc" else None)
         dec = cfg.decoder
         cache = empty_cache(layout, batch, dec.num_layers, dec.num_kv_heads, dec.head_dim,
                             DTYPES[cfg.dtype])
-        start_time = time.perf_counter()
-        rows, images, states = self._prefill_rows(mode, prompts, layout)
 
         # ---- prefill: left-padded rows, cut into equal pieces ----
         pieces, piece = prefill_pieces(max(len(r) for r in rows), self.prefill_chunk)
         total = pieces * piece
         pad = (PAD, 0, 0, 0, layout.trash)
-        grid = np.array([[pad] * (total - len(r)) + r for r in rows], np.int64)  # [B, S, 5]
+        grid = np.array([[pad] * (total - len(r)) + [(*e[:4], self._slot(layout, e[4])) for e in r]
+                         for r in rows], np.int64)  # [B, S, 5]
         modality, tokens, chunk, positions, slots = (grid[..., i] for i in range(5))
         meta = _meta(modality, chunk, positions)
         num_images = max(len(im) for im in images)
@@ -195,78 +217,101 @@ class Generator:
             history[b, :len(p)] = p
         key = jax.random.key(seed)
         next_tok = self._sample(logits, history, hist_len, jax.random.fold_in(key, 0), sampling)
-        recorded = [np.asarray(logits)] if record_logits else None
+        recorded = [[] for _ in range(batch)] if record_logits else None
         peak = int(self._live(cache)) if track_entries else None
         generated = [[] for _ in range(batch)]
         done = np.zeros(batch, bool)
         ttft = decode_time = 0.0
         steps = 0
-        for t in range(1, max_new_tokens + 1):
-            chosen = np.asarray(next_tok) if forced_tokens is None else np.asarray(forced_tokens)[:, t - 1]
-            if t == 1:
-                jax.block_until_ready(next_tok)
+        decode_start = time.perf_counter()
+        while True:
+            sampled = np.asarray(next_tok)
+            if steps == 0:
                 ttft = time.perf_counter() - start_time
                 decode_start = time.perf_counter()
+            closing = []  # gcc rows whose chunk closes now: full, or too large for the new token
             for b in np.flatnonzero(~done):
-                tok = int(chosen[b])
+                s = states[b]
+                tok = int(sampled[b]) if forced_tokens is None else int(forced_tokens[b, len(generated[b])])
+                stops = (tok in sampling.stop_tokens and forced_tokens is None) \
+                    or len(generated[b]) + 1 == max_new_tokens
+                if mode == "gcc" and not stops and s["chunk_tokens"]:
+                    image = self._try_render(s["chunk_tokens"] + [tok])
+                    if image is None:  # the chunk closes before this token, which is predicted again
+                        closing.append(b)
+                        continue
+                    s["image"] = image
                 generated[b].append(tok)
+                if record_logits:
+                    recorded[b].append(np.asarray(logits[b]))
                 history[b, hist_len[b]] = tok
                 hist_len[b] += 1
                 if on_token is not None:
                     on_token(int(b), tok)
-                if tok in sampling.stop_tokens and forced_tokens is None:
+                if stops:
                     done[b] = True
-            if t == max_new_tokens or done.all():
+                    continue
+                s["chunk_tokens"].append(tok)
+                if mode == "gcc" and len(s["chunk_tokens"]) == L:
+                    closing.append(b)
+            if done.all():
                 break
-            # ---- chunk full: render, encode, write m visual entries, free its text ----
-            full = [b for b in np.flatnonzero(~done) if mode == "gcc" and
-                    len(states[b]["chunk_tokens"]) + 1 == L]
+            # ---- close chunks: encode their sketch, write m visual entries, free their text ----
+            if closing:
+                cache, layout = self._compress(closing, states, layout, cache, batch)
             feed = np.zeros(batch, np.int32)
-            for b in np.flatnonzero(~done):
-                states[b]["chunk_tokens"].append(int(chosen[b]))
-                feed[b] = chosen[b]
-            if full:
-                cache = self._compress(full, states, layout, cache, batch)
-                for b in full:
-                    s = states[b]
-                    s.update(chunk=s["chunk"] + 1, chunk_tokens=[], text_count=0,
-                             pos=marker_position(s["chunk"] + 1, L, m))
-                    feed[b] = self.chunk_token
             step_mod, step_chunk, step_pos, step_slot = (np.zeros(batch, np.int64) for _ in range(4))
             step_slot[:] = layout.trash
             for b in np.flatnonzero(~done):
                 s = states[b]
+                feed[b] = self.chunk_token if b in closing else s["chunk_tokens"][-1]
                 step_mod[b], step_chunk[b], step_pos[b] = TEXT, s["chunk"], s["pos"]
                 step_slot[b] = layout.text_slot(s["text_count"])
                 s["text_count"] += 1
                 s["pos"] += 1
+            steps += 1
             next_tok, logits, cache = self._decode(
                 self.params, feed, _meta(step_mod, step_chunk, step_pos), step_slot.astype(np.int32),
-                cache, history, hist_len, jax.random.fold_in(key, t), sampling)
-            steps += 1
-            if record_logits:
-                recorded.append(np.asarray(logits))
+                cache, history, hist_len, jax.random.fold_in(key, steps), sampling)
             if track_entries:
                 peak = max(peak, int(self._live(cache)))
         jax.block_until_ready(next_tok)
         if steps:
             decode_time = time.perf_counter() - decode_start
-        logits_out = np.stack(recorded, axis=1) if record_logits else None
+        logits_out = None
+        if record_logits:
+            longest = max(len(r) for r in recorded)
+            logits_out = np.zeros((batch, longest, np.asarray(logits).shape[-1]), np.float32)
+            for b, r in enumerate(recorded):
+                if r:
+                    logits_out[b, :len(r)] = np.stack(r)
         return GenerationResult(generated, logits_out, peak, layout, ttft, decode_time, steps)
 
     def _compress(self, rows, states, layout, cache, batch):
+        """Close the current chunk of each row in ``rows``: its sketch (rendered when its last
+        token was accepted) becomes m visual entries, and its text slots are freed."""
         lay = self.config.layout
-        L, m, size = lay.text_len, lay.visual_len, lay.image_size
+        m, size = lay.visual_len, lay.image_size
+        needed = max(states[b]["chunk"] for b in rows)
+        if needed > layout.visual_chunks:  # chunks closed early: more chunks than reserved
+            grown = dataclasses.replace(layout, visual_chunks=needed + max(2, needed // 4))
+            cache, layout = self._grow(cache, layout, grown), grown
         images = np.zeros((batch, size, size, 3), np.uint8)
         modality = np.full((batch, m), PAD)
         chunk, positions = np.zeros((batch, m)), np.zeros((batch, m))
         slots = np.full((batch, m), layout.trash, np.int32)
         free = np.zeros((batch, layout.capacity), bool)
         for b in rows:
-            c = states[b]["chunk"]
-            images[b] = self._render(states[b]["chunk_tokens"])
+            s = states[b]
+            c = s["chunk"]
+            image = s["image"] if s["image"] is not None else close_chunk(s["chunk_tokens"], self._try_render)[1]
+            visual_start = s["marker"] + 1 + len(s["chunk_tokens"])
+            images[b] = image
             modality[b], chunk[b] = VISUAL, c
-            positions[b] = visual_position(c, L, m) + np.arange(m)
+            positions[b] = visual_start + np.arange(m)
             slots[b] = layout.visual_slots(c)
             free[b, layout.text_base:layout.trash] = True
-        return self._insert(self.params, images, _meta(modality, chunk, positions), slots, cache, free)
+            s.update(chunk=c + 1, marker=visual_start + m, pos=visual_start + m, text_count=0,
+                     chunk_tokens=[], image=None)
+        cache = self._insert(self.params, images, _meta(modality, chunk, positions), slots, cache, free)
+        return cache, layout
