@@ -17,7 +17,7 @@ import numpy as np
 from data_pipelines.row_contract import stack_rows
 from data_pipelines.sources import load_samples
 from data_pipelines.stages import RowMaker
-from data_pipelines.tokenizer import load_tokenizer, train_tokenizer
+from data_pipelines.tokenizer import TokenizerError, load_tokenizer, train_tokenizer
 from vist2_jax.config.schema import Config, ConfigError
 
 EVAL_SEED_OFFSET = 1_000_003
@@ -29,7 +29,10 @@ def resolve_tokenizer(config: Config, workdir: str | Path):
         path = Path(config.data.tokenizer)
         if not path.exists():
             raise ConfigError(f"data.tokenizer: no such file {path}")
-        tokenizer = load_tokenizer(path)
+        try:
+            tokenizer = load_tokenizer(path)
+        except TokenizerError as err:
+            raise ConfigError(f"data.tokenizer: {err}") from None
     else:
         prefix = Path(workdir) / "tokenizer"
         model = prefix.with_suffix(".model")
@@ -47,7 +50,12 @@ def resolve_tokenizer(config: Config, workdir: str | Path):
                                            data.data_dir, data.manual_dir):
                     if not record.error:
                         f.write((record.prompt or "") + "\n" + record.text + "\n")
-            tokenizer = train_tokenizer([corpus], config.model.decoder.vocab_size, prefix)
+            try:
+                tokenizer = train_tokenizer([corpus], config.model.decoder.vocab_size, prefix)
+            except TokenizerError as err:
+                raise ConfigError(f"data.tokenizer is empty, so a tokenizer is trained on data.source="
+                                  f"{config.data.source!r}, and {err}: set data.tokenizer to a SentencePiece "
+                                  ".model or tokenizer.json, or lower model.decoder.vocab_size") from None
     if tokenizer.vocab_size > config.model.decoder.vocab_size:
         raise ConfigError(f"data.tokenizer: vocabulary of {tokenizer.vocab_size} exceeds "
                           f"model.decoder.vocab_size={config.model.decoder.vocab_size}")
@@ -65,6 +73,19 @@ class Pipeline:
     process_index: int = 0
     process_count: int = 1
     source_counters: dict = dataclasses.field(default_factory=dict)
+
+    def counters(self) -> dict[str, int]:
+        """Records skipped at load time, rows made, chunks skipped, glyphs missing: all counted.
+
+        Rows made in Grain worker processes count there; this process sees the source's
+        load-time counters and the rows it made itself (``data.num_workers=0``, eval rows)."""
+        return {**{f"source_{k}": v for k, v in self.source_counters.items()}, **self.row_maker.all_counters()}
+
+    def problems(self) -> dict[str, list[str]]:
+        """The first few skipped records (with their location) and characters the font lacks."""
+        return {"skipped": self.row_maker.examples + self.eval_maker.examples,
+                "missing_characters": sorted(set(self.row_maker.missing_characters()
+                                                 + self.eval_maker.missing_characters()))}
 
     @property
     def local_batch_size(self) -> int:

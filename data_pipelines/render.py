@@ -160,6 +160,7 @@ class SketchRenderer:
         self.counters = {"rendered": 0, "smaller_bucket": 0, "rejected": 0, "missing_glyphs": 0,
                          "atlas_fallbacks": 0}
         self.by_size = {s.size: 0 for s in self.sizes}
+        self.missing_examples: set[str] = set()  # up to 32 distinct characters the font lacks
 
     def renderer_config(self) -> dict:
         """What to save next to a run so its sketches can be reproduced."""
@@ -183,6 +184,8 @@ class SketchRenderer:
         if not missing:
             return paragraphs
         self.counters["missing_glyphs"] += missing
+        if len(self.missing_examples) < 32:
+            self.missing_examples.update(chr(c) for c in codes[bad][:32])
         if self.config.missing_glyphs == "reject":
             self.counters["rejected"] += 1
             chars = sorted({chr(c) for c in codes[bad]})[:5]

@@ -66,15 +66,30 @@ class RowMaker:
         if not self.samples and (config.data.stage != "caption" or config.data.source != "embedded"):
             raise BadInput(f"data.source={config.data.source!r} yielded no usable records")
         self._local = threading.local()  # one renderer per thread: its glyph atlas grows lazily
+        self._renderers: list[SketchRenderer] = []
         self.counters = {"rows": 0, "documents": 0, "skipped_render": 0, "skipped_image": 0,
                          "skipped_long_caption": 0, "images": 0}
+        self.examples: list[str] = []  # the first few skipped records: "location: problem"
         self.captions = [s for s in self.samples if s.image is not None]
 
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_local", "_renderers")}
 
     def __setstate__(self, state):
-        self.__dict__.update(state, _local=threading.local())
+        self.__dict__.update(state, _local=threading.local(), _renderers=[])
+
+    def all_counters(self) -> dict[str, int]:
+        """Row counters plus the renderers' (``render_*``) of every thread of this process."""
+        merged = dict(self.counters)
+        for renderer in list(self._renderers):
+            for name, value in renderer.counters.items():
+                merged[f"render_{name}"] = merged.get(f"render_{name}", 0) + value
+        return merged
+
+    def missing_characters(self) -> list[str]:
+        """The first few characters the font could not draw, as ``U+XXXX 'c'``."""
+        seen = sorted({c for r in list(self._renderers) for c in r.missing_examples})
+        return [f"U+{ord(c):04X} {c!r}" for c in seen[:10]]
 
     @property
     def renderer(self) -> SketchRenderer:
@@ -86,6 +101,7 @@ class RowMaker:
             renderer = self._local.renderer = SketchRenderer(RenderConfig(
                 image_size=layout.image_size, font_path=data.font_path or None,
                 font_sizes=tuple(data.font_sizes)))
+            self._renderers.append(renderer)
         return renderer
 
     def builder(self) -> RowBuilder:
@@ -131,6 +147,8 @@ class RowMaker:
             if self.config.data.bad_input == "fail":
                 raise BadInput(f"{sample.location}: chunk cannot be rendered: {err}") from None
             self.counters["skipped_render"] += 1
+            if len(self.examples) < 5:
+                self.examples.append(f"{sample.location}: chunk cannot be rendered: {err}")
             log.warning("skipping %s: chunk cannot be rendered (%s)", sample.location, err)
             return None
         self.counters["images"] += 1
@@ -230,6 +248,8 @@ class RowMaker:
         if self.config.data.bad_input == "fail":
             raise BadInput(f"{location}: {problem} (data.bad_input=fail)")
         self.counters[counter] += 1
+        if len(self.examples) < 5:
+            self.examples.append(f"{location}: {problem}")
         log.warning("skipping %s: %s", location, problem)
 
     def _caption(self, rng, row: RowBuilder, point) -> bool:

@@ -20,6 +20,10 @@ from vist2_jax.row_contract import BOS_ID, CHUNK_ID, EOS_ID, PAD_ID, SPECIAL_TOK
 UNK_ID = len(SPECIAL_TOKENS)  # SentencePiece needs an unk; byte fallback means it never appears
 
 
+class TokenizerError(ValueError):
+    """A file that is not a usable tokenizer, or text too small to train one; one line."""
+
+
 class Tokenizer(Protocol):
     """What the data pipelines need from a tokenizer."""
 
@@ -42,7 +46,7 @@ class SentencePieceTokenizer:
         self.special_ids = {name: i for i, name in enumerate(SPECIAL_TOKENS)}
         for name, i in self.special_ids.items():
             if self._sp.id_to_piece(i) != SPECIAL_TOKENS[name]:
-                raise ValueError(f"{self.path}: id {i} is {self._sp.id_to_piece(i)!r}, expected "
+                raise TokenizerError(f"{self.path}: id {i} is {self._sp.id_to_piece(i)!r}, expected "
                                  f"{SPECIAL_TOKENS[name]!r}; not a vist2 tokenizer")
 
     pad_id, eos_id, bos_id, chunk_id = PAD_ID, EOS_ID, BOS_ID, CHUNK_ID
@@ -78,6 +82,17 @@ def train_tokenizer(inputs: Iterable[str | os.PathLike], vocab_size: int, out_pr
         raise ValueError(f"train_tokenizer: vocab_size={vocab_size} < {floor} "
                          "(specials + unk + 256 byte pieces + a few learned pieces)")
     Path(out_prefix).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _train_sentencepiece(spm, files, out_prefix, vocab_size, model_type, num_threads, input_sentence_size)
+    except RuntimeError as err:
+        if "Vocabulary size too high" in str(err) or "Vocabulary size is smaller" in str(err):
+            raise TokenizerError(f"the training text supports fewer than {vocab_size} pieces "
+                                 f"({str(err).strip().splitlines()[-1][:160]})") from None
+        raise
+    return SentencePieceTokenizer(f"{out_prefix}.model")
+
+
+def _train_sentencepiece(spm, files, out_prefix, vocab_size, model_type, num_threads, input_sentence_size):
     spm.SentencePieceTrainer.train(
         input=files, model_prefix=str(out_prefix), vocab_size=vocab_size, model_type=model_type,
         pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID,
@@ -86,7 +101,6 @@ def train_tokenizer(inputs: Iterable[str | os.PathLike], vocab_size: int, out_pr
         add_dummy_prefix=False, split_digits=True, allow_whitespace_only_pieces=True,
         character_coverage=0.9995, max_sentence_length=1 << 16, num_threads=num_threads,
         input_sentence_size=input_sentence_size, shuffle_input_sentence=False, minloglevel=2)
-    return SentencePieceTokenizer(f"{out_prefix}.model")
 
 
 # Our special names -> the piece a Qwen3 tokenizer.json already has for that role; names
@@ -142,8 +156,13 @@ class HFTokenizer:
 def load_tokenizer(path: str | os.PathLike) -> SentencePieceTokenizer | HFTokenizer:
     """``*.model`` -> SentencePiece; ``tokenizer.json`` or a folder holding one -> HF adapter."""
     p = Path(path)
-    if p.suffix == ".model":
-        if not p.is_file():
-            raise FileNotFoundError(f"no tokenizer model at {p}")
-        return SentencePieceTokenizer(p)
-    return HFTokenizer(p)
+    if not p.exists():
+        raise TokenizerError(f"{p}: no such file")
+    try:
+        return SentencePieceTokenizer(p) if p.suffix == ".model" else HFTokenizer(p)
+    except TokenizerError:
+        raise
+    except Exception as err:  # sentencepiece / tokenizers raise RuntimeError, OSError, JSON errors...
+        reason = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise TokenizerError(f"{p}: not a usable tokenizer (a SentencePiece .model or a HF "
+                             f"tokenizer.json): {reason.strip()[:160]}") from None

@@ -7,7 +7,7 @@ Checkpoint formats read (``--checkpoint DIR``):
   ``{"params": {"vision": ..., "aligner": ..., "decoder": ...}}`` (scanned-layer layout),
   with the model shape from ``--preset`` and ``--override key=value`` (recipe syntax);
 * a Hugging Face Qwen3 folder (config.json + *.safetensors, via
-  ``vist2_jax.inference.scoring.load_hf_decoder``): decoder only, so ``--mode text`` only.
+  ``vist2_jax.convert.hf_weights.load_hf_decoder``): decoder only, so ``--mode text`` only.
 Text goes through the run's tokenizer or ``--tokenizer`` (a SentencePiece ``.model`` or a HF ``tokenizer.json``)
 and, for gcc/pcc, the sketch renderer of ``data_pipelines.render`` at the model's image size.
 """
@@ -41,26 +41,38 @@ def register(subparsers) -> None:
 
 
 def load_checkpoint(directory: str, preset: str, overrides):
-    """(ModelConfig, variables, is_decoder_only, tokenizer or None) from a supported format."""
+    """(ModelConfig, variables, is_decoder_only, tokenizer or None, saved renderer config or None)."""
+    from vist2_jax.checkpointing.runs import load_run, resolve_run_dir
+    from vist2_jax.config.schema import ConfigError
+
     path = Path(directory)
     if not path.is_dir():
         raise UsageError(f"--checkpoint: no such directory {path}")
-    from vist2_jax.inference.checkpoints import is_run_dir, load_run
-    if is_run_dir(path):
-        config, params, tokenizer, _ = load_run(path)
-        return config.model, params, False, tokenizer
     if (path / "config.json").is_file():
-        from vist2_jax.inference.scoring import load_hf_decoder
-        config, params = load_hf_decoder(path)
-        return config, {"params": {"decoder": params["params"]}}, True, None  # ViT never called
+        from vist2_jax.convert.hf_weights import load_hf_decoder
+        config, params = load_hf_decoder(path, what="--checkpoint")
+        return config, {"params": {"decoder": params["params"]}}, True, None, None  # ViT never called
+    try:
+        resolve_run_dir(path)
+    except ConfigError:
+        pass
+    else:
+        run = load_run(path)
+        return run.config.model, run.params, False, run.tokenizer, run.renderer
+    if not any((path / name).exists() for name in ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt")):
+        raise UsageError(f"--checkpoint: {path} is not a training run, a step folder (run/checkpoints/N), "
+                         "a demo directory, a HF folder (config.json) or an Orbax params checkpoint")
     import orbax.checkpoint as ocp
 
     from vist2_jax.config import load_config
     config = load_config(overrides=list(overrides), preset=preset).model
-    tree = ocp.StandardCheckpointer().restore(path.resolve())
+    try:
+        tree = ocp.StandardCheckpointer().restore(path.resolve())
+    except Exception as err:  # orbax/tensorstore raise many kinds for damaged files
+        raise UsageError(f"--checkpoint: {path}: unreadable Orbax checkpoint ({type(err).__name__})") from None
     if "params" not in tree:
         raise UsageError(f"--checkpoint: {path} holds no 'params' tree")
-    return config, tree, False, None
+    return config, tree, False, None, None
 
 
 def run(args) -> int:
@@ -75,7 +87,8 @@ def run(args) -> int:
         raise UsageError(f"--prompt-file: no such file {prompt_path}")
     if args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be >= 1")
-    config, variables, decoder_only, tokenizer = load_checkpoint(args.checkpoint, args.preset, args.override)
+    config, variables, decoder_only, tokenizer, saved_renderer = load_checkpoint(
+        args.checkpoint, args.preset, args.override)
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)
     if tokenizer is None:
@@ -99,9 +112,12 @@ def run(args) -> int:
     gen = Generator(config, variables, render_fn=render, detokenize=detokenize,
                     chunk_token=tokenizer.special_ids["chunk"])
     stop = tuple(i for name, i in tokenizer.special_ids.items() if name in ("eos", "end"))
-    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              repetition_penalty=args.repetition_penalty,
-                              no_repeat_ngram=args.no_repeat_ngram, stop_tokens=stop)
+    try:
+        sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                  repetition_penalty=args.repetition_penalty,
+                                  no_repeat_ngram=args.no_repeat_ngram, stop_tokens=stop)
+    except ValueError as err:
+        raise UsageError(f"--{str(err).replace('_', '-')}") from None
     generated, shown = [], [""]
 
     def on_token(_row, tok):

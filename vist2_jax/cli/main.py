@@ -9,8 +9,7 @@ import argparse
 import importlib
 import sys
 
-from vist2_jax.cli.errors import UsageError
-from vist2_jax.config.schema import ConfigError
+from vist2_jax.cli.errors import user_errors
 
 # Command modules, in the order ``vist2 --help`` lists them.
 COMMAND_MODULES = (
@@ -39,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, UsageError) as err:
+    except user_errors() as err:
         print(f"vist2 {args.command}: error: {err}", file=sys.stderr)
         return 2
 

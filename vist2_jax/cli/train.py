@@ -12,6 +12,9 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("train", help="train one stage from a recipe YAML")
     parser.add_argument("recipe", help="recipe YAML (see recipes/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    parser.add_argument("--restart", action="store_true",
+                        help="when no checkpoint of the workdir can be read, move them aside "
+                             "(workdir/previous-<time>/) and start from step 0 instead of refusing")
     parser.set_defaults(func=run)
 
 
@@ -32,9 +35,9 @@ def run(args) -> int:
     config = load_config(args.recipe, args.overrides)
     initialize_from_env()
     try:
-        result = train(config)
+        result = train(config, restart=args.restart)
     except (BadInput, TrainingDiverged, FileNotFoundError) as err:
         raise UsageError(str(err)) from None
-    state = "preempted, checkpoint saved" if result.preempted else "done"
+    state = f"preempted by {result.summary['stopped_by']}, checkpoint saved" if result.preempted else "done"
     print(f"{state}: {result.steps_done} steps in {result.workdir}", file=sys.stderr)
     return 0

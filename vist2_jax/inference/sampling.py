@@ -25,10 +25,12 @@ class SamplingConfig:
     stop_tokens: tuple[int, ...] = ()
 
     def __post_init__(self):
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"bad sampling config {self}")
-        if self.repetition_penalty <= 0 or self.no_repeat_ngram < 0:
-            raise ValueError(f"bad sampling config {self}")
+        for name, ok, rule in (("temperature", self.temperature >= 0, ">= 0"), ("top_k", self.top_k >= 0, ">= 0"),
+                               ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+                               ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
+                               ("no_repeat_ngram", self.no_repeat_ngram >= 0, ">= 0")):
+            if not ok:
+                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)}")
 
 
 def _repetition_penalty(logits, history, hist_len, penalty):
