@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from data_pipelines.images import ImageUnreadable, fit_image
-from data_pipelines.render import RenderConfig, RenderRejected, SketchRenderer
+from data_pipelines.render import RenderRejected, SketchRenderer, renderer_for_config
 from data_pipelines.row_contract import RowBuilder
 from data_pipelines.shapes import captioned_shapes
 from vist2_jax.config.schema import Config, CurriculumPoint
@@ -82,10 +82,7 @@ class RowMaker:
         the renderer's atlas is not thread-safe)."""
         renderer = getattr(self._local, "renderer", None)
         if renderer is None:
-            data, layout = self.config.data, self.config.model.layout
-            renderer = self._local.renderer = SketchRenderer(RenderConfig(
-                image_size=layout.image_size, font_path=data.font_path or None,
-                font_sizes=tuple(data.font_sizes)))
+            renderer = self._local.renderer = renderer_for_config(self.config)
         return renderer
 
     def builder(self) -> RowBuilder:
@@ -126,7 +123,7 @@ class RowMaker:
     def _render(self, tokens: np.ndarray, sample: Sample) -> np.ndarray | None:
         text = self.tokenizer.decode(tokens)
         try:
-            image = self.renderer.render(text)
+            image = self.renderer.render(text, where=sample.location)
         except RenderRejected as err:
             if self.config.data.bad_input == "fail":
                 raise BadInput(f"{sample.location}: chunk cannot be rendered: {err}") from None
