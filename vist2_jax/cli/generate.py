@@ -9,7 +9,9 @@ Checkpoint formats read (``--checkpoint DIR``):
 * a Hugging Face Qwen3 folder (config.json + *.safetensors, via
   ``vist2_jax.inference.scoring.load_hf_decoder``): decoder only, so ``--mode text`` only.
 Text goes through the run's tokenizer or ``--tokenizer`` (a SentencePiece ``.model`` or a HF ``tokenizer.json``)
-and, for gcc/pcc, the sketch renderer of ``data_pipelines.render`` at the model's image size.
+and, for gcc/pcc, the sketch renderer: a run's own, rebuilt from the renderer config saved
+in its checkpoint (a font whose sha256 differs from the recorded one is refused); for an
+Orbax directory, the one the preset and overrides describe (``data.font_*``).
 """
 
 from __future__ import annotations
@@ -37,30 +39,41 @@ def register(subparsers) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--no-repeat-ngram", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--font", default=None, metavar="PATH",
+                   help="the run's configured font file when it lives at another path here (same sha256)")
     p.set_defaults(func=run)
 
 
-def load_checkpoint(directory: str, preset: str, overrides):
-    """(ModelConfig, variables, is_decoder_only, tokenizer or None) from a supported format."""
+def load_checkpoint(directory: str, preset: str, overrides, font: str | None = None):
+    """(ModelConfig, variables, renderer or None when decoder-only, tokenizer or None) from a
+    supported format."""
+    from data_pipelines.fonts import FontError
+    from data_pipelines.render import renderer_for_config
+
     path = Path(directory)
     if not path.is_dir():
         raise UsageError(f"--checkpoint: no such directory {path}")
-    from vist2_jax.inference.checkpoints import is_run_dir, load_run
+    from vist2_jax.inference.checkpoints import is_run_dir, load_run, load_run_renderer
     if is_run_dir(path):
-        config, params, tokenizer, _ = load_run(path)
-        return config.model, params, False, tokenizer
+        config, params, tokenizer, step = load_run(path)
+        try:
+            renderer = load_run_renderer(path, step, font)
+        except FontError as err:
+            raise UsageError(f"--checkpoint: {path} step {step}: {err}") from None
+        return config.model, params, renderer, tokenizer
     if (path / "config.json").is_file():
         from vist2_jax.inference.scoring import load_hf_decoder
         config, params = load_hf_decoder(path)
-        return config, {"params": {"decoder": params["params"]}}, True, None  # ViT never called
+        return config, {"params": {"decoder": params["params"]}}, None, None  # ViT never called
     import orbax.checkpoint as ocp
 
     from vist2_jax.config import load_config
-    config = load_config(overrides=list(overrides), preset=preset).model
+    config = load_config(overrides=[*overrides, *([f"data.font_path={font}"] if font else [])], preset=preset)
+    renderer = renderer_for_config(config)
     tree = ocp.StandardCheckpointer().restore(path.resolve())
     if "params" not in tree:
         raise UsageError(f"--checkpoint: {path} holds no 'params' tree")
-    return config, tree, False, None
+    return config.model, tree, renderer, None
 
 
 def run(args) -> int:
@@ -75,7 +88,9 @@ def run(args) -> int:
         raise UsageError(f"--prompt-file: no such file {prompt_path}")
     if args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be >= 1")
-    config, variables, decoder_only, tokenizer = load_checkpoint(args.checkpoint, args.preset, args.override)
+    config, variables, renderer, tokenizer = load_checkpoint(args.checkpoint, args.preset, args.override,
+                                                             args.font)
+    decoder_only = renderer is None
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)
     if tokenizer is None:
@@ -86,8 +101,10 @@ def run(args) -> int:
     if decoder_only:
         render = lambda text: np.zeros((config.layout.image_size,) * 2 + (3,), np.uint8)  # noqa: E731
     else:
-        from data_pipelines.render import RenderConfig, SketchRenderer
-        render = SketchRenderer(RenderConfig(image_size=config.layout.image_size)).render
+        if renderer.config.image_size != config.layout.image_size:
+            raise UsageError(f"--checkpoint: its renderer draws {renderer.config.image_size}px sketches, "
+                             f"the model reads {config.layout.image_size}px")
+        render = renderer.render
     ids = tokenizer.encode(prompt_path.read_text())
     if not ids:
         raise UsageError(f"--prompt-file: {prompt_path} encodes to no tokens")

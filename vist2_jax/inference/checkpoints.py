@@ -1,6 +1,6 @@
 """Load what inference needs from a training run directory (``vist2 train`` / ``vist2 demo``):
 the resolved config (``config.yaml``), the newest readable checkpoint's parameters, and
-the tokenizer saved inside that checkpoint."""
+the tokenizer and renderer config saved inside that checkpoint."""
 
 from __future__ import annotations
 
@@ -36,3 +36,18 @@ def load_run(workdir: str | Path):
         checkpoints.close()
     tokenizer = load_tokenizer(write_tokenizer_asset(asset, workdir / "checkpoints" / f"tokenizer_step_{step}"))
     return config, params, tokenizer, step
+
+
+def load_run_renderer(workdir: str | Path, step: int, font_path: str | None = None):
+    """The SketchRenderer a run trained with, from the renderer config saved at ``step``
+    (``data_pipelines.render.renderer_from_saved``: a font whose sha256 differs from the
+    recorded one is a FontError)."""
+    from data_pipelines.render import renderer_from_saved
+    from vist2_jax.training.checkpoint import RunCheckpoints
+
+    checkpoints = RunCheckpoints(workdir, keep=1000, async_save=False)
+    try:
+        saved = checkpoints.read_json(step, "renderer")
+    finally:
+        checkpoints.close()
+    return renderer_from_saved(saved, font_path)
