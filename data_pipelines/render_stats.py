@@ -128,12 +128,12 @@ class RenderStats:
         out.update({f"{prefix}missing_glyphs/{r}": m.count for r, m in sorted(self.missing.items())})
         return out
 
-    def summary(self) -> str:
-        """One log line naming the missing characters, e.g. ``cjk 12 (U+65E5 '日' x3, ...) at a.txt:4``."""
+    def missing_summary(self) -> str:
+        """One log line naming the missing characters and where they were, e.g.
+        ``cjk 12 (U+65E5 '日' x3, ...) at a.jsonl:4; emoji 1 (...)``; "none" when none."""
         parts = []
         for reason, m in sorted(self.missing.items()):
             chars = ", ".join(f"{codepoint(c)} {chr(c)!r} x{n}" for c, n in m.chars.items())
             where = f" at {', '.join(m.where)}" if m.where else ""
             parts.append(f"{reason} {m.count} ({chars}){where}")
-        return (f"{self.rendered} rendered, {self.smaller_bucket} at a smaller size, {self.rejected} rejected; "
-                f"missing glyphs: {'; '.join(parts) if parts else 'none'}")
+        return "; ".join(parts) if parts else "none"

@@ -69,6 +69,7 @@ class RowMaker:
         self.counters = {"rows": 0, "documents": 0, "skipped_render": 0, "skipped_image": 0,
                          "skipped_long_caption": 0, "images": 0}
         self.captions = [s for s in self.samples if s.image is not None]
+        self.renderer  # noqa: B018  a missing font or a wrong data.font_sha256 fails here, in one line
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k != "_local"}

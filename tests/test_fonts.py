@@ -21,6 +21,7 @@ from data_pipelines.render import (RenderConfig, RenderRejected, SketchRenderer,
 from data_pipelines.render_stats import MAX_EXAMPLES, RenderStats, missing_reason
 from vist2_jax.config import load_config
 from vist2_jax.config.schema import ConfigError
+from test_tokenizer import sp_tokenizer  # noqa: F401  (session fixture: a real trained model)
 
 ROOT = Path(__file__).resolve().parents[1]
 CJK_FONT = ROOT / "tests" / "data" / "fonts" / "NotoSansMonoCJKsc-subset.otf"
@@ -182,7 +183,8 @@ def test_missing_glyphs_counted_by_reason_with_code_points_and_places():
     assert by["hebrew"]["count"] == 4 and by["emoji"]["chars"] == {"U+1F600": 1}
     assert by["control"] == {"count": 1, "chars": {"U+0007": 1}, "where": ["a.jsonl:3"]}
     assert r.counters["missing_glyphs"] == r.stats.missing_glyphs == 10
-    assert "cjk 4 (U+65E5 '日' x3" in r.stats.summary() and "at a.jsonl:3, b.jsonl:9" in r.stats.summary()
+    summary = r.stats.missing_summary()
+    assert "cjk 4 (U+65E5 '日' x3, U+672C '本' x1) at a.jsonl:3, b.jsonl:9" in summary and "\n" not in summary
     assert r.stats.scalars()["render/missing_glyphs/cjk"] == 4
     assert [missing_reason(c) for c in (0x0645, 0xAC00, 0x1F600, 0x7F, 0xE9)] == ["arabic", "cjk", "emoji",
                                                                                "control", "other"]
@@ -228,3 +230,28 @@ def test_generate_renders_from_the_saved_config_and_refuses_another_font(tmp_pat
         load_checkpoint(str(run), "tiny", [])
     assert "\n" not in str(err.value)
 
+
+
+def test_data_preview_names_the_missing_characters_and_their_records(tmp_path, sp_tokenizer, capsys):  # noqa: F811
+    from vist2_jax.cli.main import main
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "mixed.txt").write_text("Plain words, then 日本語 and שלום in the middle. " * 40)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("data: {stage: olm, seq_len: 256, global_batch_size: 2, images_per_row: 4}\n"
+                      "train: {steps: 2, warmup_steps: 1}\n")
+    assert main(["data", "preview", str(recipe), f"data.tokenizer={sp_tokenizer.path}",
+                 f"data.source={tmp_path / 'docs'}", "--batches", "1", "--out", str(tmp_path / "out")]) == 0
+    renderer = json.loads((tmp_path / "out" / "counters.json").read_text())["renderer"]
+    cjk = renderer["missing_glyphs_by_reason"]["cjk"]
+    assert set(cjk["chars"]) == {"U+65E5", "U+672C", "U+8A9E"} and "mixed.txt" in cjk["where"][0]
+    assert "missing glyphs: cjk" in capsys.readouterr().out
+
+
+def test_a_bad_font_fails_when_the_pipeline_is_built(tmp_path, sp_tokenizer):  # noqa: F811
+    from data_pipelines.pipeline import build_pipeline
+
+    config = load_config(overrides=[f"data.tokenizer={sp_tokenizer.path}", f"data.font_path={CJK_FONT}",
+                                    "data.font_sha256=" + "b" * 64])
+    with pytest.raises(ConfigError, match=r"^data\.font_sha256: font .*NotoSansMonoCJKsc-subset\.otf has sha256"):
+        build_pipeline(config, tmp_path)

@@ -58,7 +58,7 @@ def run_render(args: argparse.Namespace) -> int:
           f"{os.path.basename(meta['font_file'])} (sha256 {meta['font_sha256'][:12]}), "
           f"{renderer.stats.missing_glyphs} missing glyphs replaced")
     if renderer.stats.missing_glyphs:
-        print(renderer.stats.summary())
+        print(f"missing glyphs: {renderer.stats.missing_summary()}")
     return 0
 
 
