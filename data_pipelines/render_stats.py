@@ -137,3 +137,11 @@ class RenderStats:
             where = f" at {', '.join(m.where)}" if m.where else ""
             parts.append(f"{reason} {m.count} ({chars}){where}")
         return "; ".join(parts) if parts else "none"
+
+
+def sum_stats(parts) -> RenderStats:
+    """One RenderStats from several (RenderStats or ``as_dict()`` records)."""
+    total = RenderStats()
+    for part in parts:
+        total.merge(part)
+    return total

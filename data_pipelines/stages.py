@@ -26,6 +26,7 @@ import numpy as np
 
 from data_pipelines.images import ImageUnreadable, fit_image
 from data_pipelines.render import RenderRejected, SketchRenderer, renderer_for_config
+from data_pipelines.render_stats import RenderStats, sum_stats
 from data_pipelines.row_contract import RowBuilder
 from data_pipelines.shapes import captioned_shapes
 from vist2_jax.config.schema import Config, CurriculumPoint
@@ -66,16 +67,17 @@ class RowMaker:
         if not self.samples and (config.data.stage != "caption" or config.data.source != "embedded"):
             raise BadInput(f"data.source={config.data.source!r} yielded no usable records")
         self._local = threading.local()  # one renderer per thread: its glyph atlas grows lazily
+        self._renderers: list[SketchRenderer] = []  # all of them, for render_stats()
         self.counters = {"rows": 0, "documents": 0, "skipped_render": 0, "skipped_image": 0,
                          "skipped_long_caption": 0, "images": 0}
         self.captions = [s for s in self.samples if s.image is not None]
         self.renderer  # noqa: B018  a missing font or a wrong data.font_sha256 fails here, in one line
 
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_local", "_renderers")}
 
     def __setstate__(self, state):
-        self.__dict__.update(state, _local=threading.local())
+        self.__dict__.update(state, _local=threading.local(), _renderers=[])
 
     @property
     def renderer(self) -> SketchRenderer:
@@ -84,7 +86,12 @@ class RowMaker:
         renderer = getattr(self._local, "renderer", None)
         if renderer is None:
             renderer = self._local.renderer = renderer_for_config(self.config)
+            self._renderers.append(renderer)
         return renderer
+
+    def render_stats(self) -> RenderStats:
+        """Renderer counters summed over this process's threads (not other worker processes)."""
+        return sum_stats(r.stats for r in list(self._renderers))
 
     def builder(self) -> RowBuilder:
         data, layout = self.config.data, self.config.model.layout

@@ -255,3 +255,20 @@ def test_a_bad_font_fails_when_the_pipeline_is_built(tmp_path, sp_tokenizer):  #
                                     "data.font_sha256=" + "b" * 64])
     with pytest.raises(ConfigError, match=r"^data\.font_sha256: font .*NotoSansMonoCJKsc-subset\.otf has sha256"):
         build_pipeline(config, tmp_path)
+
+
+def test_row_maker_sums_its_threads_renderers(tmp_path, sp_tokenizer):  # noqa: F811
+    import pickle
+    import threading
+
+    from data_pipelines.pipeline import build_pipeline
+
+    maker = build_pipeline(load_config(overrides=[f"data.tokenizer={sp_tokenizer.path}", "data.seq_len=256"]),
+                           tmp_path).row_maker
+    thread = threading.Thread(target=lambda: maker.renderer.render("日", where="thread"))
+    thread.start()
+    thread.join()
+    maker.renderer.render("本 and text", where="main")
+    stats = maker.render_stats()
+    assert stats.rendered == 2 and sorted(stats.missing["cjk"].where) == ["main", "thread"]
+    assert stats.missing_glyphs == 2 and pickle.loads(pickle.dumps(maker)).render_stats().rendered == 0
