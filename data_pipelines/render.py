@@ -19,17 +19,19 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import re
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, features
 
 from data_pipelines.fonts import (BUNDLED, DEFAULT_FAMILY, FontError, FontHashMismatch, FontSource,
                                   bundled_with_hash, glyph_coverage, resolve_font)
 from data_pipelines.glyph_atlas import GlyphAtlas
 from data_pipelines.render_stats import RenderStats, codepoint
 
+log = logging.getLogger(__name__)
 _TOKENS = re.compile(r" +|[^ ]+")
 _CONTROL = np.zeros(0x110000, bool)
 _CONTROL[0x00:0x20] = _CONTROL[0x7F:0xA0] = True
@@ -190,7 +192,8 @@ class SketchRenderer:
                 "tab_size": c.tab_size, "missing_glyphs": c.missing_glyphs,
                 "replacement": self.replacement, "foreground": c.foreground,
                 "background": c.background, "monospace": bool(self.sizes[0].cell),
-                "layout_engine": "pillow-basic", "pillow": Image.__version__}
+                "layout_engine": "pillow-basic", "pillow": Image.__version__,
+                "freetype": features.version("freetype2")}
 
     # ---- text preparation -------------------------------------------------------------
     def _paragraphs(self, text: str, where: str = "") -> list[str]:
@@ -332,4 +335,10 @@ def renderer_from_saved(saved: dict, font_path: str | None = None) -> SketchRend
             foreground=saved["foreground"], background=saved["background"])
     except KeyError as err:
         raise FontError(f"saved renderer config lacks {err.args[0]!r}") from None
-    return SketchRenderer(config)
+    renderer = SketchRenderer(config)
+    then = {k: saved.get(k) for k in ("pillow", "freetype")}
+    now = {k: renderer.renderer_config()[k] for k in then}
+    if then != now:  # same font and layout; the rasterizer may round a few pixels differently
+        log.warning("the run drew its sketches with Pillow %s / FreeType %s, this is Pillow %s / FreeType %s",
+                    then["pillow"], then["freetype"], now["pillow"], now["freetype"])
+    return renderer

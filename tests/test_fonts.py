@@ -121,7 +121,7 @@ def test_png_round_trips_exactly():
         png_bytes(image.astype(np.float32))
 
 
-def test_renderer_from_saved_reproduces_the_run(tmp_path):
+def test_renderer_from_saved_reproduces_the_run(caplog):
     r = SketchRenderer(RenderConfig(image_size=128, font_sizes=(9, 8), line_spacing=1, margin=3))
     saved = json.loads(json.dumps(r.renderer_config()))
     again = renderer_from_saved(saved)
@@ -129,6 +129,9 @@ def test_renderer_from_saved_reproduces_the_run(tmp_path):
     np.testing.assert_array_equal(again.render(TEXT), r.render(TEXT))
     legacy = dict(saved, font_family="", font_file="/usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf")
     assert renderer_from_saved(legacy).source.file == "bundled:DejaVuSansMono.ttf"  # matched by hash
+    assert not caplog.records
+    renderer_from_saved(dict(saved, pillow="9.0.0"))
+    assert "Pillow 9.0.0 / FreeType" in caplog.text
 
 
 def test_renderer_from_saved_refuses_another_font(tmp_path):
