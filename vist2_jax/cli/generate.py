@@ -104,7 +104,7 @@ def run(args) -> int:
         if renderer.config.image_size != config.layout.image_size:
             raise UsageError(f"--checkpoint: its renderer draws {renderer.config.image_size}px sketches, "
                              f"the model reads {config.layout.image_size}px")
-        render = renderer.render
+        render = lambda text: renderer.render(text, where=f"generate {prompt_path}")  # noqa: E731
     ids = tokenizer.encode(prompt_path.read_text())
     if not ids:
         raise UsageError(f"--prompt-file: {prompt_path} encodes to no tokens")
@@ -134,4 +134,7 @@ def run(args) -> int:
     rate = result.decode_steps / result.decode_s if result.decode_s > 0 else float("nan")
     print(f"[{args.mode}] {len(ids)} prompt tokens, {len(result.tokens[0])} generated; "
           f"time to first token {result.ttft_s:.2f} s, decode {rate:.1f} tokens/s", file=sys.stderr)
+    if renderer is not None and renderer.stats.missing_glyphs:
+        print(f"[renderer] missing glyphs drawn as {renderer.replacement}: {renderer.stats.missing_summary()}",
+              file=sys.stderr)
     return 0
