@@ -93,7 +93,7 @@ def test_renders_the_same_bytes_without_any_system_font(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     here = _sha(png_bytes(SketchRenderer(RenderConfig(image_size=64)).render(TEXT)))
-    assert proc.stdout == here
+    assert proc.stdout == here == PINNED_PNG_SHA256
 
 
 def test_render_cli_png_bytes_are_pinned(tmp_path):
