@@ -25,6 +25,7 @@ BUNDLED = {
 }
 DEFAULT_FAMILY = "DejaVu Sans Mono"
 NUM_CODEPOINTS = 0x110000
+_MAGIC = (b"\x00\x01\x00\x00", b"OTTO", b"true", b"ttcf")  # .ttf, .otf (CFF), Apple, .ttc
 
 
 class FontError(ValueError):
@@ -65,6 +66,8 @@ def font_file(path: str, index: int = 0) -> FontSource:
             data = f.read()
     except OSError as err:
         raise FontError(f"font file {path}: {err.strerror or err}") from None
+    if data[:4] not in _MAGIC:
+        raise FontError(f"font file {path} is not a TrueType / OpenType font or collection")
     faces = _u32(data, 8) if data[:4] == b"ttcf" and len(data) >= 12 else 1
     if not 0 <= index < faces:
         raise FontError(f"font file {path} has {faces} face(s); index {index} does not exist")
@@ -86,8 +89,8 @@ def resolve_font(path: str | None = None, index: int = 0, family: str = DEFAULT_
     to it (FontError otherwise, one line)."""
     source = font_file(path, index) if path else bundled_font(family)
     if sha256 and source.sha256 != sha256:
-        raise FontHashMismatch(f"font {source.file} has sha256 {source.sha256}, but {sha256} was recorded: "
-                        "render with the same font file the run used")
+        raise FontHashMismatch(f"font {source.file} has sha256 {source.sha256}, but {sha256} was "
+                               "recorded: render with the same font file the run used")
     return source
 
 

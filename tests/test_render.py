@@ -53,6 +53,11 @@ def test_no_fallback_font(tmp_path):
     assert "\n" not in str(err.value)
     with pytest.raises(fonts.FontError, match="'Arial' is not bundled"):
         SketchRenderer(RenderConfig(image_size=128, font_family="Arial"))
+    (tmp_path / "notes.ttf").write_text("not a font")
+    with pytest.raises(fonts.FontError, match="notes.ttf is not a TrueType"):
+        SketchRenderer(RenderConfig(image_size=128, font_path=str(tmp_path / "notes.ttf")))
+    with pytest.raises(fonts.FontError, match="has 1 face"):
+        fonts.font_file(str(Path(fonts.__file__).parent / "font_files" / "DejaVuSans.ttf"), index=1)
 
 
 @pytest.mark.parametrize("method", ["atlas", "pillow"])
