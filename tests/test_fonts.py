@@ -4,6 +4,7 @@ are counted by reason with code points and locations."""
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -275,3 +276,31 @@ def test_row_maker_sums_its_threads_renderers(tmp_path, sp_tokenizer):  # noqa: 
     stats = maker.render_stats()
     assert stats.rendered == 2 and sorted(stats.missing["cjk"].where) == ["main", "thread"]
     assert stats.missing_glyphs == 2 and pickle.loads(pickle.dumps(maker)).render_stats().rendered == 0
+
+
+
+@pytest.mark.slow
+def test_trained_run_records_the_font_and_generate_refuses_a_tampered_hash(tmp_path, sp_tokenizer):  # noqa: F811
+    from vist2_jax.inference.checkpoints import load_run_renderer
+
+    pinned, run = fonts.BUNDLED["DejaVu Sans Mono"][1], tmp_path / "run"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    (tmp_path / "recipe.yaml").write_text("preset: tiny\n")
+    (tmp_path / "prompt.txt").write_text("The built-in functions are listed here. " * 4)
+    vist2 = [sys.executable, "-m", "vist2_jax.cli.main"]
+    trained = subprocess.run([*vist2, "train", str(tmp_path / "recipe.yaml"), "model.decoder.num_layers=1",
+                              "model.vision.num_layers=1", "data.seq_len=256", "data.global_batch_size=2",
+                              "data.images_per_row=4", "data.eval_rows=2", "train.steps=2", "train.warmup_steps=1",
+                              "train.checkpoint_every=2", "train.eval_every=2", "train.eval_batches=1",
+                              "run.progress=false", f"data.tokenizer={sp_tokenizer.path}", f"run.workdir={run}"],
+                             env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert load_run_renderer(run, 2).renderer_config()["font_sha256"] == pinned
+    (saved,) = [p for p in (run / "checkpoints" / "2" / "renderer").rglob("*")
+                if p.is_file() and pinned in p.read_text(errors="ignore")]
+    saved.write_text(saved.read_text().replace(pinned, "c" * 64))
+    generated = subprocess.run([*vist2, "generate", "--checkpoint", str(run), "--prompt-file",
+                                str(tmp_path / "prompt.txt"), "--max-new-tokens", "2"],
+                               env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    last = generated.stderr.strip().splitlines()[-1]
+    assert generated.returncode != 0 and "c" * 64 + " was recorded" in last, generated.stderr[-2000:]
