@@ -1,78 +1,97 @@
 """Font resolution and glyph coverage for the sketch renderer (DESIGN §4).
 
-A font is resolved once to its bytes, so the sha256 recorded in the renderer config is
-the hash of exactly what was rasterized. Coverage comes from the font's own ``cmap``
-table (Pillow has no glyph-lookup API, and a missing glyph would otherwise be drawn as
-a box without anyone noticing).
+The fonts ship inside the package (``font_files/``, licence beside them) with their
+sha256 pinned here; there is no lookup of host fonts and no fallback. A font is read
+once to its bytes, so the sha256 recorded in the renderer config is the hash of exactly
+what was rasterized; a configured file (e.g. Noto Sans CJK) is hashed the same way and,
+given an expected hash, refused when it differs. Coverage comes from the font's own
+``cmap`` table, so a missing glyph is never drawn as a .notdef box.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import struct
-import subprocess
 from dataclasses import dataclass
+from importlib import resources
 
 import numpy as np
 
-DEFAULT_FAMILIES = ("DejaVu Sans Mono", "DejaVu Sans")
-COMMON_PATHS = (
-    "/usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf",
-    "/usr/share/fonts/dejavu/DejaVuSansMono.ttf",
-    "/usr/share/fonts/TTF/DejaVuSansMono.ttf",
-    "/usr/local/share/fonts/DejaVuSansMono.ttf",
-    "/Library/Fonts/DejaVuSansMono.ttf",
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/TTF/DejaVuSans.ttf",
-)
+# family -> (file under data_pipelines/font_files, sha256 of its bytes)
+BUNDLED = {
+    "DejaVu Sans Mono": ("DejaVuSansMono.ttf", "0f5db4f1749979d961019838b160bec74abdf7f9eca69553fe1aa856bbff49a4"),
+    "DejaVu Sans": ("DejaVuSans.ttf", "abdc775b21b1bc470d50c97e790d276f2054b7504e56e5bd3e64f48d68582322"),
+}
+DEFAULT_FAMILY = "DejaVu Sans Mono"
 NUM_CODEPOINTS = 0x110000
+_MAGIC = (b"\x00\x01\x00\x00", b"OTTO", b"true", b"ttcf")  # .ttf, .otf (CFF), Apple, .ttc
+
+
+class FontError(ValueError):
+    """A configured font is missing, unknown, or not the file (hash) that was expected."""
+
+
+class FontHashMismatch(FontError):
+    """The font's bytes are not the ones recorded (another version or file)."""
 
 
 @dataclass(frozen=True)
 class FontSource:
     """Where the font came from, its bytes, and their hash."""
 
-    file: str  # a path, or "builtin" for Pillow's embedded font
+    file: str  # "bundled:<file>" or the absolute path of a configured file
     data: bytes
     sha256: str
     index: int = 0  # face index inside a .ttc collection
+    family: str = ""  # the bundled family; "" for a configured file
 
 
-def _fc_match(family: str) -> str | None:
-    if shutil.which("fc-match") is None:
-        return None
+def bundled_font(family: str = DEFAULT_FAMILY) -> FontSource:
+    """A font shipped with the package, checked against its pinned hash."""
+    if family not in BUNDLED:
+        raise FontError(f"font family {family!r} is not bundled (bundled: {', '.join(BUNDLED)})")
+    name, pinned = BUNDLED[family]
+    data = resources.files("data_pipelines").joinpath("font_files", name).read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != pinned:
+        raise FontError(f"bundled font {name} has sha256 {digest}, expected {pinned}: reinstall the package")
+    return FontSource(f"bundled:{name}", data, digest, 0, family)
+
+
+def font_file(path: str, index: int = 0) -> FontSource:
+    """A configured font file (.ttf / .otf / .ttc face ``index``), hashed."""
     try:
-        out = subprocess.run(["fc-match", "-f", "%{file}", family], capture_output=True,
-                             text=True, timeout=10, check=False).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    # fc-match always answers with *some* font; only accept the family we asked for.
-    wanted = family.replace(" ", "").lower()
-    return out if out and os.path.basename(out).lower().startswith(wanted) else None
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise FontError(f"font file {path}: {err.strerror or err}") from None
+    if data[:4] not in _MAGIC:
+        raise FontError(f"font file {path} is not a TrueType / OpenType font or collection")
+    faces = _u32(data, 8) if data[:4] == b"ttcf" and len(data) >= 12 else 1
+    if not 0 <= index < faces:
+        raise FontError(f"font file {path} has {faces} face(s); index {index} does not exist")
+    return FontSource(os.path.abspath(path), data, hashlib.sha256(data).hexdigest(), index)
 
 
-def resolve_font(path: str | None = None, index: int = 0) -> FontSource:
-    """The configured file; else DejaVu Sans Mono / Sans via fontconfig or common paths;
-    else Pillow's built-in scalable font."""
-    candidates = [path] if path else []
-    if not path:
-        candidates += [_fc_match(family) for family in DEFAULT_FAMILIES] + list(COMMON_PATHS)
-    for candidate in candidates:
-        if candidate and os.path.isfile(candidate):
-            with open(candidate, "rb") as f:
-                data = f.read()
-            return FontSource(os.path.abspath(candidate), data, hashlib.sha256(data).hexdigest(), index)
-        if path:
-            raise FileNotFoundError(f"font file not found: {path}")
-    from PIL import ImageFont
+def bundled_with_hash(sha256: str) -> FontSource | None:
+    """The bundled font whose bytes hash to ``sha256``, if any (maps a run recorded with a
+    system copy of DejaVu to the identical bundled file)."""
+    for family, (_, pinned) in BUNDLED.items():
+        if pinned == sha256:
+            return bundled_font(family)
+    return None
 
-    data = getattr(ImageFont.load_default(size=10), "font_bytes", None)
-    if not data:
-        raise RuntimeError("no font found and this Pillow has no FreeType built-in font")
-    return FontSource("builtin", data, hashlib.sha256(data).hexdigest())
+
+def resolve_font(path: str | None = None, index: int = 0, family: str = DEFAULT_FAMILY,
+                 sha256: str | None = None) -> FontSource:
+    """The configured file, else the bundled ``family``; with ``sha256`` the font must hash
+    to it (FontError otherwise, one line)."""
+    source = font_file(path, index) if path else bundled_font(family)
+    if sha256 and source.sha256 != sha256:
+        raise FontHashMismatch(f"font {source.file} has sha256 {source.sha256}, but {sha256} was "
+                               "recorded: render with the same font file the run used")
+    return source
 
 
 def _u16(data: bytes, at: int) -> int:

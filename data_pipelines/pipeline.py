@@ -79,13 +79,16 @@ class Pipeline:
 
         Rows made in Grain worker processes count there; this process sees the source's
         load-time counters and the rows it made itself (``data.num_workers=0``, eval rows)."""
-        return {**{f"source_{k}": v for k, v in self.source_counters.items()}, **self.row_maker.all_counters()}
+        stats = self.row_maker.render_stats().merge(self.eval_maker.render_stats())
+        return {**{f"source_{k}": v for k, v in self.source_counters.items()}, **self.row_maker.counters,
+                **stats.scalars("render_")}
 
-    def problems(self) -> dict[str, list[str]]:
-        """The first few skipped records (with their location) and characters the font lacks."""
-        return {"skipped": self.row_maker.examples + self.eval_maker.examples,
-                "missing_characters": sorted(set(self.row_maker.missing_characters()
-                                                 + self.eval_maker.missing_characters()))}
+    def problems(self) -> dict:
+        """The first few skipped records (with their location) and the characters the font
+        lacks, by reason, with where they were."""
+        stats = self.row_maker.render_stats().merge(self.eval_maker.render_stats())
+        return {"skipped": (self.row_maker.examples + self.eval_maker.examples)[:5],
+                "missing_glyphs": stats.missing_summary()}
 
     @property
     def local_batch_size(self) -> int:

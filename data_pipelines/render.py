@@ -4,8 +4,11 @@ The image shows exactly the chunk's text: word-wrapped (over-long words hard-bro
 newlines and tabs honoured, never truncated. A chunk that does not fit at the largest
 font size is tried at the next smaller size bucket, and rejected (``RenderRejected``)
 when none fits; both are counted. Characters the font lacks (and control characters)
-are counted and, by policy, replaced with a visible marker or rejected; they are never
-drawn as .notdef boxes.
+are counted by reason with the first code points and where they came from
+(``RenderStats``) and, by policy, replaced with a visible marker or rejected; they are
+never drawn as .notdef boxes. The font is the bundled DejaVu Sans Mono unless configured
+(``fonts.py``); its sha256 goes into ``renderer_config()``, and ``renderer_from_saved``
+rebuilds a run's renderer from that record, refusing a font with another hash.
 
 Two paths share one layout: Pillow draws each line (any font), and for monospace fonts
 a pre-rasterized glyph atlas assembles the image with numpy gathers, many times faster
@@ -16,15 +19,19 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import re
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, features
 
-from data_pipelines.fonts import FontSource, glyph_coverage, resolve_font
+from data_pipelines.fonts import (BUNDLED, DEFAULT_FAMILY, FontError, FontHashMismatch, FontSource,
+                                  bundled_with_hash, glyph_coverage, resolve_font)
 from data_pipelines.glyph_atlas import GlyphAtlas
+from data_pipelines.render_stats import RenderStats, codepoint
 
+log = logging.getLogger(__name__)
 _TOKENS = re.compile(r" +|[^ ]+")
 _CONTROL = np.zeros(0x110000, bool)
 _CONTROL[0x00:0x20] = _CONTROL[0x7F:0xA0] = True
@@ -36,10 +43,15 @@ class RenderRejected(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class RenderConfig:
-    """Renderer settings; everything in pixels. ``font_sizes`` are tried largest first."""
+    """Renderer settings; everything in pixels. ``font_sizes`` are tried largest first.
+    ``font_path`` (a .ttf/.otf/.ttc file, face ``font_index``) replaces the bundled
+    ``font_family``; with ``font_sha256`` the font must hash to it."""
 
     image_size: int = 256
     font_path: str | None = None
+    font_family: str = DEFAULT_FAMILY
+    font_index: int = 0
+    font_sha256: str | None = None
     font_sizes: tuple[int, ...] = (10, 9, 8, 7)
     margin: int = 2
     line_spacing: int = 0
@@ -151,30 +163,40 @@ class SketchRenderer:
 
     def __init__(self, config: RenderConfig = RenderConfig()):
         self.config = config
-        self.source = resolve_font(config.font_path)
+        self.source = resolve_font(config.font_path, config.font_index, config.font_family, config.font_sha256)
         self.covered = glyph_coverage(self.source)
         self.drawable = self.covered & ~_CONTROL
         self.sizes = [_Size(self.source, s, config) for s in sorted(set(config.font_sizes), reverse=True)]
         rep = config.replacement
         self.replacement = rep if rep and all(self.drawable[ord(c)] for c in rep) else "?"
-        self.counters = {"rendered": 0, "smaller_bucket": 0, "rejected": 0, "missing_glyphs": 0,
-                         "atlas_fallbacks": 0}
-        self.by_size = {s.size: 0 for s in self.sizes}
-        self.missing_examples: set[str] = set()  # up to 32 distinct characters the font lacks
+        self.stats = RenderStats(by_size={s.size: 0 for s in self.sizes})
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """The headline counts (``stats`` has the detail)."""
+        st = self.stats
+        return {"rendered": st.rendered, "smaller_bucket": st.smaller_bucket, "rejected": st.rejected,
+                "missing_glyphs": st.missing_glyphs, "atlas_fallbacks": st.atlas_fallbacks}
+
+    @property
+    def by_size(self) -> dict[int, int]:
+        return self.stats.by_size
 
     def renderer_config(self) -> dict:
         """What to save next to a run so its sketches can be reproduced."""
         c = self.config
-        return {"font_file": self.source.file, "font_sha256": self.source.sha256,
-                "font_index": self.source.index, "font_sizes_px": [s.size for s in self.sizes],
+        return {"font_family": self.source.family, "font_file": self.source.file,
+                "font_sha256": self.source.sha256, "font_index": self.source.index,
+                "font_sizes_px": [s.size for s in self.sizes],
                 "image_size": c.image_size, "margin": c.margin, "line_spacing": c.line_spacing,
                 "tab_size": c.tab_size, "missing_glyphs": c.missing_glyphs,
                 "replacement": self.replacement, "foreground": c.foreground,
                 "background": c.background, "monospace": bool(self.sizes[0].cell),
-                "layout_engine": "pillow-basic", "pillow": Image.__version__}
+                "layout_engine": "pillow-basic", "pillow": Image.__version__,
+                "freetype": features.version("freetype2")}
 
     # ---- text preparation -------------------------------------------------------------
-    def _paragraphs(self, text: str) -> list[str]:
+    def _paragraphs(self, text: str, where: str = "") -> list[str]:
         """Split lines, expand tabs, and apply the missing-glyph policy (counted)."""
         paragraphs = [p.expandtabs(self.config.tab_size) for p in text.splitlines()]
         codes = np.frombuffer("".join(paragraphs).encode("utf-32-le", "surrogatepass"), np.uint32)
@@ -183,20 +205,19 @@ class SketchRenderer:
         missing = int(bad.sum())
         if not missing:
             return paragraphs
-        self.counters["missing_glyphs"] += missing
-        if len(self.missing_examples) < 32:
-            self.missing_examples.update(chr(c) for c in codes[bad][:32])
+        self.stats.add_missing(codes[bad], where)
         if self.config.missing_glyphs == "reject":
-            self.counters["rejected"] += 1
-            chars = sorted({chr(c) for c in codes[bad]})[:5]
-            raise RenderRejected(f"{missing} characters missing from the font, e.g. {chars!r}")
+            self.stats.rejected_missing_glyphs += 1
+            chars = ", ".join(f"{codepoint(c)} {chr(c)!r}" for c in np.unique(codes[bad])[:5].tolist())
+            raise RenderRejected(f"{missing} characters missing from the font: {chars}")
         drawable = self.drawable
         return ["".join(ch if drawable[ord(ch)] or ch == " " else self.replacement for ch in p)
                 for p in paragraphs]
 
-    def layout(self, text: str) -> tuple[_Size, list[str], bool]:
-        """(size bucket, lines, grid) for the largest size at which the text fits."""
-        paragraphs = self._paragraphs(text)
+    def layout(self, text: str, where: str = "") -> tuple[_Size, list[str], bool]:
+        """(size bucket, lines, grid) for the largest size at which the text fits; ``where``
+        (e.g. ``file.jsonl:12``) is recorded with any missing glyphs."""
+        paragraphs = self._paragraphs(text, where)
         chars = set("".join(paragraphs))
         for size in self.sizes:
             if size.max_rows == 0:
@@ -219,32 +240,33 @@ class SketchRenderer:
                     break
             else:
                 return size, lines, grid
-        self.counters["rejected"] += 1
+        self.stats.rejected_no_fit += 1
         raise RenderRejected(f"{len(text)} characters do not fit a {self.config.image_size}px sketch "
                              f"even at {self.sizes[-1].size}px")
 
     # ---- drawing ------------------------------------------------------------------------
-    def render(self, text: str, method: Literal["auto", "atlas", "pillow"] = "auto") -> np.ndarray:
+    def render(self, text: str, method: Literal["auto", "atlas", "pillow"] = "auto",
+               where: str = "") -> np.ndarray:
         """The sketch of ``text`` as uint8 [S, S, 3]; raises RenderRejected (counted)."""
-        size, lines, grid = self.layout(text)
+        size, lines, grid = self.layout(text, where)
         image = None
         if method == "atlas" or (method == "auto" and self.config.fast and grid):
             if grid:
                 image = size.atlas(self.config).draw(lines, size.cols, size.max_rows,
                                                      self.config.image_size, self.config.margin)
             if image is None:
-                self.counters["atlas_fallbacks"] += 1
+                self.stats.atlas_fallbacks += 1
         if image is None:
             image = self._draw_pillow(size, lines)
-        self.counters["rendered"] += 1
-        self.counters["smaller_bucket"] += size is not self.sizes[0]
-        self.by_size[size.size] += 1
+        self.stats.rendered += 1
+        self.stats.smaller_bucket += size is not self.sizes[0]
+        self.stats.by_size[size.size] += 1
         return image
 
-    def try_render(self, text: str) -> np.ndarray | None:
+    def try_render(self, text: str, where: str = "") -> np.ndarray | None:
         """Like ``render`` but returns None for a rejected chunk (still counted)."""
         try:
-            return self.render(text)
+            return self.render(text, where=where)
         except RenderRejected:
             return None
 
@@ -267,3 +289,56 @@ def _split_px(word: str, advance, max_width: float) -> tuple[str, str]:
             break
     n = max(n, 1)  # a glyph wider than the line still makes progress
     return word[:n], word[n:]
+
+
+def render_config_for(config) -> RenderConfig:
+    """The RenderConfig of a run's ``Config`` (``data.font_*``, ``model.layout.image_size``)."""
+    data = config.data
+    return RenderConfig(image_size=config.model.layout.image_size, font_path=data.font_path or None,
+                        font_family=data.font_family, font_index=data.font_index,
+                        font_sha256=data.font_sha256 or None, font_sizes=tuple(data.font_sizes))
+
+
+def renderer_for_config(config) -> SketchRenderer:
+    """The run's renderer; a font problem is a ConfigError naming the key."""
+    from vist2_jax.config.schema import ConfigError
+
+    try:
+        return SketchRenderer(render_config_for(config))
+    except FontError as err:
+        key = "data.font_sha256" if isinstance(err, FontHashMismatch) else (
+            "data.font_path" if config.data.font_path else "data.font_family")
+        raise ConfigError(f"{key}: {err}") from None
+
+
+def renderer_from_saved(saved: dict, font_path: str | None = None) -> SketchRenderer:
+    """The renderer a run drew its sketches with, from ``renderer_config()`` as saved in its
+    checkpoint. The font must hash to the recorded sha256 (FontError, one line, otherwise):
+    a bundled font is matched by hash; a configured file is read from the recorded path,
+    or from ``font_path`` when it lives elsewhere on this machine."""
+    try:
+        sha256, recorded = saved["font_sha256"], saved["font_file"]
+        family = saved.get("font_family") or ""
+        if recorded == "builtin" and not font_path:
+            raise FontError("this run was rendered with Pillow's built-in font, which the renderer no "
+                            "longer uses; pass the font file explicitly")
+        if not font_path and not family:
+            bundled = bundled_with_hash(sha256)
+            family = bundled.family if bundled else ""
+        path = font_path or (None if family in BUNDLED else recorded)
+        config = RenderConfig(
+            image_size=saved["image_size"], font_path=path, font_family=family or DEFAULT_FAMILY,
+            font_index=saved.get("font_index", 0), font_sha256=sha256,
+            font_sizes=tuple(saved["font_sizes_px"]), margin=saved["margin"],
+            line_spacing=saved["line_spacing"], tab_size=saved["tab_size"],
+            missing_glyphs=saved["missing_glyphs"], replacement=saved["replacement"],
+            foreground=saved["foreground"], background=saved["background"])
+    except KeyError as err:
+        raise FontError(f"saved renderer config lacks {err.args[0]!r}") from None
+    renderer = SketchRenderer(config)
+    then = {k: saved.get(k) for k in ("pillow", "freetype")}
+    now = {k: renderer.renderer_config()[k] for k in then}
+    if then != now:  # same font and layout; the rasterizer may round a few pixels differently
+        log.warning("the run drew its sketches with Pillow %s / FreeType %s, this is Pillow %s / FreeType %s",
+                    then["pillow"], then["freetype"], now["pillow"], now["freetype"])
+    return renderer

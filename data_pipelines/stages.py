@@ -25,7 +25,8 @@ from typing import Sequence
 import numpy as np
 
 from data_pipelines.images import ImageUnreadable, fit_image
-from data_pipelines.render import RenderConfig, RenderRejected, SketchRenderer
+from data_pipelines.render import RenderRejected, SketchRenderer, renderer_for_config
+from data_pipelines.render_stats import RenderStats, sum_stats
 from data_pipelines.row_contract import RowBuilder
 from data_pipelines.shapes import captioned_shapes
 from vist2_jax.config.schema import Config, CurriculumPoint
@@ -66,11 +67,12 @@ class RowMaker:
         if not self.samples and (config.data.stage != "caption" or config.data.source != "embedded"):
             raise BadInput(f"data.source={config.data.source!r} yielded no usable records")
         self._local = threading.local()  # one renderer per thread: its glyph atlas grows lazily
-        self._renderers: list[SketchRenderer] = []
+        self._renderers: list[SketchRenderer] = []  # all of them, for render_stats()
         self.counters = {"rows": 0, "documents": 0, "skipped_render": 0, "skipped_image": 0,
                          "skipped_long_caption": 0, "images": 0}
         self.examples: list[str] = []  # the first few skipped records: "location: problem"
         self.captions = [s for s in self.samples if s.image is not None]
+        self.renderer  # noqa: B018  a missing font or a wrong data.font_sha256 fails here, in one line
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k not in ("_local", "_renderers")}
@@ -78,31 +80,19 @@ class RowMaker:
     def __setstate__(self, state):
         self.__dict__.update(state, _local=threading.local(), _renderers=[])
 
-    def all_counters(self) -> dict[str, int]:
-        """Row counters plus the renderers' (``render_*``) of every thread of this process."""
-        merged = dict(self.counters)
-        for renderer in list(self._renderers):
-            for name, value in renderer.counters.items():
-                merged[f"render_{name}"] = merged.get(f"render_{name}", 0) + value
-        return merged
-
-    def missing_characters(self) -> list[str]:
-        """The first few characters the font could not draw, as ``U+XXXX 'c'``."""
-        seen = sorted({c for r in list(self._renderers) for c in r.missing_examples})
-        return [f"U+{ord(c):04X} {c!r}" for c in seen[:10]]
-
     @property
     def renderer(self) -> SketchRenderer:
         """This thread's renderer (Grain's read-ahead threads call the maker concurrently and
         the renderer's atlas is not thread-safe)."""
         renderer = getattr(self._local, "renderer", None)
         if renderer is None:
-            data, layout = self.config.data, self.config.model.layout
-            renderer = self._local.renderer = SketchRenderer(RenderConfig(
-                image_size=layout.image_size, font_path=data.font_path or None,
-                font_sizes=tuple(data.font_sizes)))
+            renderer = self._local.renderer = renderer_for_config(self.config)
             self._renderers.append(renderer)
         return renderer
+
+    def render_stats(self) -> RenderStats:
+        """Renderer counters summed over this process's threads (not other worker processes)."""
+        return sum_stats(r.stats for r in list(self._renderers))
 
     def builder(self) -> RowBuilder:
         data, layout = self.config.data, self.config.model.layout
@@ -142,7 +132,7 @@ class RowMaker:
     def _render(self, tokens: np.ndarray, sample: Sample) -> np.ndarray | None:
         text = self.tokenizer.decode(tokens)
         try:
-            image = self.renderer.render(text)
+            image = self.renderer.render(text, where=sample.location)
         except RenderRejected as err:
             if self.config.data.bad_input == "fail":
                 raise BadInput(f"{sample.location}: chunk cannot be rendered: {err}") from None

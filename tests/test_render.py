@@ -4,6 +4,7 @@ matching Pillow pixel for pixel, counted fallbacks, and the render / bench-data 
 import hashlib
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,17 +41,23 @@ def test_shape_dtype_and_empty_text(renderer):
 
 def test_renderer_config_records_the_font_hash(renderer):
     meta = renderer.renderer_config()
-    with open(meta["font_file"], "rb") as f:
-        assert meta["font_sha256"] == hashlib.sha256(f.read()).hexdigest()
+    assert meta["font_file"] == "bundled:DejaVuSansMono.ttf" and meta["font_family"] == "DejaVu Sans Mono"
+    data = (Path(fonts.__file__).parent / "font_files" / "DejaVuSansMono.ttf").read_bytes()
+    assert meta["font_sha256"] == hashlib.sha256(data).hexdigest() == fonts.BUNDLED["DejaVu Sans Mono"][1]
     assert meta["monospace"] and meta["image_size"] == 256
 
 
-def test_builtin_font_fallback(monkeypatch):
-    monkeypatch.setattr(fonts, "COMMON_PATHS", ())
-    monkeypatch.setattr(fonts, "_fc_match", lambda family: None)
-    r = SketchRenderer(RenderConfig(image_size=128))
-    assert r.renderer_config()["font_file"] == "builtin"
-    assert r.render("Hello builtin font").shape == (128, 128, 3)
+def test_no_fallback_font(tmp_path):
+    with pytest.raises(fonts.FontError, match="font file .*missing.ttf") as err:
+        SketchRenderer(RenderConfig(image_size=128, font_path=str(tmp_path / "missing.ttf")))
+    assert "\n" not in str(err.value)
+    with pytest.raises(fonts.FontError, match="'Arial' is not bundled"):
+        SketchRenderer(RenderConfig(image_size=128, font_family="Arial"))
+    (tmp_path / "notes.ttf").write_text("not a font")
+    with pytest.raises(fonts.FontError, match="notes.ttf is not a TrueType"):
+        SketchRenderer(RenderConfig(image_size=128, font_path=str(tmp_path / "notes.ttf")))
+    with pytest.raises(fonts.FontError, match="has 1 face"):
+        fonts.font_file(str(Path(fonts.__file__).parent / "font_files" / "DejaVuSans.ttf"), index=1)
 
 
 @pytest.mark.parametrize("method", ["atlas", "pillow"])
@@ -176,11 +183,8 @@ def test_smaller_bucket_then_reject():
 
 
 def test_proportional_font_uses_pillow():
-    path = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
-    try:
-        r = SketchRenderer(RenderConfig(image_size=128, font_path=path))
-    except FileNotFoundError:
-        pytest.skip("DejaVu Sans not installed")
+    r = SketchRenderer(RenderConfig(image_size=128, font_family="DejaVu Sans"))
+    assert r.renderer_config()["font_sha256"] == fonts.BUNDLED["DejaVu Sans"][1]
     size, lines, grid = r.layout("The proportional font wraps by pixel width " * 3)
     assert not grid and all(r.sizes[0].font.getlength(line) <= size.max_width for line in lines)
     assert r.render("The proportional font").shape == (128, 128, 3)

@@ -283,4 +283,4 @@ def test_progress_says_what_it_does_before_the_first_step(tmp_path, tokenizer_fi
     assert any("building the data pipeline" in line for line in lines[:first_step])
     assert "eta nan" not in proc.stderr and "this one compiled" in lines[first_step]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["data"]["rows"] > 0 and "missing_characters" in summary["data_problems"]
+    assert summary["data"]["rows"] > 0 and "missing_glyphs" in summary["data_problems"]

@@ -33,6 +33,14 @@ class LoadedRun:
     tokenizer: Any
     renderer: dict  # the renderer config saved with the checkpoint
 
+    def sketch_renderer(self, font_path: str | None = None):
+        """The SketchRenderer this run trained with, from its saved renderer config; a font
+        whose sha256 differs from the recorded one is a one-line ``FontError``. ``font_path``:
+        the same font file at another path on this machine."""
+        from data_pipelines.render import renderer_from_saved
+
+        return renderer_from_saved(self.renderer, font_path)
+
 
 def is_run_dir(path: str | Path) -> bool:
     path = Path(path)

@@ -95,9 +95,10 @@ def run_preview(args: argparse.Namespace) -> int:
                                             config.model.layout.visual_len)]
         sheet(entries).save(out / f"batch_{index}.png")
         print(f"wrote {out / f'batch_{index}.png'}: {len(entries)} images")
-    renderer = maker.renderer.counters  # rows were built in this thread, by this renderer
-    counters = {"source": pipeline.source_counters, "rows": maker.counters, "renderer": renderer}
-    (out / "counters.json").write_text(json.dumps(counters, indent=2) + "\n")
+    stats = maker.renderer.stats  # rows were built in this thread, by this renderer
+    counters = {"source": pipeline.source_counters, "rows": maker.counters, "renderer": maker.renderer.counters}
+    (out / "counters.json").write_text(json.dumps({**counters, "renderer": stats.as_dict()}, indent=2) + "\n")
     for group, values in counters.items():
         print(f"{group}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
+    print(f"missing glyphs: {stats.missing_summary()}")
     return 0

@@ -9,7 +9,9 @@ Checkpoint formats read (``--checkpoint DIR``):
 * a Hugging Face Qwen3 folder (config.json + *.safetensors, via
   ``vist2_jax.convert.hf_weights.load_hf_decoder``): decoder only, so ``--mode text`` only.
 Text goes through the run's tokenizer or ``--tokenizer`` (a SentencePiece ``.model`` or a HF ``tokenizer.json``)
-and, for gcc/pcc, the sketch renderer of ``data_pipelines.render`` at the model's image size.
+and, for gcc/pcc, the sketch renderer: a run's own, rebuilt from the renderer config saved
+in its checkpoint (a font whose sha256 differs from the recorded one is refused); for an
+Orbax directory, the one the preset and overrides describe (``data.font_*``).
 """
 
 from __future__ import annotations
@@ -37,11 +39,16 @@ def register(subparsers) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--no-repeat-ngram", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--font", default=None, metavar="PATH",
+                   help="the run's configured font file when it lives at another path here (same sha256)")
     p.set_defaults(func=run)
 
 
-def load_checkpoint(directory: str, preset: str, overrides):
-    """(ModelConfig, variables, is_decoder_only, tokenizer or None, saved renderer config or None)."""
+def load_checkpoint(directory: str, preset: str, overrides, font: str | None = None):
+    """(ModelConfig, variables, renderer or None when decoder-only, tokenizer or None) from a
+    supported format."""
+    from data_pipelines.fonts import FontError
+    from data_pipelines.render import renderer_for_config
     from vist2_jax.checkpointing.runs import load_run, resolve_run_dir
     from vist2_jax.config.schema import ConfigError
 
@@ -51,28 +58,33 @@ def load_checkpoint(directory: str, preset: str, overrides):
     if (path / "config.json").is_file():
         from vist2_jax.convert.hf_weights import load_hf_decoder
         config, params = load_hf_decoder(path, what="--checkpoint")
-        return config, {"params": {"decoder": params["params"]}}, True, None, None  # ViT never called
+        return config, {"params": {"decoder": params["params"]}}, None, None  # ViT never called
     try:
         resolve_run_dir(path)
     except ConfigError:
         pass
     else:
         run = load_run(path)
-        return run.config.model, run.params, False, run.tokenizer, run.renderer
+        try:
+            renderer = run.sketch_renderer(font)
+        except FontError as err:
+            raise UsageError(f"--checkpoint: {run.workdir} step {run.step}: {err}") from None
+        return run.config.model, run.params, renderer, run.tokenizer
     if not any((path / name).exists() for name in ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt")):
         raise UsageError(f"--checkpoint: {path} is not a training run, a step folder (run/checkpoints/N), "
                          "a demo directory, a HF folder (config.json) or an Orbax params checkpoint")
     import orbax.checkpoint as ocp
 
     from vist2_jax.config import load_config
-    config = load_config(overrides=list(overrides), preset=preset).model
+    config = load_config(overrides=[*overrides, *([f"data.font_path={font}"] if font else [])], preset=preset)
+    renderer = renderer_for_config(config)
     try:
         tree = ocp.StandardCheckpointer().restore(path.resolve())
     except Exception as err:  # orbax/tensorstore raise many kinds for damaged files
         raise UsageError(f"--checkpoint: {path}: unreadable Orbax checkpoint ({type(err).__name__})") from None
     if "params" not in tree:
         raise UsageError(f"--checkpoint: {path} holds no 'params' tree")
-    return config, tree, False, None, None
+    return config.model, tree, renderer, None
 
 
 def run(args) -> int:
@@ -87,8 +99,9 @@ def run(args) -> int:
         raise UsageError(f"--prompt-file: no such file {prompt_path}")
     if args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be >= 1")
-    config, variables, decoder_only, tokenizer, saved_renderer = load_checkpoint(
-        args.checkpoint, args.preset, args.override)
+    config, variables, renderer, tokenizer = load_checkpoint(args.checkpoint, args.preset, args.override,
+                                                             args.font)
+    decoder_only = renderer is None
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)
     if tokenizer is None:
@@ -99,8 +112,10 @@ def run(args) -> int:
     if decoder_only:
         render = lambda text: np.zeros((config.layout.image_size,) * 2 + (3,), np.uint8)  # noqa: E731
     else:
-        from data_pipelines.render import RenderConfig, SketchRenderer
-        render = SketchRenderer(RenderConfig(image_size=config.layout.image_size)).render
+        if renderer.config.image_size != config.layout.image_size:
+            raise UsageError(f"--checkpoint: its renderer draws {renderer.config.image_size}px sketches, "
+                             f"the model reads {config.layout.image_size}px")
+        render = lambda text: renderer.render(text, where=f"generate {prompt_path}")  # noqa: E731
     ids = tokenizer.encode(prompt_path.read_text())
     if not ids:
         raise UsageError(f"--prompt-file: {prompt_path} encodes to no tokens")
@@ -133,4 +148,7 @@ def run(args) -> int:
     rate = result.decode_steps / result.decode_s if result.decode_s > 0 else float("nan")
     print(f"[{args.mode}] {len(ids)} prompt tokens, {len(result.tokens[0])} generated; "
           f"time to first token {result.ttft_s:.2f} s, decode {rate:.1f} tokens/s", file=sys.stderr)
+    if renderer is not None and renderer.stats.missing_glyphs:
+        print(f"[renderer] missing glyphs drawn as {renderer.replacement}: {renderer.stats.missing_summary()}",
+              file=sys.stderr)
     return 0

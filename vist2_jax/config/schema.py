@@ -150,6 +150,9 @@ class DataConfig:
     ``tokenizer``: a SentencePiece ``.model`` or HF ``tokenizer.json``; empty means "train
     one on the source into the run's workdir" (vocab = model.decoder.vocab_size).
     ``bad_input``: ``skip`` (count and log each bad record) or ``fail`` (stop the run).
+    Fonts: ``font_family`` picks a bundled font (DejaVu Sans Mono / DejaVu Sans);
+    ``font_path`` (face ``font_index`` of a .ttc) replaces it, e.g. Noto Sans CJK, and
+    ``font_sha256`` pins the file's hash. The hash in use is saved with every checkpoint.
     """
 
     stage: Literal["caption", "ocr", "olm", "sft"] = "olm"
@@ -163,6 +166,9 @@ class DataConfig:
     prefetch: int = 2
     bad_input: Literal["skip", "fail"] = "skip"
     font_path: str = ""
+    font_family: str = "DejaVu Sans Mono"
+    font_index: int = 0
+    font_sha256: str = ""
     font_sizes: tuple[int, ...] = (10, 9, 8, 7)
     eval_rows: int = 16
     data_dir: str = ""
@@ -176,6 +182,14 @@ class DataConfig:
         _require(self.num_workers >= 0, f"{prefix}.num_workers", "must be >= 0")
         _require(len(self.font_sizes) > 0 and min(self.font_sizes) > 0, f"{prefix}.font_sizes",
                  "must list positive pixel sizes")
+        from data_pipelines.fonts import BUNDLED
+
+        _require(bool(self.font_path) or self.font_family in BUNDLED, f"{prefix}.font_family",
+                 f"must be a bundled family ({', '.join(BUNDLED)}) or set {prefix}.font_path")
+        _require(self.font_index >= 0, f"{prefix}.font_index", "must be >= 0")
+        _require(self.font_sha256 == "" or (len(self.font_sha256) == 64 and
+                                            all(c in "0123456789abcdef" for c in self.font_sha256)),
+                 f"{prefix}.font_sha256", "must be empty or 64 lowercase hex digits")
         steps = [point.start_step for point in self.curriculum]
         _require(steps == sorted(set(steps)) and (not steps or steps[0] == 0), f"{prefix}.curriculum",
                  "start_step values must begin at 0 and increase")
