@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from data_pipelines.png import png_bytes
-from data_pipelines.render import RenderConfig, RenderRejected, SketchRenderer, renderer_for_config
+from data_pipelines.render import RenderRejected, renderer_for_config
 
 
 def _usage_error(message: str) -> Exception:
