@@ -70,7 +70,7 @@ def test_render_font_that_is_not_a_font(tmp_path):
     text.write_text("hello")
     font.write_bytes(b"not a font at all")
     assert_one_line(vist2("render", "--text-file", text, "--out", tmp_path / "o.png", "--font", font),
-                    "--font")
+                    "data.font_path", str(font), "not a TrueType")
 
 
 def test_a_small_folder_without_a_tokenizer_says_to_set_one(tmp_path):
