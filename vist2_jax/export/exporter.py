@@ -1,0 +1,301 @@
+"""Export a training run's checkpoint to a folder PyTorch / ``transformers`` loads as is.
+
+Streaming: parameters are read from the Orbax checkpoint one leaf (or one stored block of
+layers of a stacked leaf) at a time, mapped through the declarative HF tables
+(``vist2_jax/convert/hf_mapping.py``) and written to safetensors before the next read,
+so peak host memory is about the largest stored tensor plus its converted copy, not the
+model. The folder (see ``layout_doc`` in its README) holds ``decoder/`` (Qwen3),
+``vision/`` (SigLIP or SigLIP2), ``aligner.safetensors``, ``vist2_config.json``, the
+tokenizer and the renderer config with its font, all from the checkpoint itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import shutil
+import subprocess
+from pathlib import Path
+
+import jax
+import ml_dtypes
+import numpy as np
+import yaml
+
+from vist2_jax.config.loader import build, to_dict
+from vist2_jax.config.schema import Config, ConfigError, ModelConfig
+from vist2_jax.convert.hf_mapping import (QWEN3_DECODER, SIGLIP2_VISION, SIGLIP_VISION,
+                                          export_decoder_config, tensor_rows)
+from vist2_jax.export.orbax_reader import OrbaxParams
+from vist2_jax.export.readme import export_readme
+from vist2_jax.export.safetensors_stream import ShardedWriter
+from vist2_jax.inference.checkpoints import is_run_dir
+from vist2_jax.training.checkpoint import RunCheckpoints, write_tokenizer_asset
+
+log = logging.getLogger(__name__)
+
+FORMAT = "vist2-torch"
+FORMAT_VERSION = 1
+DEFAULT_SHARD_BYTES = 5 * 10 ** 9  # the transformers default shard size
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+VISION_TABLES = {"siglip": SIGLIP_VISION, "siglip2": SIGLIP2_VISION}
+
+
+@dataclasses.dataclass
+class ExportResult:
+    out: Path
+    run_dir: Path
+    step: int
+    checkpoint_bytes: int  # all parameter leaves as stored
+    largest_tensor_bytes: int  # the largest stored leaf
+    written_bytes: int  # safetensors payload written
+
+
+def resolve_run_dir(path: str | Path) -> Path:
+    """A run dir itself, or the last stage (demo order, else name order) of a demo dir."""
+    path = Path(path)
+    if is_run_dir(path):
+        return path
+    from vist2_jax.cli.demo import STAGES
+
+    stages = sorted((p for p in path.glob("*") if is_run_dir(p)),
+                    key=lambda p: (p.name in STAGES, STAGES.index(p.name) if p.name in STAGES else 0, p.name))
+    if not stages:
+        raise ConfigError(f"RUN_DIR: {path} is neither a training run (config.yaml + checkpoints/) "
+                          "nor a folder of stage runs")
+    return stages[-1]
+
+
+def load_run_config(run_dir: Path) -> Config:
+    return build(Config, yaml.safe_load((Path(run_dir) / "config.yaml").read_text())).validate()
+
+
+def vision_format(config: Config) -> str:
+    """``siglip2`` when the run's vision tower (through its ``init_from`` chain) started
+    from a SigLIP2 folder, else ``siglip``: the HF class whose weight layout we write."""
+    seen: set[Path] = set()
+    while True:
+        folder = config.train.init_vision_hf
+        if folder:
+            hf_config = Path(folder) / "config.json"
+            kind = json.loads(hf_config.read_text()).get("model_type", "") if hf_config.is_file() else folder
+            return "siglip2" if "siglip2" in kind.lower() else "siglip"
+        parent = Path(config.train.init_from) if config.train.init_from else None
+        if parent is None or parent in seen or not (parent / "config.yaml").is_file():
+            return "siglip"
+        seen.add(parent)
+        config = load_run_config(parent)
+
+
+def export_run(run_dir: str | Path, out: str | Path, *, step: int | None = None,
+               dtype: str = "float32", max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+               font: str | None = None, vision: str = "auto") -> ExportResult:
+    """Export ``step`` (default: the newest readable checkpoint) of a run into ``out``,
+    which must not exist or be empty. Written to a sibling temporary folder, renamed at
+    the end, so a failed export leaves nothing behind."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype: {dtype!r}; choose one of {', '.join(DTYPES)}")
+    out = Path(out).absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out: {out} exists and is not an empty folder")
+    run_dir = resolve_run_dir(run_dir)
+    config = load_run_config(run_dir)
+    vision = vision_format(config) if vision == "auto" else vision
+    if vision not in VISION_TABLES:
+        raise ConfigError(f"--vision-format: {vision!r}; choose auto, siglip or siglip2")
+    checkpoints = RunCheckpoints(run_dir, keep=1000, async_save=False)
+    try:
+        steps = checkpoints.steps()
+        if step is not None and step not in steps:
+            raise ConfigError(f"--step: {run_dir} has no checkpoint {step} (steps: {steps})")
+        candidates = [step] if step is not None else list(reversed(steps))
+        if not candidates:
+            raise ConfigError(f"RUN_DIR: {run_dir} has no checkpoint")
+        for candidate in candidates:
+            partial = out.with_name(f".{out.name}.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            try:
+                result = _export_step(run_dir, config, checkpoints, candidate, partial,
+                                      DTYPES[dtype], max_shard_bytes, font, vision)
+            except ConfigError:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise
+            except Exception as err:  # tensorstore/orbax raise many kinds for damaged files
+                shutil.rmtree(partial, ignore_errors=True)
+                if step is not None:
+                    raise
+                log.error("checkpoint step %d of %s is unreadable (%s: %s); trying the previous one",
+                          candidate, run_dir, type(err).__name__, str(err).splitlines()[0][:200])
+                continue
+            if out.exists():
+                out.rmdir()
+            partial.rename(out)
+            result.out = out
+            return result
+        raise ConfigError(f"RUN_DIR: no readable checkpoint under {checkpoints.directory}")
+    finally:
+        checkpoints.close()
+
+
+def _export_step(run_dir, config, checkpoints, step, out, dtype, max_shard_bytes, font, vision):
+    tokenizer_asset = checkpoints.read_json(step, "tokenizer")
+    renderer = checkpoints.read_json(step, "renderer")
+    reader = OrbaxParams(checkpoints.directory / str(step) / "params")
+    model = config.model
+    out.mkdir(parents=True)
+    written = write_component(reader, QWEN3_DECODER, model, out / "decoder", dtype, max_shard_bytes)
+    written += write_component(reader, VISION_TABLES[vision], model, out / "vision", dtype, max_shard_bytes)
+    written += write_aligner(reader, out / "aligner.safetensors", dtype)
+    tokenizer_file = write_tokenizer_asset(tokenizer_asset, out)
+    from data_pipelines.tokenizer import load_tokenizer
+    special_ids = dict(load_tokenizer(tokenizer_file).special_ids)
+    (out / "decoder" / "config.json").write_text(json.dumps(
+        decoder_hf_config(model, dtype, special_ids), indent=2))
+    (out / "vision" / "config.json").write_text(json.dumps(vision_hf_config(model, vision, dtype), indent=2))
+    font_file, font_sha = copy_font(renderer, out / "font", font)
+    (out / "renderer.json").write_text(json.dumps(renderer, indent=2))
+    sizes = {path: reader.nbytes(path) for path in reader.paths}
+    source = {"run_dir": str(run_dir.absolute()), "step": step, "git_commit": git_commit(),
+              "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    layout = model.layout
+    vist2 = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "dtype": dtype.name,
+        "layout": {"text_len": layout.text_len, "visual_len": layout.visual_len,
+                   "image_size": layout.image_size, "patch_size": layout.patch_size, "merge": layout.merge,
+                   "visual_attends_past_visual": layout.visual_attends_past_visual},
+        "decoder": {"folder": "decoder", "class": "Qwen3ForCausalLM"},
+        "vision": {"folder": "vision", "format": vision,
+                   "class": "Siglip2VisionModel" if vision == "siglip2" else "SiglipVisionModel",
+                   "pixels": "uint8 RGB / 127.5 - 1"},
+        "aligner": {"file": "aligner.safetensors", "projector": model.aligner.projector, "merge": layout.merge},
+        "tokenizer": {"file": tokenizer_file.name, "kind": tokenizer_asset.get("kind"),
+                      "sha256": tokenizer_asset.get("sha256"), "special_ids": special_ids},
+        "renderer": {"config": "renderer.json", "font": font_file, "font_sha256": font_sha},
+        "source": source,
+        "model_config": to_dict(model),
+    }
+    (out / "vist2_config.json").write_text(json.dumps(vist2, indent=2))
+    (out / "README.md").write_text(export_readme(vist2, sizes))
+    return ExportResult(out, run_dir, step, sum(sizes.values()), max(sizes.values()), written)
+
+
+def _hf_shape(transform, shape, dims) -> tuple[int, ...]:
+    """The HF shape of one of our tensors, traced (no data)."""
+    return jax.eval_shape(lambda w: transform.to_hf(w, dims), jax.ShapeDtypeStruct(shape, np.float32)).shape
+
+
+def write_component(reader: OrbaxParams, table, model: ModelConfig, directory: Path, dtype,
+                    max_shard_bytes: int) -> int:
+    """One HF component (decoder or vision tower): plan every tensor's shape from metadata,
+    then read each stored leaf once and write the tensors it holds. Returns bytes written."""
+    dims = table.dims(model)
+    groups: dict[tuple, list] = {}
+    for hf, path, transform, index in tensor_rows(table, model):
+        groups.setdefault(path, []).append((index, hf, transform))
+    plan = []
+    for path, rows in groups.items():
+        rows.sort(key=lambda r: -1 if r[0] is None else r[0])
+        shape = reader.shape(path)
+        for index, hf, transform in rows:
+            plan.append((hf, _hf_shape(transform, shape if index is None else shape[1:], dims), dtype))
+    writer = ShardedWriter(directory, plan, max_shard_bytes)
+
+    def emit(hf, transform, value):
+        writer.write(hf, np.ascontiguousarray(transform.to_hf(value.astype(dtype, copy=False), dims)))
+
+    for path, rows in groups.items():
+        if rows[0][0] is None:
+            (_, hf, transform), = rows
+            emit(hf, transform, reader.read(path))
+            continue
+        wanted = {index: (hf, transform) for index, hf, transform in rows}
+        for start, block in reader.layer_blocks(path):
+            for offset in range(block.shape[0]):
+                if start + offset in wanted:
+                    emit(*wanted[start + offset], block[offset])
+            del block
+    writer.close()
+    return writer.total_bytes
+
+
+def write_aligner(reader: OrbaxParams, file: Path, dtype) -> int:
+    """The aligner's Linear layers in torch layout (``fc1.weight`` [out, in], ``fc1.bias``...)."""
+    leaves = sorted(p for p in reader.paths if p[:2] == ("params", "aligner"))
+    plan, names = [], []
+    for path in leaves:
+        name = f"{'.'.join(path[2:-1])}.{'weight' if path[-1] == 'kernel' else 'bias'}"
+        shape = reader.shape(path)
+        plan.append((name, shape[::-1] if path[-1] == "kernel" else shape, dtype))
+        names.append(name)
+    writer = ShardedWriter(file.parent, plan, max_shard_bytes=1 << 62)
+    for path, name in zip(leaves, names):
+        value = reader.read(path).astype(dtype, copy=False)
+        writer.write(name, np.ascontiguousarray(value.T if path[-1] == "kernel" else value))
+    writer.close()
+    (file.parent / writer.files[0]).rename(file)
+    return writer.total_bytes
+
+
+def decoder_hf_config(model: ModelConfig, dtype, special_ids: dict) -> dict:
+    out = export_decoder_config(model.decoder)
+    out.update(dtype=dtype.name, max_position_embeddings=40960, use_cache=True,
+               rope_parameters={"rope_type": "default", "rope_theta": model.decoder.rope_theta},
+               pad_token_id=special_ids.get("pad"), bos_token_id=special_ids.get("bos"),
+               eos_token_id=special_ids.get("eos"))
+    return out
+
+
+def vision_hf_config(model: ModelConfig, vision: str, dtype) -> dict:
+    v, layout = model.vision, model.layout
+    out = {"hidden_size": v.hidden_size, "intermediate_size": v.mlp_dim, "num_hidden_layers": v.num_layers,
+           "num_attention_heads": v.num_heads, "num_channels": 3, "patch_size": layout.patch_size,
+           "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": v.layer_norm_eps, "attention_dropout": 0.0,
+           "vision_use_head": False, "dtype": dtype.name}
+    if vision == "siglip2":
+        out.update(model_type="siglip2_vision_model", architectures=["Siglip2VisionModel"],
+                   num_patches=layout.patch_grid ** 2)
+    else:
+        out.update(model_type="siglip_vision_model", architectures=["SiglipVisionModel"],
+                   image_size=layout.image_size)
+    return out
+
+
+def copy_font(renderer: dict, directory: Path, override: str | None) -> tuple[str, str]:
+    """Copy the renderer's font (checked against its recorded sha256) and any licence file
+    beside it into ``directory``; returns (path relative to the export, sha256)."""
+    want, source = renderer.get("font_sha256"), override or renderer.get("font_file")
+    if source == "builtin":
+        from PIL import ImageFont
+        data, name, licences = ImageFont.load_default(size=10).font_bytes, "pillow-builtin.ttf", []
+    else:
+        path = Path(source or "")
+        if not path.is_file():
+            raise ConfigError(f"--font: the run's font {source!r} is not on this host; pass --font FILE "
+                              f"(a copy with sha256 {want})")
+        data, name = path.read_bytes(), path.name
+        licences = [p for p in path.parent.iterdir() if p.is_file() and
+                    any(word in p.name.upper() for word in ("LICENSE", "LICENCE", "COPYING"))]
+    sha = hashlib.sha256(data).hexdigest()
+    if want and sha != want:
+        raise ConfigError(f"--font: {source} has sha256 {sha}, the run rendered with {want}")
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / name).write_bytes(data)
+    for licence in licences:
+        shutil.copyfile(licence, directory / licence.name)
+    return f"{directory.name}/{name}", sha
+
+
+def git_commit() -> str:
+    """The commit of this checkout (``+dirty`` with uncommitted changes), or ``unknown``."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")

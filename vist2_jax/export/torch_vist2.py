@@ -1,0 +1,342 @@
+"""PyTorch runtime for a folder written by ``vist2 export``: torch + transformers + pillow +
+numpy only (nothing in its import chain imports JAX; a test checks it with JAX blocked).
+
+It renders chunks with the run's saved renderer settings and font, encodes them with the
+exported SigLIP(2) tower and aligner, and runs the HF ``Qwen3ForCausalLM`` weights under the
+vision-as-memory mask (docs/design.md §3), given as an additive float mask:
+
+* ``forward_rows(batch)``: logits of row-contract batches (packed documents, several chunks),
+  through the HF model's own forward with a 4D mask;
+* ``generate(prompts, mode)``: ``gcc`` / ``pcc`` / ``text`` generation with a KV cache, the
+  same bookkeeping as ``vist2_jax/inference/generate.py`` (chunk markers, positions of the
+  equivalent training row, a chunk compressed when it reaches L tokens), the layers run on
+  the HF modules with our own cache so finished chunks' text entries can be dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from data_pipelines.render import RenderConfig, SketchRenderer
+from data_pipelines.tokenizer import load_tokenizer
+from vist2_jax.export.torch_sampling import SamplingConfig, sample
+from vist2_jax.row_contract import PAD, TEXT, VISUAL, marker_position, visual_position
+
+MODES = ("gcc", "pcc", "text")
+
+
+class Meta(NamedTuple):
+    """Per-entry metadata (each [B, S] long): the row contract's modality, chunk, segment, position."""
+
+    modality: torch.Tensor
+    chunk: torch.Tensor
+    segment: torch.Tensor
+    position: torch.Tensor
+
+    @classmethod
+    def of(cls, modality, chunk, position, segment=None) -> "Meta":
+        as_long = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long).reshape(1, -1)  # noqa: E731
+        modality = as_long(modality)
+        segment = torch.ones_like(modality) if segment is None else as_long(segment)
+        return cls(modality, as_long(chunk), segment, as_long(position))
+
+    @classmethod
+    def from_batch(cls, batch) -> "Meta":
+        names = ("modality", "chunk_id", "segment_id", "positions")
+        return cls(*(torch.as_tensor(np.asarray(batch[n]), dtype=torch.long) for n in names))
+
+    def cat(self, other: "Meta") -> "Meta":
+        return Meta(*(torch.cat([a, b], dim=1) for a, b in zip(self, other)))
+
+    def take(self, count: int) -> "Meta":
+        return Meta(*(a[:, :count] for a in self))
+
+
+def vision_memory_mask(q: Meta, k: Meta, visual_attends_past_visual: bool = False,
+                       self_attention: bool = False) -> torch.Tensor:
+    """bool [B, Sq, Sk], True where query q may read key k (design §3; the same rule as
+    ``vist2_jax/kernels/mask.py``): causal by position inside a segment; text reads its own
+    chunk's text and earlier chunks' visual tokens; visual reads its own chunk's visual
+    tokens (or earlier chunks' with the flag); padding reads only itself."""
+    qm, km = q.modality[:, :, None], k.modality[:, None, :]
+    same_segment = q.segment[:, :, None] == k.segment[:, None, :]
+    not_after = k.position[:, None, :] <= q.position[:, :, None]
+    same_chunk = q.chunk[:, :, None] == k.chunk[:, None, :]
+    earlier = k.chunk[:, None, :] < q.chunk[:, :, None]
+    text_text = (qm == TEXT) & (km == TEXT) & same_chunk
+    text_visual = (qm == TEXT) & (km == VISUAL) & earlier
+    reach = (same_chunk | earlier) if visual_attends_past_visual else same_chunk
+    visual_visual = (qm == VISUAL) & (km == VISUAL) & reach
+    allowed = same_segment & not_after & (text_text | text_visual | visual_visual)
+    if self_attention:
+        itself = torch.eye(allowed.shape[1], dtype=torch.bool)[None]
+        allowed = torch.where(qm == PAD, itself, allowed)
+    return allowed
+
+
+def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool [B, Sq, Sk] -> the float [B, 1, Sq, Sk] mask HF attention adds to its scores."""
+    zero = torch.zeros((), dtype=dtype)
+    return torch.where(mask, zero, torch.finfo(dtype).min)[:, None]
+
+
+def renderer_from_saved(saved: dict, font_file: str | Path) -> SketchRenderer:
+    """The run's renderer (``SketchRenderer.renderer_config()`` as saved in its checkpoint),
+    drawing with ``font_file``, which must hash to the recorded sha256."""
+    config = RenderConfig(image_size=saved["image_size"], font_path=str(font_file),
+                          font_sizes=tuple(saved["font_sizes_px"]), margin=saved["margin"],
+                          line_spacing=saved["line_spacing"], tab_size=saved["tab_size"],
+                          missing_glyphs=saved["missing_glyphs"], replacement=saved["replacement"],
+                          foreground=saved["foreground"], background=saved["background"])
+    renderer = SketchRenderer(config)
+    if renderer.source.sha256 != saved["font_sha256"]:
+        raise ValueError(f"font {font_file} has sha256 {renderer.source.sha256}; the run rendered "
+                         f"with {saved['font_sha256']}")
+    return renderer
+
+
+def merge_patches(features: torch.Tensor, grid: int, merge: int) -> torch.Tensor:
+    """[N, g*g, D] -> [N, (g/merge)^2, merge*merge*D], each merge x merge block row-major."""
+    n, _, dim = features.shape
+    out = grid // merge
+    x = features.reshape(n, out, merge, out, merge, dim).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(n, out * out, merge * merge * dim)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE, rotate-half layout; x [B, H, S, hd], cos/sin [B, S, hd]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+@dataclasses.dataclass
+class Cache:
+    """Per-layer keys/values [B, kv_heads, K, head_dim] (post-RoPE) and their metadata."""
+
+    k: list
+    v: list
+    meta: Meta
+
+    def keep(self, count: int) -> "Cache":
+        """The first ``count`` entries (gcc: the visual memory, dropping the chunk's text)."""
+        return Cache([t[:, :, :count] for t in self.k], [t[:, :, :count] for t in self.v], self.meta.take(count))
+
+
+class TorchVist2:
+    """An exported VIST2 model. ``load(folder)`` builds it; see the module docstring."""
+
+    def __init__(self, folder: Path, config: dict, lm, vision, aligner: dict, tokenizer,
+                 renderer: SketchRenderer):
+        self.folder, self.config, self.lm, self.vision = folder, config, lm, vision
+        self.aligner, self.tokenizer, self.renderer = aligner, tokenizer, renderer
+        layout = config["layout"]
+        self.L, self.m = layout["text_len"], layout["visual_len"]
+        self.image_size, self.patch, self.merge = layout["image_size"], layout["patch_size"], layout["merge"]
+        self.vapv = bool(layout["visual_attends_past_visual"])
+        self.chunk_token = int(tokenizer.special_ids["chunk"])
+        self.dtype = next(lm.parameters()).dtype
+
+    @classmethod
+    def load(cls, folder: str | Path, dtype: torch.dtype | None = None,
+             attn_implementation: str = "sdpa") -> "TorchVist2":
+        from transformers import Qwen3ForCausalLM, Siglip2VisionModel, SiglipVisionModel
+
+        folder = Path(folder)
+        config = json.loads((folder / "vist2_config.json").read_text())
+        if config.get("format") != "vist2-torch":
+            raise ValueError(f"{folder}: not a vist2 export (vist2_config.json format {config.get('format')!r})")
+        dtype = dtype or getattr(torch, config["dtype"])
+        lm = Qwen3ForCausalLM.from_pretrained(folder / config["decoder"]["folder"], dtype=dtype,
+                                              attn_implementation=attn_implementation).eval()
+        vision_cls = Siglip2VisionModel if config["vision"]["format"] == "siglip2" else SiglipVisionModel
+        vision = vision_cls.from_pretrained(folder / config["vision"]["folder"], dtype=dtype,
+                                            attn_implementation=attn_implementation).eval()
+        aligner = {k: v.to(dtype) for k, v in load_file(folder / config["aligner"]["file"]).items()}
+        tokenizer = load_tokenizer(folder / config["tokenizer"]["file"])
+        renderer = renderer_from_saved(json.loads((folder / config["renderer"]["config"]).read_text()),
+                                       folder / config["renderer"]["font"])
+        return cls(folder, config, lm, vision, aligner, tokenizer, renderer)
+
+    # ---- text <-> ids <-> sketches ------------------------------------------------------
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Text of ids; ids past the tokenizer (a padded model vocab) are dropped, as in the CLI."""
+        vocab = self.tokenizer.vocab_size
+        return self.tokenizer.decode([int(t) for t in ids if t < vocab])
+
+    def render(self, ids: Sequence[int]) -> np.ndarray:
+        return self.renderer.render(self.detokenize(ids))
+
+    # ---- encoders -------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 [N, H, W, 3] sketches -> visual tokens [N, m, D]."""
+        x = torch.as_tensor(np.asarray(images)).to(torch.float32) / 127.5 - 1.0
+        n, grid = x.shape[0], self.image_size // self.patch
+        x = x.to(self.dtype)
+        if self.config["vision"]["format"] == "siglip2":
+            p = self.patch
+            patches = x.reshape(n, grid, p, grid, p, 3).permute(0, 1, 3, 2, 4, 5).reshape(n, grid * grid, -1)
+            feats = self.vision(pixel_values=patches, pixel_attention_mask=torch.ones(n, grid * grid, dtype=torch.long),
+                                spatial_shapes=torch.tensor([[grid, grid]] * n)).last_hidden_state
+        else:
+            feats = self.vision(pixel_values=x.permute(0, 3, 1, 2)).last_hidden_state
+        h, a = merge_patches(feats, grid, self.merge), self.aligner
+        if self.config["aligner"]["projector"] == "tanh":
+            return torch.tanh(F.linear(h, a["proj.weight"], a["proj.bias"]))
+        h = F.gelu(F.linear(h, a["fc1.weight"], a["fc1.bias"]))
+        return F.linear(h, a["fc2.weight"], a["fc2.bias"])
+
+    def _embed(self, tokens: torch.Tensor, modality: torch.Tensor, visual: torch.Tensor | None):
+        x = self.lm.model.embed_tokens(tokens)
+        x = torch.where((modality == TEXT)[..., None], x, torch.zeros((), dtype=x.dtype))
+        if visual is not None:
+            x = torch.where((modality == VISUAL)[..., None], visual.to(x.dtype), x)
+        return x
+
+    # ---- full rows (training layout) -------------------------------------------------------
+    @torch.no_grad()
+    def forward_rows(self, batch) -> torch.Tensor:
+        """fp32 logits [B, S, V] of row-contract rows (``tokens``, ``modality``, ``chunk_id``,
+        ``segment_id``, ``positions``, ``images``), the k-th visual span of a row reading its
+        k-th image; the HF model's forward with the mask as a 4D additive float mask."""
+        meta = Meta.from_batch(batch)
+        tokens = torch.as_tensor(np.asarray(batch["tokens"]), dtype=torch.long)
+        images = np.asarray(batch["images"])
+        visual = None
+        if images.shape[1]:
+            b, n = images.shape[:2]
+            flat = self.encode_images(images.reshape(b * n, *images.shape[2:])).reshape(b, n * self.m, -1)
+            is_visual = meta.modality == VISUAL
+            ordinal = (torch.cumsum(is_visual.long(), dim=1) - 1).clamp(0, n * self.m - 1)
+            visual = torch.gather(flat, 1, ordinal[..., None].expand(-1, -1, flat.shape[-1]))
+        x = self._embed(tokens, meta.modality, visual)
+        mask = additive(vision_memory_mask(meta, meta, self.vapv, self_attention=True), x.dtype)
+        out = self.lm(inputs_embeds=x, attention_mask=mask, position_ids=meta.position)
+        return out.logits.float()
+
+    # ---- cached decoding ----------------------------------------------------------------
+    def empty_cache(self) -> Cache:
+        empty = torch.zeros(1, 0, dtype=torch.long)
+        return Cache([], [], Meta(empty, empty, empty, empty))
+
+    @torch.no_grad()
+    def extend(self, x: torch.Tensor, meta: Meta, cache: Cache) -> tuple[torch.Tensor, Cache]:
+        """New entries ``x`` [1, S, D] attend over the cache plus themselves under the mask;
+        returns (final hidden [1, S, D], the cache with the entries appended)."""
+        model = self.lm.model
+        cos, sin = model.rotary_emb(x, meta.position)
+        kv_meta = cache.meta.cat(meta)
+        mask = additive(vision_memory_mask(meta, kv_meta, self.vapv), x.dtype)
+        keys, values = [], []
+        for i, layer in enumerate(model.layers):
+            attn, (b, s, _) = layer.self_attn, x.shape
+            h = layer.input_layernorm(x)
+            q = attn.q_norm(attn.q_proj(h).view(b, s, -1, attn.head_dim)).transpose(1, 2)
+            k = attn.k_norm(attn.k_proj(h).view(b, s, -1, attn.head_dim)).transpose(1, 2)
+            v = attn.v_proj(h).view(b, s, -1, attn.head_dim).transpose(1, 2)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            if cache.k:
+                k, v = torch.cat([cache.k[i], k], dim=2), torch.cat([cache.v[i], v], dim=2)
+            keys.append(k)
+            values.append(v)
+            groups = q.shape[1] // k.shape[1]
+            out = F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1),
+                                                 v.repeat_interleave(groups, 1), attn_mask=mask)
+            x = x + attn.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return model.norm(x), Cache(keys, values, kv_meta)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm.lm_head(hidden).float()
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], mode: str = "gcc", max_new_tokens: int = 256, *,
+                 sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
+                 forced_tokens: Sequence[Sequence[int]] | None = None, record_logits: bool = False,
+                 on_token: Callable[[int, int], None] | None = None):
+        """New token ids per prompt (up to ``max_new_tokens``, ending at a stop token).
+        ``forced_tokens`` [B][M] replaces the sampled tokens (teacher forcing); with
+        ``record_logits`` returns (tokens, per prompt fp32 logits [steps, V])."""
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r}; choose one of {', '.join(MODES)}")
+        if max_new_tokens < 1 or not prompts or min(len(p) for p in prompts) < 1:
+            raise ValueError("need at least one non-empty prompt and max_new_tokens >= 1")
+        results = [self._generate_one(list(p), mode, max_new_tokens, sampling, seed,
+                                      None if forced_tokens is None else list(forced_tokens[b]),
+                                      (lambda tok, b=b: on_token(b, tok)) if on_token else None)
+                   for b, p in enumerate(prompts)]
+        tokens = [r[0] for r in results]
+        return (tokens, [np.stack(r[1]) for r in results]) if record_logits else tokens
+
+    def _prefill(self, prompt: list[int], mode: str):
+        """Prefill a prompt; returns (last logits, cache, chunk, chunk_tokens, next position)."""
+        L, m = self.L, self.m
+        if mode == "text":
+            n = len(prompt)
+            meta = Meta.of([TEXT] * n, [0] * n, range(n))
+            x = self._embed(torch.tensor([prompt]), meta.modality, None)
+            hidden, cache = self.extend(x, meta, self.empty_cache())
+            return self.logits(hidden[:, -1])[0], cache, 0, list(prompt), n
+        k = len(prompt) // L
+        rest = prompt[k * L:]
+        start = marker_position(k + 1, L, m)
+        text = [self.chunk_token] + rest
+        modality = [VISUAL] * (k * m) + [TEXT] * len(text)
+        chunk = [c for c in range(1, k + 1) for _ in range(m)] + [k + 1] * len(text)
+        position = [visual_position(c, L, m) + i for c in range(1, k + 1) for i in range(m)]
+        position += [start + i for i in range(len(text))]
+        meta = Meta.of(modality, chunk, position)
+        visual = None
+        if k:
+            images = np.stack([self.render(prompt[(c - 1) * L:c * L]) for c in range(1, k + 1)])
+            visual = torch.cat([self.encode_images(images).reshape(1, k * m, -1),
+                                torch.zeros(1, len(text), self.lm.config.hidden_size, dtype=self.dtype)], dim=1)
+        tokens = torch.tensor([[0] * (k * m) + text])
+        hidden, cache = self.extend(self._embed(tokens, meta.modality, visual), meta, self.empty_cache())
+        return self.logits(hidden[:, -1])[0], cache, k + 1, list(rest), start + len(text)
+
+    def _compress(self, cache: Cache, chunk: int, chunk_tokens: list[int]) -> Cache:
+        """Render and encode the finished chunk, drop its text, append its m visual entries."""
+        L, m = self.L, self.m
+        cache = cache.keep(int((cache.meta.modality == VISUAL).sum()))
+        visual = self.encode_images(self.render(chunk_tokens)[None])
+        meta = Meta.of([VISUAL] * m, [chunk] * m, [visual_position(chunk, L, m) + i for i in range(m)])
+        x = self._embed(torch.zeros(1, m, dtype=torch.long), meta.modality, visual)
+        return self.extend(x, meta, cache)[1]
+
+    def _generate_one(self, prompt, mode, max_new, sampling, seed, forced, on_token):
+        logits, cache, chunk, chunk_tokens, pos = self._prefill(prompt, mode)
+        history, generated, recorded = list(prompt), [], [logits.numpy()]
+        generator = torch.Generator().manual_seed(seed)
+        next_tok = sample(logits, history, sampling, generator)
+        for t in range(1, max_new + 1):
+            tok = next_tok if forced is None else int(forced[t - 1])
+            generated.append(tok)
+            history.append(tok)
+            if on_token is not None:
+                on_token(tok)
+            if (tok in sampling.stop_tokens and forced is None) or t == max_new:
+                break
+            feed = tok
+            full = mode == "gcc" and len(chunk_tokens) + 1 == self.L
+            chunk_tokens.append(tok)
+            if full:
+                cache = self._compress(cache, chunk, chunk_tokens)
+                chunk, chunk_tokens = chunk + 1, []
+                pos, feed = marker_position(chunk, self.L, self.m), self.chunk_token
+            meta = Meta.of([TEXT], [chunk], [pos])
+            hidden, cache = self.extend(self._embed(torch.tensor([[feed]]), meta.modality, None), meta, cache)
+            pos += 1
+            logits = self.logits(hidden[:, -1])[0]
+            recorded.append(logits.numpy())
+            next_tok = sample(logits, history, sampling, generator)
+        return generated, recorded
