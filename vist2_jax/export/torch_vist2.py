@@ -164,6 +164,8 @@ class TorchVist2:
         tokenizer = load_tokenizer(folder / config["tokenizer"]["file"])
         renderer = renderer_from_saved(json.loads((folder / config["renderer"]["config"]).read_text()),
                                        folder / config["renderer"]["font"])
+        lm.requires_grad_(False)
+        vision.requires_grad_(False)
         return cls(folder, config, lm, vision, aligner, tokenizer, renderer)
 
     # ---- text <-> ids <-> sketches ------------------------------------------------------

@@ -1,0 +1,234 @@
+"""Export to PyTorch: a run saved in the trainer's Orbax format is exported by ``vist2 export``
+and run by the PyTorch runtime; logits and generations must match JAX (fp32, 1e-4),
+transformers must load the parts as is, the runtime must import without JAX, and the
+export must stream (peak RSS bounded by the largest stored tensor, not the model)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+import yaml
+
+torch = pytest.importorskip("torch", reason="the torch extra is part of `make test`")
+transformers = pytest.importorskip("transformers")
+
+from conftest import make_olm_batch  # noqa: E402
+from data_pipelines.pipeline import resolve_tokenizer  # noqa: E402
+from data_pipelines.render import RenderConfig, SketchRenderer  # noqa: E402
+from vist2_jax.config import load_config  # noqa: E402
+from vist2_jax.config.loader import to_dict  # noqa: E402
+from vist2_jax.export.exporter import export_run, resolve_run_dir  # noqa: E402
+from vist2_jax.export.torch_vist2 import TorchVist2, renderer_from_saved  # noqa: E402
+from vist2_jax.inference.checkpoints import load_run  # noqa: E402
+from vist2_jax.inference.generate import Generator  # noqa: E402
+from vist2_jax.inference.scoring import decoder_text_logits  # noqa: E402
+from vist2_jax.model.vist2 import Vist2Model, abstract_params  # noqa: E402
+from vist2_jax.training.checkpoint import RunCheckpoints, tokenizer_asset  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = 1e-4
+PROMPT = "It was the best of times, it was the worst of times, it was the age of wisdom."
+
+
+def save_run(workdir: Path, config, states: dict, tokenizer) -> None:
+    """A run dir as ``vist2 train`` writes it: config.yaml and, per step, the same Orbax
+    items the trainer saves (params, opt_state, config, tokenizer, renderer)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    renderer = SketchRenderer(RenderConfig(image_size=config.model.layout.image_size,
+                                           font_sizes=config.data.font_sizes)).renderer_config()
+    checkpoints = RunCheckpoints(workdir, keep=10, async_save=False)
+    for step, params in states.items():
+        checkpoints.save(step, {"params": params, "opt_state": {"count": np.asarray(step, np.int32)}}, None,
+                         to_dict(config), tokenizer_asset(tokenizer), renderer)
+    checkpoints.close()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_config):
+    """A tiny run with checkpoints at steps 2 and 4, exported (newest) into small shards."""
+    tmp = tmp_path_factory.mktemp("export")
+    tokenizer = resolve_tokenizer(tiny_config, tmp)
+    model = Vist2Model(tiny_config.model)
+    params = jax.tree_util.tree_map(np.asarray, nn.unbox(jax.jit(model.init)(
+        jax.random.key(0), make_olm_batch(tiny_config.model))))
+    rng = np.random.default_rng(1)
+    older = jax.tree_util.tree_map(lambda x: x + 0.05 * rng.standard_normal(x.shape).astype(x.dtype), params)
+    save_run(tmp / "run", tiny_config, {2: older, 4: params}, tokenizer)
+    result = export_run(tmp / "run", tmp / "out", max_shard_bytes=400_000)
+    config, restored, tokenizer, step = load_run(tmp / "run")
+    saved = json.loads((tmp / "out" / "renderer.json").read_text())
+    jax_renderer = renderer_from_saved(saved, saved["font_file"])  # the run's own font file
+    return dict(tmp=tmp, config=config, params=restored, older=older, tokenizer=tokenizer, step=step,
+                result=result, out=tmp / "out", torch=TorchVist2.load(tmp / "out"), renderer=jax_renderer)
+
+
+def detokenizer(tokenizer):
+    return lambda ids: tokenizer.decode([t for t in ids if t < tokenizer.vocab_size])
+
+
+def test_export_folder_is_complete(run):
+    out, result = run["out"], run["result"]
+    assert result.step == run["step"] == 4
+    vist2 = json.loads((out / "vist2_config.json").read_text())
+    layout = run["config"].model.layout
+    assert vist2["layout"] == {"text_len": layout.text_len, "visual_len": layout.visual_len,
+                               "image_size": layout.image_size, "patch_size": layout.patch_size,
+                               "merge": layout.merge, "visual_attends_past_visual": False}
+    assert vist2["aligner"]["projector"] == run["config"].model.aligner.projector
+    assert vist2["tokenizer"]["special_ids"]["chunk"] == run["tokenizer"].special_ids["chunk"]
+    assert (out / vist2["tokenizer"]["file"]).read_bytes() == Path(run["tokenizer"].path).read_bytes()
+    assert vist2["renderer"]["font_sha256"] == json.loads((out / "renderer.json").read_text())["font_sha256"]
+    assert (out / "decoder" / "model.safetensors.index.json").is_file()  # sharded above the limit
+    readme = (out / "README.md").read_text()
+    assert str(run["tmp"] / "run") in readme and "step 4" in readme and vist2["source"]["git_commit"] in readme
+    # the runtime's sketches are the run's: same settings, same font bytes
+    ids = run["tokenizer"].encode(PROMPT)[:8]
+    np.testing.assert_array_equal(run["torch"].render(ids), run["renderer"].render(run["tokenizer"].decode(ids)))
+
+
+def test_interleaved_row_logits_match_jax(run, record_property):
+    config = run["config"].model
+    batch = make_olm_batch(config, chunk_counts=((4,), (2, 1, 2)), seq_len=112, num_slots=4, seed=3)
+    ref = np.asarray(jax.jit(Vist2Model(config).apply)(run["params"], batch)["logits"])
+    ours = run["torch"].forward_rows(batch).numpy()
+    err = float(np.abs(ours - ref).max())
+    record_property("export: torch vs jax row logits max abs err", err)
+    assert err < TOL
+
+
+@pytest.mark.parametrize("mode,new", [("gcc", 64), ("pcc", 20), ("text", 20)])
+def test_greedy_generation_matches_jax(run, mode, new, record_property):
+    config, tokenizer = run["config"].model, run["tokenizer"]
+    prompt = tokenizer.encode(PROMPT)[:13]
+    gen = Generator(config, run["params"], render_fn=run["renderer"].render, detokenize=detokenizer(tokenizer),
+                    chunk_token=tokenizer.special_ids["chunk"])
+    ref = gen.generate([prompt], mode, new, record_logits=True)
+    tokens, logits = run["torch"].generate([prompt], mode, new, record_logits=True)
+    agree = sum(a == b for a, b in zip(tokens[0], ref.tokens[0]))
+    steps = min(len(logits[0]), ref.logits.shape[1])
+    err = float(np.abs(logits[0][:steps] - ref.logits[0, :steps]).max())
+    record_property(f"export: {mode} greedy tokens equal (of {new})", agree)
+    record_property(f"export: {mode} generation logits max abs err", err)
+    assert tokens[0] == ref.tokens[0] and len(tokens[0]) == new
+    assert err < TOL
+
+
+def test_transformers_loads_decoder_and_text_logits_match(run, record_property):
+    hf = transformers.Qwen3ForCausalLM.from_pretrained(run["out"] / "decoder").eval()
+    tokens = np.random.default_rng(4).integers(0, run["config"].model.decoder.vocab_size, (2, 40)).astype(np.int32)
+    with torch.no_grad():
+        ours = hf(torch.from_numpy(tokens).long()).logits.numpy()
+    decoder = {"params": run["params"]["params"]["decoder"]}
+    ref = np.asarray(jax.jit(decoder_text_logits, static_argnums=0)(run["config"].model, decoder, tokens))
+    err = float(np.abs(ours - ref).max())
+    record_property("export: transformers Qwen3 text logits vs jax max abs err", err)
+    assert err < TOL
+
+
+def test_runtime_imports_and_generates_with_jax_blocked(run):
+    prompt = run["tokenizer"].encode(PROMPT)[:13]
+    code = ("import json, sys\n"
+            "for name in ('jax', 'jaxlib', 'flax', 'orbax', 'optax'):\n"
+            "    sys.modules[name] = None  # any import of them now raises\n"
+            "from vist2_jax.export.torch_vist2 import TorchVist2\n"
+            f"model = TorchVist2.load({str(run['out'])!r})\n"
+            f"print(json.dumps(model.generate([{prompt!r}], 'gcc', 12)))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == run["torch"].generate([prompt], "gcc", 12)
+
+
+def test_generate_cli_torch(run, tmp_path, capsys):
+    from vist2_jax.cli.main import main
+
+    (tmp_path / "prompt.txt").write_text(PROMPT)
+    assert main(["generate", "--torch", str(run["out"]), "--prompt-file", str(tmp_path / "prompt.txt"),
+                 "--mode", "gcc", "--max-new-tokens", "10"]) == 0
+    ids = run["tokenizer"].encode(PROMPT)
+    want = run["torch"].detokenize(run["torch"].generate([ids], "gcc", 10)[0])
+    assert capsys.readouterr().out == want + "\n"
+
+
+def test_export_cli_step_dtype_and_fallback(run, tmp_path):
+    """--step picks an older checkpoint (bf16 weights); a damaged newest checkpoint is
+    reported and the previous readable one exported; a non-empty --out is refused."""
+    out = tmp_path / "bf16"
+    proc = subprocess.run([sys.executable, "-m", "vist2_jax.cli.main", "export", str(run["tmp"] / "run"),
+                           "--out", str(out), "--step", "2", "--dtype", "bfloat16"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["step"] == 2
+    model = TorchVist2.load(out)
+    assert model.dtype == torch.bfloat16
+    embedding = model.lm.model.embed_tokens.weight.detach().float().numpy()
+    want = run["older"]["params"]["decoder"]["embedding"]
+    np.testing.assert_allclose(embedding, want, rtol=1e-2, atol=1e-6)  # bf16 rounding of step 2's weights
+    assert not np.allclose(embedding, run["params"]["params"]["decoder"]["embedding"], atol=1e-3)
+
+    damaged = tmp_path / "damaged"
+    subprocess.run(["cp", "-r", str(run["tmp"] / "run"), str(damaged)], check=True)
+    for data in (damaged / "checkpoints" / "4" / "params").rglob("d/*"):
+        data.write_bytes(b"garbage")
+    result = export_run(damaged, tmp_path / "fallback")
+    assert result.step == 2
+    assert not (tmp_path / ".fallback.partial").exists()
+    proc = subprocess.run([sys.executable, "-m", "vist2_jax.cli.main", "export", str(damaged), "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2 and "not an empty folder" in proc.stderr
+
+
+def test_demo_dir_resolves_to_its_last_stage(run, tmp_path):
+    for stage in ("stage2_ocr", "stage4_sft", "stage3_olm"):
+        (tmp_path / stage).symlink_to(run["tmp"] / "run")
+    assert resolve_run_dir(tmp_path).name == "stage4_sft"
+    assert resolve_run_dir(tmp_path / "stage3_olm").name == "stage3_olm"
+
+
+MEASURE = """
+import json, resource, sys
+from vist2_jax.export.exporter import export_run
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+result = export_run(sys.argv[1], sys.argv[2], dtype="bfloat16", max_shard_bytes=64 * 2**20)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"peak_delta": (peak - base) * 1024, "largest": result.largest_tensor_bytes,
+                  "checkpoint": result.checkpoint_bytes}))
+"""
+
+
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
+def test_export_streams_with_bounded_peak_rss(tmp_path, run, scan, record_property):
+    """A ~240 MB checkpoint exports with a peak RSS rise (ru_maxrss after the export minus
+    after the imports, in a fresh process) under 3x its largest stored tensor + 48 MiB."""
+    config = load_config(overrides=[
+        "model.decoder.num_layers=8", "model.decoder.hidden_size=512", "model.decoder.num_heads=8",
+        "model.decoder.num_kv_heads=4", "model.decoder.head_dim=64", "model.decoder.intermediate_size=1536",
+        "model.decoder.vocab_size=8192", "model.decoder.tie_embeddings=false", "model.vision.num_layers=8",
+        "model.vision.hidden_size=512", "model.vision.num_heads=8", "model.vision.mlp_dim=2048",
+        "model.layout.image_size=64", "model.layout.visual_len=4", "model.layout.text_len=8",
+        f"model.scan_layers={str(scan).lower()}"])
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(lambda s: 0.02 * rng.standard_normal(s.shape, dtype=np.float32),
+                                    nn.unbox(abstract_params(config.model)))
+    save_run(tmp_path / "big", config, {1: params}, run["tokenizer"])
+    del params
+    # Through a shell that forks: a process started straight from pytest keeps pytest's
+    # ru_maxrss across exec, which would hide the export's own peak.
+    proc = subprocess.run(["sh", "-c", '"$0" -c "$1" "$2" "$3"; exit $?', sys.executable, MEASURE,
+                           str(tmp_path / "big"), str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads(proc.stdout.strip().splitlines()[-1])
+    bound = 3 * m["largest"] + 48 * 2**20
+    record_property(f"export peak RSS rise MiB ({'scanned' if scan else 'unrolled'}; checkpoint "
+                    f"{m['checkpoint'] / 2**20:.0f} MiB, largest tensor {m['largest'] / 2**20:.0f} MiB)",
+                    m["peak_delta"] / 2**20)
+    assert m["checkpoint"] > 200 * 2**20 and m["checkpoint"] > bound  # loading it whole would fail the bound
+    assert m["peak_delta"] < bound
+    assert transformers.Qwen3ForCausalLM.from_pretrained(tmp_path / "out" / "decoder").num_parameters() == \
+        sum(x.size for x in jax.tree_util.tree_leaves(nn.unbox(abstract_params(config.model))["params"]["decoder"]))
