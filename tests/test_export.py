@@ -102,6 +102,27 @@ def test_interleaved_row_logits_match_jax(run, record_property):
     assert err < TOL
 
 
+def test_siglip2_tanh_aligner_and_visual_past_visual(run, record_property):
+    """The other options of a run: SigLIP2 tower layout, the paper's tanh aligner, and
+    visual tokens reading earlier chunks' visual tokens."""
+    tmp = run["tmp"]
+    config = load_config(overrides=[
+        "model.decoder.num_layers=2", "model.vision.num_layers=2", "model.decoder.vocab_size=512",
+        "model.layout.image_size=64", "model.layout.visual_len=4", "model.layout.text_len=8",
+        "model.aligner.projector=tanh", "model.layout.visual_attends_past_visual=true"])
+    batch = make_olm_batch(config.model, chunk_counts=((4,), (2, 2)), seq_len=112, seed=5)
+    model = Vist2Model(config.model)
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(1), batch))
+    save_run(tmp / "run_tanh", config, {1: jax.tree_util.tree_map(np.asarray, params)}, run["tokenizer"])
+    export_run(tmp / "run_tanh", tmp / "out_tanh", vision="siglip2")
+    exported = TorchVist2.load(tmp / "out_tanh")
+    assert isinstance(exported.vision, transformers.Siglip2VisionModel)
+    ref = np.asarray(jax.jit(model.apply)(params, batch)["logits"])
+    err = float(np.abs(exported.forward_rows(batch).numpy() - ref).max())
+    record_property("export: siglip2 + tanh + visual_attends_past_visual row logits max abs err", err)
+    assert err < TOL
+
+
 @pytest.mark.parametrize("mode,new", [("gcc", 64), ("pcc", 20), ("text", 20)])
 def test_greedy_generation_matches_jax(run, mode, new, record_property):
     config, tokenizer = run["config"].model, run["tokenizer"]
