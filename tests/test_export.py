@@ -4,6 +4,7 @@ transformers must load the parts as is, the runtime must import without JAX, and
 export must stream (peak RSS bounded by the largest stored tensor, not the model)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import yaml
 
 torch = pytest.importorskip("torch", reason="the torch extra is part of `make test`")
 transformers = pytest.importorskip("transformers")
+torch.set_num_threads(1)  # tiny models: more threads only spin on a busy CPU box
 
 from conftest import make_olm_batch  # noqa: E402
 from data_pipelines.pipeline import resolve_tokenizer  # noqa: E402
@@ -160,7 +162,8 @@ def test_runtime_imports_and_generates_with_jax_blocked(run):
             "from vist2_jax.export.torch_vist2 import TorchVist2\n"
             f"model = TorchVist2.load({str(run['out'])!r})\n"
             f"print(json.dumps(model.generate([{prompt!r}], 'gcc', 12)))\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == run["torch"].generate([prompt], "gcc", 12)
 

@@ -56,18 +56,20 @@ class ExportResult:
 
 
 def resolve_run_dir(path: str | Path) -> Path:
-    """A run dir itself, or the last stage (demo order, else name order) of a demo dir."""
+    """A run dir itself, or the last stage of a demo dir (demo order, else the last by name)."""
     path = Path(path)
     if is_run_dir(path):
         return path
     from vist2_jax.cli.demo import STAGES
 
-    stages = sorted((p for p in path.glob("*") if is_run_dir(p)),
-                    key=lambda p: (p.name in STAGES, STAGES.index(p.name) if p.name in STAGES else 0, p.name))
-    if not stages:
-        raise ConfigError(f"RUN_DIR: {path} is neither a training run (config.yaml + checkpoints/) "
-                          "nor a folder of stage runs")
-    return stages[-1]
+    runs = [p for p in sorted(path.iterdir()) if is_run_dir(p)] if path.is_dir() else []
+    stages = [p for p in runs if p.name in STAGES]
+    if stages:
+        return max(stages, key=lambda p: STAGES.index(p.name))
+    if runs:
+        return runs[-1]
+    raise ConfigError(f"RUN_DIR: {path} is neither a training run (config.yaml + checkpoints/) "
+                      "nor a folder of stage runs")
 
 
 def load_run_config(run_dir: Path) -> Config:

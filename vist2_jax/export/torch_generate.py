@@ -20,6 +20,9 @@ def run_torch(args) -> int:
         raise UsageError(f"--torch: {folder} is not a `vist2 export` folder (no vist2_config.json)")
     if args.tokenizer:
         raise UsageError("--tokenizer does not apply to --torch (the export carries its tokenizer)")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # keep stderr to the one summary line
     model = TorchVist2.load(folder)
     ids = model.tokenizer.encode(Path(args.prompt_file).read_text())
     if not ids:

@@ -187,7 +187,8 @@ class TorchVist2:
         if self.config["vision"]["format"] == "siglip2":
             p = self.patch
             patches = x.reshape(n, grid, p, grid, p, 3).permute(0, 1, 3, 2, 4, 5).reshape(n, grid * grid, -1)
-            feats = self.vision(pixel_values=patches, pixel_attention_mask=torch.ones(n, grid * grid, dtype=torch.long),
+            valid = torch.ones(n, grid * grid, dtype=torch.long)  # NaFlex: every patch real, one grid
+            feats = self.vision(pixel_values=patches, pixel_attention_mask=valid,
                                 spatial_shapes=torch.tensor([[grid, grid]] * n)).last_hidden_state
         else:
             feats = self.vision(pixel_values=x.permute(0, 3, 1, 2)).last_hidden_state
