@@ -214,6 +214,30 @@ def test_demo_dir_resolves_to_its_last_stage(run, tmp_path):
     assert resolve_run_dir(tmp_path / "stage3_olm").name == "stage3_olm"
 
 
+@pytest.mark.parametrize("ocdbt,zarr3", [(True, False), (True, True), (False, False)])
+def test_reader_storage_formats_and_sharded_chunks(tmp_path, ocdbt, zarr3):
+    """The leaf reader handles OCDBT or plain files, zarr v2 or v3, and a stacked leaf saved
+    from 8 devices (one stored chunk per layer) is read block by block, each block once."""
+    import orbax.checkpoint as ocp
+
+    from vist2_jax.export.orbax_reader import OrbaxParams
+
+    mesh = jax.make_mesh((8,), ("layers",))
+    stacked = np.arange(8 * 3 * 4, dtype=np.float32).reshape(8, 3, 4)
+    sharded = jax.device_put(stacked, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("layers")))
+    tree = {"params": {"stacked": sharded, "bias": {"b": np.ones(5, np.float32)}}}
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=ocdbt, use_zarr3=zarr3))
+    checkpointer.save(tmp_path / "item", args=ocp.args.PyTreeSave(tree))
+    reader = OrbaxParams(tmp_path / "item")
+    assert sorted(reader.paths) == [("params", "bias", "b"), ("params", "stacked")]
+    blocks = list(reader.layer_blocks(("params", "stacked")))
+    assert [start for start, _ in blocks] == list(range(8))
+    np.testing.assert_array_equal(np.concatenate([b for _, b in blocks]), stacked)
+    np.testing.assert_array_equal(reader.read(("params", "bias", "b")), np.ones(5, np.float32))
+    with pytest.raises(KeyError, match="params/missing"):
+        reader.array(("params", "missing"))
+
+
 MEASURE = """
 import json, resource, sys
 from vist2_jax.export.exporter import export_run
