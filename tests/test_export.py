@@ -214,6 +214,50 @@ def test_demo_dir_resolves_to_its_last_stage(run, tmp_path):
     assert resolve_run_dir(tmp_path / "stage3_olm").name == "stage3_olm"
 
 
+@pytest.mark.parametrize("vapv", [False, True])
+def test_torch_mask_equals_the_jax_reference(tiny_config, vapv):
+    from vist2_jax.export.torch_mask import Meta, vision_memory_mask as torch_mask
+    from vist2_jax.kernels.mask import RowMeta, vision_memory_mask
+
+    batch = make_olm_batch(tiny_config.model, chunk_counts=((4,), (2, 1, 2)), seq_len=112, seed=7)
+    ref = np.asarray(vision_memory_mask(RowMeta.from_batch(batch), vapv))
+    ours = torch_mask(Meta.from_batch(batch), Meta.from_batch(batch), vapv, self_attention=True).numpy()
+    np.testing.assert_array_equal(ours, ref)
+    assert 0 < ref.mean() < 0.5  # a real mask: neither empty nor causal-dense
+    half = {k: v[:, 40:] for k, v in batch.items() if v.ndim == 2}  # queries over a cache of the whole row
+    ref = np.asarray(vision_memory_mask(RowMeta.from_batch(half), vapv, kv_meta=RowMeta.from_batch(batch)))
+    np.testing.assert_array_equal(torch_mask(Meta.from_batch(half), Meta.from_batch(batch), vapv).numpy(), ref)
+
+
+@pytest.mark.parametrize("config", [
+    dict(), dict(repetition_penalty=1.5), dict(no_repeat_ngram=1), dict(no_repeat_ngram=2),
+    dict(no_repeat_ngram=3, repetition_penalty=0.8), dict(temperature=0.7, top_k=1),
+    dict(temperature=1.0, top_p=1e-3, repetition_penalty=1.3)], ids=str)
+def test_torch_sampling_follows_the_jax_rules(config):
+    """Deterministic configurations (greedy, or filters leaving one token) pick what JAX picks."""
+    from vist2_jax.export import torch_sampling
+    from vist2_jax.inference import sampling
+
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        logits = rng.standard_normal((1, 24)).astype(np.float32)
+        history = rng.integers(0, 6 if trial % 2 else 24, 12).astype(np.int32)  # often repeating
+        want = int(sampling.sample(logits, history[None], np.array([12], np.int32), jax.random.key(trial),
+                                   sampling.SamplingConfig(**config))[0])
+        got = torch_sampling.sample(torch.from_numpy(logits[0]), history.tolist(),
+                                    torch_sampling.SamplingConfig(**config), torch.Generator().manual_seed(0))
+        assert got == want
+
+
+def test_torch_sampling_filters_keep_the_jax_support():
+    from vist2_jax.export.torch_sampling import SamplingConfig, sample
+
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    gen = torch.Generator().manual_seed(0)
+    assert {sample(logits, [], SamplingConfig(temperature=1.0, top_p=0.7), gen) for _ in range(64)} == {0, 1}
+    assert {sample(logits, [], SamplingConfig(temperature=1.0, top_k=3), gen) for _ in range(200)} == {0, 1, 2}
+
+
 @pytest.mark.parametrize("ocdbt,zarr3", [(True, False), (True, True), (False, False)])
 def test_reader_storage_formats_and_sharded_chunks(tmp_path, ocdbt, zarr3):
     """The leaf reader handles OCDBT or plain files, zarr v2 or v3, and a stacked leaf saved
