@@ -4,6 +4,7 @@ transformers must load the parts as is, the runtime must import without JAX, and
 export must stream (peak RSS bounded by the largest stored tensor, not the model)."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -179,7 +180,7 @@ def test_generate_cli_torch(run, tmp_path, capsys):
     assert capsys.readouterr().out == want + "\n"
 
 
-def test_export_cli_step_dtype_and_fallback(run, tmp_path):
+def test_export_cli_step_dtype_and_fallback(run, tmp_path, caplog):
     """--step picks an older checkpoint (bf16 weights); a damaged newest checkpoint is
     reported and the previous readable one exported; a non-empty --out is refused."""
     out = tmp_path / "bf16"
@@ -199,9 +200,14 @@ def test_export_cli_step_dtype_and_fallback(run, tmp_path):
     subprocess.run(["cp", "-r", str(run["tmp"] / "run"), str(damaged)], check=True)
     for data in (damaged / "checkpoints" / "4" / "params").rglob("d/*"):
         data.write_bytes(b"garbage")
-    result = export_run(damaged, tmp_path / "fallback")
-    assert result.step == 2
+    with caplog.at_level(logging.ERROR, logger="vist2_jax.export.exporter"):
+        result = export_run(damaged, tmp_path / "fallback")
+    assert result.step == 2 and "checkpoint step 4" in caplog.text and "unreadable" in caplog.text
     assert not (tmp_path / ".fallback.partial").exists()
+    proc = subprocess.run([sys.executable, "-m", "vist2_jax.cli.main", "export", str(damaged), "--out",
+                           str(tmp_path / "explicit"), "--step", "4"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and proc.stderr.startswith("vist2 export: error: --step 4:")
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "explicit").exists()
     proc = subprocess.run([sys.executable, "-m", "vist2_jax.cli.main", "export", str(damaged), "--out", str(out)],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 2 and "not an empty folder" in proc.stderr

@@ -28,7 +28,7 @@ from vist2_jax.config.loader import build, to_dict
 from vist2_jax.config.schema import Config, ConfigError, ModelConfig
 from vist2_jax.convert.hf_mapping import QWEN3_DECODER, SIGLIP2_VISION, SIGLIP_VISION, tensor_rows
 from vist2_jax.export.metadata import copy_font, decoder_hf_config, git_commit, vision_hf_config
-from vist2_jax.export.orbax_reader import OrbaxParams
+from vist2_jax.export.orbax_reader import OrbaxParams, UnreadableCheckpoint
 from vist2_jax.export.readme import export_readme
 from vist2_jax.export.safetensors_stream import ShardedWriter
 from vist2_jax.inference.checkpoints import is_run_dir
@@ -113,11 +113,9 @@ def export_run(run_dir: str | Path, out: str | Path, *, step: int | None = None,
     out = Path(out).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out: {out} exists and is not an empty folder")
-    run_dir = resolve_run_dir(run_dir)
-    config = load_run_config(run_dir)
-    vision = vision_format(config) if vision == "auto" else vision
-    if vision not in VISION_TABLES:
+    if vision not in ("auto", *VISION_TABLES):
         raise ConfigError(f"--vision-format: {vision!r}; choose auto, siglip or siglip2")
+    run_dir = resolve_run_dir(run_dir)
     checkpoints = RunCheckpoints(run_dir, keep=1000, async_save=False)
     try:
         steps = checkpoints.steps()
@@ -126,22 +124,22 @@ def export_run(run_dir: str | Path, out: str | Path, *, step: int | None = None,
         candidates = [step] if step is not None else list(reversed(steps))
         if not candidates:
             raise ConfigError(f"RUN_DIR: {run_dir} has no checkpoint")
+        partial = out.with_name(f".{out.name}.partial")
         for candidate in candidates:
-            partial = out.with_name(f".{out.name}.partial")
             shutil.rmtree(partial, ignore_errors=True)
             try:
-                result = _export_step(run_dir, config, checkpoints, candidate, partial,
-                                      DTYPES[dtype], max_shard_bytes, font, vision)
-            except ConfigError:
-                shutil.rmtree(partial, ignore_errors=True)
-                raise
-            except Exception as err:  # tensorstore/orbax raise many kinds for damaged files
+                result = _export_step(run_dir, checkpoints, candidate, partial, DTYPES[dtype],
+                                      max_shard_bytes, font, vision)
+            except UnreadableCheckpoint as err:
                 shutil.rmtree(partial, ignore_errors=True)
                 if step is not None:
-                    raise
-                log.error("checkpoint step %d of %s is unreadable (%s: %s); trying the previous one",
-                          candidate, run_dir, type(err).__name__, str(err).splitlines()[0][:200])
+                    raise ConfigError(f"--step {step}: {err}") from None
+                log.error("checkpoint step %d of %s is unreadable (%s); trying the previous one",
+                          candidate, run_dir, str(err).splitlines()[0][:300])
                 continue
+            except BaseException:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise
             if out.exists():
                 out.rmdir()
             partial.rename(out)
@@ -152,16 +150,33 @@ def export_run(run_dir: str | Path, out: str | Path, *, step: int | None = None,
         checkpoints.close()
 
 
-def _export_step(run_dir, config, checkpoints, step, out, dtype, max_shard_bytes, font, vision):
-    tokenizer_asset = checkpoints.read_json(step, "tokenizer")
-    renderer = checkpoints.read_json(step, "renderer")
+def read_item(checkpoints: RunCheckpoints, step: int, name: str) -> dict:
+    """A JSON item of a checkpoint; UnreadableCheckpoint when it cannot be read."""
+    try:
+        return checkpoints.read_json(step, name)
+    except Exception as err:  # orbax raises many kinds for missing or damaged items
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        raise UnreadableCheckpoint(f"step {step} item {name!r}: {type(err).__name__}: {first_line}") from None
+
+
+def _export_step(run_dir, checkpoints, step, out, dtype, max_shard_bytes, font, vision):
+    # The checkpoint's own resolved config (config.yaml is the latest invocation's).
+    has_config = (checkpoints.directory / str(step) / "config").is_dir()
+    config = (build(Config, read_item(checkpoints, step, "config")).validate() if has_config
+              else load_run_config(run_dir))
+    vision = vision_format(config) if vision == "auto" else vision
+    tokenizer_asset = read_item(checkpoints, step, "tokenizer")
+    renderer = read_item(checkpoints, step, "renderer")
     reader = OrbaxParams(checkpoints.directory / str(step) / "params")
     model = config.model
     out.mkdir(parents=True)
     written = write_component(reader, QWEN3_DECODER, model, out / "decoder", dtype, max_shard_bytes)
     written += write_component(reader, VISION_TABLES[vision], model, out / "vision", dtype, max_shard_bytes)
     written += write_aligner(reader, out / "aligner.safetensors", dtype)
-    tokenizer_file = write_tokenizer_asset(tokenizer_asset, out)
+    try:
+        tokenizer_file = write_tokenizer_asset(tokenizer_asset, out)
+    except ValueError as err:
+        raise ConfigError(f"step {step}: {err}") from None
     from data_pipelines.tokenizer import load_tokenizer
     special_ids = dict(load_tokenizer(tokenizer_file).special_ids)
     (out / "decoder" / "config.json").write_text(json.dumps(

@@ -18,6 +18,10 @@ import numpy as np
 import tensorstore as ts
 
 
+class UnreadableCheckpoint(Exception):
+    """Stored data that cannot be read (missing, truncated or corrupted files)."""
+
+
 class OrbaxParams:
     """The arrays of one PyTree checkpoint item (e.g. ``checkpoints/<step>/params``)."""
 
@@ -25,8 +29,11 @@ class OrbaxParams:
         self.directory = Path(directory).absolute()
         meta_file = self.directory / "_METADATA"
         if not meta_file.is_file():
-            raise FileNotFoundError(f"{self.directory}: no _METADATA (not an Orbax PyTree item)")
-        meta = json.loads(meta_file.read_text())
+            raise UnreadableCheckpoint(f"{self.directory}: no _METADATA (not an Orbax PyTree item)")
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, ValueError) as err:
+            raise UnreadableCheckpoint(f"{meta_file}: {err}") from None
         self.use_ocdbt = bool(meta.get("use_ocdbt", True))
         self.driver = "zarr3" if meta.get("use_zarr3") else "zarr"
         self.paths = {}
@@ -49,9 +56,16 @@ class OrbaxParams:
         if path not in self._open:
             if path not in self.paths:
                 raise KeyError(f"{self.directory}: no parameter {'/'.join(path)}")
-            self._open[path] = ts.open(self._spec(self.paths[path]), open=True, read=True,
-                                       context=self._context).result()
+            self._open[path] = self._result(ts.open(self._spec(self.paths[path]), open=True, read=True,
+                                                    context=self._context), path)
         return self._open[path]
+
+    def _result(self, future, path):
+        try:
+            return future.result()
+        except ValueError as err:  # TensorStore reports missing and damaged data as ValueError
+            first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UnreadableCheckpoint(f"{self.directory}: {'/'.join(path)}: {first_line}") from None
 
     def shape(self, path: tuple[str, ...]) -> tuple[int, ...]:
         return tuple(self.array(path).shape)
@@ -64,7 +78,7 @@ class OrbaxParams:
 
     def read(self, path: tuple[str, ...]) -> np.ndarray:
         """The whole leaf."""
-        return self.array(path).read().result()
+        return self._result(self.array(path).read(), path)
 
     def layer_blocks(self, path: tuple[str, ...]) -> Iterator[tuple[int, np.ndarray]]:
         """``(first_layer, block)`` over a stacked leaf, a block being as many layers as one
@@ -73,4 +87,4 @@ class OrbaxParams:
         layers = array.shape[0]
         step = max(1, min(layers, int(array.chunk_layout.read_chunk.shape[0] or layers)))
         for start in range(0, layers, step):
-            yield start, array[start:start + step].read().result()
+            yield start, self._result(array[start:start + step].read(), path)
