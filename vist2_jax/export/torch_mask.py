@@ -20,16 +20,19 @@ class Meta(NamedTuple):
     position: torch.Tensor
 
     @classmethod
-    def of(cls, modality, chunk, position, segment=None) -> "Meta":
-        as_long = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long).reshape(1, -1)  # noqa: E731
+    def of(cls, modality, chunk, position, segment=None, device=None) -> "Meta":
+        """One row of entries (segment 1 unless given)."""
+        def as_long(a):
+            return torch.as_tensor(np.asarray(a), dtype=torch.long, device=device).reshape(1, -1)
+
         modality = as_long(modality)
         segment = torch.ones_like(modality) if segment is None else as_long(segment)
         return cls(modality, as_long(chunk), segment, as_long(position))
 
     @classmethod
-    def from_batch(cls, batch) -> "Meta":
+    def from_batch(cls, batch, device=None) -> "Meta":
         names = ("modality", "chunk_id", "segment_id", "positions")
-        return cls(*(torch.as_tensor(np.asarray(batch[n]), dtype=torch.long) for n in names))
+        return cls(*(torch.as_tensor(np.asarray(batch[n]), dtype=torch.long, device=device) for n in names))
 
     def cat(self, other: "Meta") -> "Meta":
         return Meta(*(torch.cat([a, b], dim=1) for a, b in zip(self, other)))
@@ -55,12 +58,12 @@ def vision_memory_mask(q: Meta, k: Meta, visual_attends_past_visual: bool = Fals
     visual_visual = (qm == VISUAL) & (km == VISUAL) & reach
     allowed = same_segment & not_after & (text_text | text_visual | visual_visual)
     if self_attention:
-        itself = torch.eye(allowed.shape[1], dtype=torch.bool)[None]
+        itself = torch.eye(allowed.shape[1], dtype=torch.bool, device=allowed.device)[None]
         allowed = torch.where(qm == PAD, itself, allowed)
     return allowed
 
 
 def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """bool [B, Sq, Sk] -> the float [B, 1, Sq, Sk] mask HF attention adds to its scores."""
-    zero = torch.zeros((), dtype=dtype)
+    zero = torch.zeros((), dtype=dtype, device=mask.device)
     return torch.where(mask, zero, torch.finfo(dtype).min)[:, None]

@@ -46,7 +46,7 @@ def banned_by_ngrams(history: Sequence[int], n: int) -> set[int]:
 def sample(logits: torch.Tensor, history: Sequence[int], config: SamplingConfig,
            generator: torch.Generator | None = None) -> int:
     """The next token from logits [V] given prompt + generated ``history``."""
-    logits = logits.detach().to(torch.float32).clone()
+    logits = logits.detach().to("cpu", torch.float32).clone()  # on the host, fp32
     if config.repetition_penalty != 1.0 and history:
         seen = torch.tensor(sorted(set(history)), dtype=torch.long)
         values = logits[seen]

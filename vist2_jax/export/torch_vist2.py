@@ -89,11 +89,12 @@ class TorchVist2:
         self.image_size, self.patch, self.merge = layout["image_size"], layout["patch_size"], layout["merge"]
         self.vapv = bool(layout["visual_attends_past_visual"])
         self.chunk_token = int(tokenizer.special_ids["chunk"])
-        self.dtype = next(lm.parameters()).dtype
+        self.dtype, self.device = next(lm.parameters()).dtype, next(lm.parameters()).device
 
     @classmethod
-    def load(cls, folder: str | Path, dtype: torch.dtype | None = None,
+    def load(cls, folder: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
              attn_implementation: str = "sdpa") -> "TorchVist2":
+        """Load an export folder; ``dtype`` defaults to the exported weights' dtype."""
         from transformers import Qwen3ForCausalLM, Siglip2VisionModel, SiglipVisionModel
 
         folder = Path(folder)
@@ -106,12 +107,12 @@ class TorchVist2:
         vision_cls = Siglip2VisionModel if config["vision"]["format"] == "siglip2" else SiglipVisionModel
         vision = vision_cls.from_pretrained(folder / config["vision"]["folder"], dtype=dtype,
                                             attn_implementation=attn_implementation).eval()
-        aligner = {k: v.to(dtype) for k, v in load_file(folder / config["aligner"]["file"]).items()}
+        aligner = {k: v.to(device, dtype) for k, v in load_file(folder / config["aligner"]["file"]).items()}
         tokenizer = load_tokenizer(folder / config["tokenizer"]["file"])
         renderer = renderer_from_saved(json.loads((folder / config["renderer"]["config"]).read_text()),
                                        folder / config["renderer"]["font"])
-        lm.requires_grad_(False)
-        vision.requires_grad_(False)
+        lm.requires_grad_(False).to(device)
+        vision.requires_grad_(False).to(device)
         return cls(folder, config, lm, vision, aligner, tokenizer, renderer)
 
     # ---- text <-> ids <-> sketches ------------------------------------------------------
@@ -127,15 +128,16 @@ class TorchVist2:
     @torch.no_grad()
     def encode_images(self, images: np.ndarray) -> torch.Tensor:
         """uint8 [N, H, W, 3] sketches -> visual tokens [N, m, D]."""
-        x = torch.as_tensor(np.asarray(images)).to(torch.float32) / 127.5 - 1.0
+        x = torch.as_tensor(np.asarray(images), device=self.device).to(torch.float32) / 127.5 - 1.0
         n, grid = x.shape[0], self.image_size // self.patch
         x = x.to(self.dtype)
         if self.config["vision"]["format"] == "siglip2":
             p = self.patch
             patches = x.reshape(n, grid, p, grid, p, 3).permute(0, 1, 3, 2, 4, 5).reshape(n, grid * grid, -1)
-            valid = torch.ones(n, grid * grid, dtype=torch.long)  # NaFlex: every patch real, one grid
+            valid = torch.ones(n, grid * grid, dtype=torch.long, device=self.device)  # NaFlex: all patches real
+            shapes = torch.tensor([[grid, grid]] * n, device=self.device)
             feats = self.vision(pixel_values=patches, pixel_attention_mask=valid,
-                                spatial_shapes=torch.tensor([[grid, grid]] * n)).last_hidden_state
+                                spatial_shapes=shapes).last_hidden_state
         else:
             feats = self.vision(pixel_values=x.permute(0, 3, 1, 2)).last_hidden_state
         h, a = merge_patches(feats, grid, self.merge), self.aligner
@@ -146,7 +148,7 @@ class TorchVist2:
 
     def _embed(self, tokens: torch.Tensor, modality: torch.Tensor, visual: torch.Tensor | None):
         x = self.lm.model.embed_tokens(tokens)
-        x = torch.where((modality == TEXT)[..., None], x, torch.zeros((), dtype=x.dtype))
+        x = torch.where((modality == TEXT)[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
         if visual is not None:
             x = torch.where((modality == VISUAL)[..., None], visual.to(x.dtype), x)
         return x
@@ -157,8 +159,8 @@ class TorchVist2:
         """fp32 logits [B, S, V] of row-contract rows (``tokens``, ``modality``, ``chunk_id``,
         ``segment_id``, ``positions``, ``images``), the k-th visual span of a row reading its
         k-th image; the HF model's forward with the mask as a 4D additive float mask."""
-        meta = Meta.from_batch(batch)
-        tokens = torch.as_tensor(np.asarray(batch["tokens"]), dtype=torch.long)
+        meta = Meta.from_batch(batch, self.device)
+        tokens = torch.as_tensor(np.asarray(batch["tokens"]), dtype=torch.long, device=self.device)
         images = np.asarray(batch["images"])
         visual = None
         if images.shape[1]:
@@ -170,11 +172,11 @@ class TorchVist2:
         x = self._embed(tokens, meta.modality, visual)
         mask = additive(vision_memory_mask(meta, meta, self.vapv, self_attention=True), x.dtype)
         out = self.lm(inputs_embeds=x, attention_mask=mask, position_ids=meta.position)
-        return out.logits.float()
+        return out.logits.float().cpu()
 
     # ---- cached decoding ----------------------------------------------------------------
     def empty_cache(self) -> Cache:
-        empty = torch.zeros(1, 0, dtype=torch.long)
+        empty = torch.zeros(1, 0, dtype=torch.long, device=self.device)
         return Cache([], [], Meta(empty, empty, empty, empty))
 
     @torch.no_grad()
@@ -219,7 +221,7 @@ class TorchVist2:
             raise ValueError(f"mode {mode!r}; choose one of {', '.join(MODES)}")
         if max_new_tokens < 1 or not prompts or min(len(p) for p in prompts) < 1:
             raise ValueError("need at least one non-empty prompt and max_new_tokens >= 1")
-        results = [self._generate_one(list(p), mode, max_new_tokens, sampling, seed,
+        results = [self._generate_one(list(p), mode, max_new_tokens, sampling, seed, record_logits,
                                       None if forced_tokens is None else list(forced_tokens[b]),
                                       (lambda tok, b=b: on_token(b, tok)) if on_token else None)
                    for b, p in enumerate(prompts)]
@@ -231,8 +233,8 @@ class TorchVist2:
         L, m = self.L, self.m
         if mode == "text":
             n = len(prompt)
-            meta = Meta.of([TEXT] * n, [0] * n, range(n))
-            x = self._embed(torch.tensor([prompt]), meta.modality, None)
+            meta = Meta.of([TEXT] * n, [0] * n, range(n), device=self.device)
+            x = self._embed(torch.tensor([prompt], device=self.device), meta.modality, None)
             hidden, cache = self.extend(x, meta, self.empty_cache())
             return self.logits(hidden[:, -1])[0], cache, 0, list(prompt), n
         k = len(prompt) // L
@@ -243,13 +245,14 @@ class TorchVist2:
         chunk = [c for c in range(1, k + 1) for _ in range(m)] + [k + 1] * len(text)
         position = [visual_position(c, L, m) + i for c in range(1, k + 1) for i in range(m)]
         position += [start + i for i in range(len(text))]
-        meta = Meta.of(modality, chunk, position)
+        meta = Meta.of(modality, chunk, position, device=self.device)
         visual = None
         if k:
             images = np.stack([self.render(prompt[(c - 1) * L:c * L]) for c in range(1, k + 1)])
             visual = torch.cat([self.encode_images(images).reshape(1, k * m, -1),
-                                torch.zeros(1, len(text), self.lm.config.hidden_size, dtype=self.dtype)], dim=1)
-        tokens = torch.tensor([[0] * (k * m) + text])
+                                torch.zeros(1, len(text), self.lm.config.hidden_size, dtype=self.dtype,
+                                            device=self.device)], dim=1)
+        tokens = torch.tensor([[0] * (k * m) + text], device=self.device)
         hidden, cache = self.extend(self._embed(tokens, meta.modality, visual), meta, self.empty_cache())
         return self.logits(hidden[:, -1])[0], cache, k + 1, list(rest), start + len(text)
 
@@ -258,13 +261,14 @@ class TorchVist2:
         L, m = self.L, self.m
         cache = cache.keep(int((cache.meta.modality == VISUAL).sum()))
         visual = self.encode_images(self.render(chunk_tokens)[None])
-        meta = Meta.of([VISUAL] * m, [chunk] * m, [visual_position(chunk, L, m) + i for i in range(m)])
-        x = self._embed(torch.zeros(1, m, dtype=torch.long), meta.modality, visual)
+        meta = Meta.of([VISUAL] * m, [chunk] * m, [visual_position(chunk, L, m) + i for i in range(m)],
+                       device=self.device)
+        x = self._embed(torch.zeros(1, m, dtype=torch.long, device=self.device), meta.modality, visual)
         return self.extend(x, meta, cache)[1]
 
-    def _generate_one(self, prompt, mode, max_new, sampling, seed, forced, on_token):
+    def _generate_one(self, prompt, mode, max_new, sampling, seed, record, forced, on_token):
         logits, cache, chunk, chunk_tokens, pos = self._prefill(prompt, mode)
-        history, generated, recorded = list(prompt), [], [logits.numpy()]
+        history, generated, recorded = list(prompt), [], [logits.cpu().numpy()] if record else []
         generator = torch.Generator().manual_seed(seed)
         next_tok = sample(logits, history, sampling, generator)
         for t in range(1, max_new + 1):
@@ -282,10 +286,12 @@ class TorchVist2:
                 cache = self._compress(cache, chunk, chunk_tokens)
                 chunk, chunk_tokens = chunk + 1, []
                 pos, feed = marker_position(chunk, self.L, self.m), self.chunk_token
-            meta = Meta.of([TEXT], [chunk], [pos])
-            hidden, cache = self.extend(self._embed(torch.tensor([[feed]]), meta.modality, None), meta, cache)
+            meta = Meta.of([TEXT], [chunk], [pos], device=self.device)
+            feed_ids = torch.tensor([[feed]], device=self.device)
+            hidden, cache = self.extend(self._embed(feed_ids, meta.modality, None), meta, cache)
             pos += 1
             logits = self.logits(hidden[:, -1])[0]
-            recorded.append(logits.numpy())
+            if record:
+                recorded.append(logits.cpu().numpy())
             next_tok = sample(logits, history, sampling, generator)
         return generated, recorded
