@@ -8,6 +8,7 @@ def export_readme(vist2: dict, leaf_bytes: dict) -> str:
     src, lay, tok, ren = vist2["source"], vist2["layout"], vist2["tokenizer"], vist2["renderer"]
     dec = vist2["model_config"]["decoder"]
     total, merge = sum(leaf_bytes.values()), vist2["aligner"]["merge"]
+    projector = vist2["aligner"]["projector"]
     return f"""# VIST2 model exported for PyTorch
 
 A VIST2 vision-text compressed language model (arXiv 2601.10378) trained with VIST2-JAX:
@@ -29,7 +30,7 @@ tokens of earlier chunks plus the current chunk's text (the vision-as-memory mas
 |---|---|
 | `decoder/` | `transformers.Qwen3ForCausalLM` (config.json + safetensors) |
 | `vision/` | `transformers.{vist2['vision']['class']}` (no pooling head) |
-| `aligner.safetensors` | {merge}x{merge} patch merge, then the `{vist2['aligner']['projector']}` projector (torch Linear layout) |
+| `aligner.safetensors` | {merge}x{merge} patch merge, then the `{projector}` projector (torch Linear layout) |
 | `vist2_config.json` | layout (L, m, image, patch, merge, visual_attends_past_visual), special ids, provenance |
 | `{tok['file']}` | the run's tokenizer ({tok['kind']}); `<|chunk|>` is id {tok['special_ids'].get('chunk')} |
 | `renderer.json`, `{ren['font']}` | the run's renderer settings and font (sha256 `{ren['font_sha256']}`) |
