@@ -67,6 +67,9 @@ def load_checkpoint(directory: str, preset: str, overrides):
 
 
 def run(args) -> int:
+    if args.torch:  # the PyTorch runtime of a `vist2 export` folder; imports no JAX
+        from vist2_jax.export.torch_generate import run_torch
+        return run_torch(args)
     import numpy as np
 
     from data_pipelines.tokenizer import load_tokenizer
@@ -78,9 +81,6 @@ def run(args) -> int:
         raise UsageError(f"--prompt-file: no such file {prompt_path}")
     if args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be >= 1")
-    if args.torch:
-        from vist2_jax.export.torch_generate import run_torch
-        return run_torch(args)
     if not args.checkpoint:
         raise UsageError("one of --checkpoint DIR or --torch DIR is required")
     config, variables, decoder_only, tokenizer = load_checkpoint(args.checkpoint, args.preset, args.override)

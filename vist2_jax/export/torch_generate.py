@@ -15,7 +15,11 @@ def run_torch(args) -> int:
     from vist2_jax.export.torch_sampling import SamplingConfig
     from vist2_jax.export.torch_vist2 import TorchVist2
 
-    folder = Path(args.torch)
+    prompt_path, folder = Path(args.prompt_file), Path(args.torch)
+    if not prompt_path.is_file():
+        raise UsageError(f"--prompt-file: no such file {prompt_path}")
+    if args.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be >= 1")
     if not (folder / "vist2_config.json").is_file():
         raise UsageError(f"--torch: {folder} is not a `vist2 export` folder (no vist2_config.json)")
     if args.tokenizer:
@@ -24,9 +28,9 @@ def run_torch(args) -> int:
 
     hf_logging.disable_progress_bar()  # keep stderr to the one summary line
     model = TorchVist2.load(folder)
-    ids = model.tokenizer.encode(Path(args.prompt_file).read_text())
+    ids = model.tokenizer.encode(prompt_path.read_text())
     if not ids:
-        raise UsageError(f"--prompt-file: {args.prompt_file} encodes to no tokens")
+        raise UsageError(f"--prompt-file: {prompt_path} encodes to no tokens")
     stop = tuple(i for name, i in model.tokenizer.special_ids.items() if name in ("eos", "end"))
     try:
         sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
