@@ -3,10 +3,11 @@
 Streaming: parameters are read from the Orbax checkpoint one leaf (or one stored block of
 layers of a stacked leaf) at a time, mapped through the declarative HF tables
 (``vist2_jax/convert/hf_mapping.py``) and written to safetensors before the next read,
-so peak host memory is about the largest stored tensor plus its converted copy, not the
-model. The folder (see ``layout_doc`` in its README) holds ``decoder/`` (Qwen3),
-``vision/`` (SigLIP or SigLIP2), ``aligner.safetensors``, ``vist2_config.json``, the
-tokenizer and the renderer config with its font, all from the checkpoint itself.
+so peak host memory is about twice the largest stored tensor (TensorStore's decoded chunk
+plus the array it returns, or a leaf plus its converted copy), not the model. The folder
+holds ``decoder/`` (Qwen3), ``vision/`` (SigLIP or SigLIP2), ``aligner.safetensors``,
+``vist2_config.json``, the tokenizer, the renderer config with its font, all from the
+checkpoint itself, and a README listing them.
 """
 
 from __future__ import annotations
