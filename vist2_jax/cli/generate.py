@@ -8,6 +8,7 @@ Checkpoint formats read (``--checkpoint DIR``):
   with the model shape from ``--preset`` and ``--override key=value`` (recipe syntax);
 * a Hugging Face Qwen3 folder (config.json + *.safetensors, via
   ``vist2_jax.convert.hf_weights.load_hf_decoder``): decoder only, so ``--mode text`` only.
+``--torch DIR`` runs a ``vist2 export`` folder with the PyTorch runtime instead (same options).
 Text goes through the run's tokenizer or ``--tokenizer`` (a SentencePiece ``.model`` or a HF ``tokenizer.json``)
 and, for gcc/pcc, the sketch renderer: a run's own, rebuilt from the renderer config saved
 in its checkpoint (a font whose sha256 differs from the recorded one is refused); for an
@@ -24,8 +25,10 @@ from vist2_jax.cli.errors import UsageError
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="stream generated text (gcc | pcc | text)")
-    p.add_argument("--checkpoint", required=True, metavar="DIR",
+    p.add_argument("--checkpoint", metavar="DIR",
                    help="a training run dir, an Orbax StandardCheckpointer params dir, or a HF Qwen3 folder (text mode)")
+    p.add_argument("--torch", metavar="DIR", help="instead of --checkpoint: a `vist2 export` folder, "
+                   "run by the PyTorch runtime (vist2_jax/export/torch_vist2.py)")
     p.add_argument("--prompt-file", required=True, metavar="F")
     p.add_argument("--mode", default="gcc", choices=("gcc", "pcc", "text"))
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -88,6 +91,9 @@ def load_checkpoint(directory: str, preset: str, overrides, font: str | None = N
 
 
 def run(args) -> int:
+    if args.torch:  # the PyTorch runtime of a `vist2 export` folder; imports no JAX
+        from vist2_jax.export.torch_generate import run_torch
+        return run_torch(args)
     import numpy as np
 
     from data_pipelines.tokenizer import load_tokenizer
@@ -99,6 +105,8 @@ def run(args) -> int:
         raise UsageError(f"--prompt-file: no such file {prompt_path}")
     if args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be >= 1")
+    if not args.checkpoint:
+        raise UsageError("one of --checkpoint DIR or --torch DIR is required")
     config, variables, renderer, tokenizer = load_checkpoint(args.checkpoint, args.preset, args.override,
                                                              args.font)
     decoder_only = renderer is None

@@ -228,6 +228,16 @@ def _get(tree: Mapping, path: tuple[str, ...]):
     return tree
 
 
+def tensor_rows(table: MappingTable, cfg: ModelConfig):
+    """``(hf_name, leaf_path, transform, index)`` per HF tensor, in table order: ``leaf_path``
+    is the full path of our parameter (root included) and ``index`` the layer to take from
+    its stacked leading axis (scanned layers), or None when the leaf is the whole tensor.
+    Lets a streaming exporter read one leaf at a time."""
+    for hf, parts, transform, layer in _expand(table, cfg):
+        path = table.root + _layer_path(parts, layer, cfg.scan_layers)
+        yield hf, path, transform, layer if (layer is not None and cfg.scan_layers) else None
+
+
 def import_hf(table: MappingTable, tensors: Mapping[str, np.ndarray], cfg: ModelConfig,
               dtype=np.float32) -> dict:
     """HF tensors -> our nested param dict for the table's component (``{"params": {...}}``).

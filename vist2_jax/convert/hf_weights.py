@@ -38,6 +38,25 @@ def vision_table(hf_config: dict) -> MappingTable:
     return SIGLIP2_VISION if "siglip2" in hf_config.get("model_type", "") else SIGLIP_VISION
 
 
+def vision_format(config: Config) -> str:
+    """``siglip2`` when the run's vision tower (through its ``init_from`` chain) started from a
+    SigLIP2 folder, else ``siglip``: the HF class whose weight layout an export writes."""
+    from vist2_jax.checkpointing.runs import load_config_of
+
+    seen: set[Path] = set()
+    while True:
+        folder = config.train.init_vision_hf
+        if folder:
+            hf_config = Path(folder) / "config.json"
+            kind = json.loads(hf_config.read_text()).get("model_type", "") if hf_config.is_file() else folder
+            return "siglip2" if "siglip2" in kind.lower() else "siglip"
+        parent = Path(config.train.init_from) if config.train.init_from else None
+        if parent is None or parent in seen or not (parent / "config.yaml").is_file():
+            return "siglip"
+        seen.add(parent)
+        config = load_config_of(parent)
+
+
 def load_hf_decoder(directory: str | Path, dtype: str = "float32",
                     what: str = "--hf-decoder") -> tuple[ModelConfig, dict]:
     """A HF Qwen3 folder -> (ModelConfig with that decoder, decoder params ``{"params": ...}``)."""

@@ -34,16 +34,6 @@ MODES = ("gcc", "pcc", "text")
 SEGMENT = 1  # every live entry belongs to document 1 (padding/free slots: PAD, segment 0)
 
 
-def marker_position(chunk: int, L: int, m: int) -> int:
-    """Position of chunk ``chunk``'s (1-based) marker in the equivalent training row."""
-    return (chunk - 1) * (L + 1 + m)
-
-
-def visual_position(chunk: int, L: int, m: int) -> int:
-    """Position of the first visual token of chunk ``chunk``."""
-    return marker_position(chunk, L, m) + L + 1
-
-
 def finished_chunks(mode: str, prompt_len: int, new_tokens: int, L: int) -> int:
     """Chunks held as visual tokens at the end of the generation (prefill + compressions)."""
     if mode == "text":

@@ -1,0 +1,230 @@
+"""Export a training run's checkpoint to a folder PyTorch / ``transformers`` loads as is.
+
+Streaming: parameters are read from the Orbax checkpoint one leaf (or one stored block of
+layers of a stacked leaf) at a time, mapped through the declarative HF tables
+(``vist2_jax/convert/hf_mapping.py``) and written to safetensors before the next read,
+so peak host memory is about twice the largest stored tensor (TensorStore's decoded chunk
+plus the array it returns, or a leaf plus its converted copy), not the model. The folder
+holds ``decoder/`` (Qwen3), ``vision/`` (SigLIP or SigLIP2), ``aligner.safetensors``,
+``vist2_config.json``, the tokenizer, the renderer config with its font, all from the
+checkpoint itself, and a README listing them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import datetime
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from vist2_jax.config.loader import build, to_dict
+from vist2_jax.config.schema import Config, ConfigError, ModelConfig
+from vist2_jax.convert.hf_mapping import QWEN3_DECODER, SIGLIP2_VISION, SIGLIP_VISION, tensor_rows
+from vist2_jax.export.metadata import copy_font, decoder_hf_config, git_commit, vision_hf_config
+from vist2_jax.export.orbax_reader import OrbaxParams, UnreadableCheckpoint
+from vist2_jax.export.readme import export_readme
+from vist2_jax.export.safetensors_stream import ShardedWriter
+from vist2_jax.checkpointing.checkpoints import RunCheckpoints, write_tokenizer_asset
+from vist2_jax.checkpointing.runs import load_config_of, resolve_run_dir
+from vist2_jax.convert.hf_weights import vision_format
+
+log = logging.getLogger(__name__)
+
+FORMAT = "vist2-torch"
+FORMAT_VERSION = 1
+DEFAULT_SHARD_BYTES = 5 * 10 ** 9  # the transformers default shard size
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+VISION_TABLES = {"siglip": SIGLIP_VISION, "siglip2": SIGLIP2_VISION}
+
+
+@dataclasses.dataclass
+class ExportResult:
+    out: Path
+    run_dir: Path
+    step: int
+    checkpoint_bytes: int  # all parameter leaves as stored
+    largest_tensor_bytes: int  # the largest stored leaf
+    written_bytes: int  # safetensors payload written
+
+
+def release_freed_buffers() -> None:
+    """Make glibc return every freed buffer of 1 MiB or more to the OS at once. Its default
+    mmap threshold grows after large frees (up to 32 MiB), after which freed tensors stay in
+    the heap and RSS climbs towards the model size although one leaf is held at a time."""
+    try:
+        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
+def export_run(run_dir: str | Path, out: str | Path, *, step: int | None = None,
+               dtype: str = "float32", max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+               font: str | None = None, vision: str = "auto") -> ExportResult:
+    """Export ``step`` (default: the newest readable checkpoint) of a run into ``out``,
+    which must not exist or be empty. Written to a sibling temporary folder, renamed at
+    the end, so a failed export leaves nothing behind."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype: {dtype!r}; choose one of {', '.join(DTYPES)}")
+    release_freed_buffers()
+    out = Path(out).absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out: {out} exists and is not an empty folder")
+    if vision not in ("auto", *VISION_TABLES):
+        raise ConfigError(f"--vision-format: {vision!r}; choose auto, siglip or siglip2")
+    run_dir, step_in_path = resolve_run_dir(run_dir, "RUN_DIR")
+    step = step if step is not None else step_in_path
+    checkpoints = RunCheckpoints(run_dir, keep=1000, async_save=False)
+    try:
+        steps = checkpoints.steps()
+        if step is not None and step not in steps:
+            raise ConfigError(f"--step: {run_dir} has no checkpoint {step} (steps: {steps})")
+        candidates = [step] if step is not None else list(reversed(steps))
+        if not candidates:
+            raise ConfigError(f"RUN_DIR: {run_dir} has no checkpoint")
+        partial = out.with_name(f".{out.name}.partial")
+        for candidate in candidates:
+            shutil.rmtree(partial, ignore_errors=True)
+            try:
+                result = _export_step(run_dir, checkpoints, candidate, partial, DTYPES[dtype],
+                                      max_shard_bytes, font, vision)
+            except UnreadableCheckpoint as err:
+                shutil.rmtree(partial, ignore_errors=True)
+                if step is not None:
+                    raise ConfigError(f"--step {step}: {err}") from None
+                log.error("checkpoint step %d of %s is unreadable (%s); trying the previous one",
+                          candidate, run_dir, str(err).splitlines()[0][:300])
+                continue
+            except BaseException:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise
+            if out.exists():
+                out.rmdir()
+            partial.rename(out)
+            result.out = out
+            return result
+        raise ConfigError(f"RUN_DIR: no readable checkpoint under {checkpoints.directory}")
+    finally:
+        checkpoints.close()
+
+
+def read_item(checkpoints: RunCheckpoints, step: int, name: str) -> dict:
+    """A JSON item of a checkpoint; UnreadableCheckpoint when it cannot be read."""
+    try:
+        return checkpoints.read_json(step, name)
+    except Exception as err:  # orbax raises many kinds for missing or damaged items
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        raise UnreadableCheckpoint(f"step {step} item {name!r}: {type(err).__name__}: {first_line}") from None
+
+
+def _export_step(run_dir, checkpoints, step, out, dtype, max_shard_bytes, font, vision):
+    # The checkpoint's own resolved config (config.yaml is the latest invocation's).
+    has_config = (checkpoints.directory / str(step) / "config").is_dir()
+    config = (build(Config, read_item(checkpoints, step, "config")).validate() if has_config
+              else load_config_of(run_dir))
+    vision = vision_format(config) if vision == "auto" else vision
+    tokenizer_asset = read_item(checkpoints, step, "tokenizer")
+    renderer = read_item(checkpoints, step, "renderer")
+    reader = OrbaxParams(checkpoints.directory / str(step) / "params")
+    model = config.model
+    out.mkdir(parents=True)
+    written = write_component(reader, QWEN3_DECODER, model, out / "decoder", dtype, max_shard_bytes)
+    written += write_component(reader, VISION_TABLES[vision], model, out / "vision", dtype, max_shard_bytes)
+    written += write_aligner(reader, out / "aligner.safetensors", dtype)
+    try:
+        tokenizer_file = write_tokenizer_asset(tokenizer_asset, out)
+    except ValueError as err:
+        raise ConfigError(f"step {step}: {err}") from None
+    from data_pipelines.tokenizer import load_tokenizer
+    special_ids = dict(load_tokenizer(tokenizer_file).special_ids)
+    (out / "decoder" / "config.json").write_text(json.dumps(
+        decoder_hf_config(model, dtype, special_ids), indent=2))
+    (out / "vision" / "config.json").write_text(json.dumps(vision_hf_config(model, vision, dtype), indent=2))
+    font_file, font_sha = copy_font(renderer, out / "font", font)
+    (out / "renderer.json").write_text(json.dumps(renderer, indent=2))
+    sizes = {path: reader.nbytes(path) for path in reader.paths}
+    source = {"run_dir": str(run_dir.absolute()), "step": step, "git_commit": git_commit(),
+              "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    layout = model.layout
+    vist2 = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "dtype": dtype.name,
+        "layout": {"text_len": layout.text_len, "visual_len": layout.visual_len,
+                   "image_size": layout.image_size, "patch_size": layout.patch_size, "merge": layout.merge,
+                   "visual_attends_past_visual": layout.visual_attends_past_visual},
+        "decoder": {"folder": "decoder", "class": "Qwen3ForCausalLM"},
+        "vision": {"folder": "vision", "format": vision,
+                   "class": "Siglip2VisionModel" if vision == "siglip2" else "SiglipVisionModel",
+                   "pixels": "uint8 RGB / 127.5 - 1"},
+        "aligner": {"file": "aligner.safetensors", "projector": model.aligner.projector, "merge": layout.merge},
+        "tokenizer": {"file": tokenizer_file.name, "kind": tokenizer_asset.get("kind"),
+                      "sha256": tokenizer_asset.get("sha256"), "special_ids": special_ids},
+        "renderer": {"config": "renderer.json", "font": font_file, "font_sha256": font_sha},
+        "source": source,
+        "model_config": to_dict(model),
+    }
+    (out / "vist2_config.json").write_text(json.dumps(vist2, indent=2))
+    (out / "README.md").write_text(export_readme(vist2, sizes))
+    return ExportResult(out, run_dir, step, sum(sizes.values()), max(sizes.values()), written)
+
+
+def _hf_shape(transform, shape, dims) -> tuple[int, ...]:
+    """The HF shape of one of our tensors, traced (no data)."""
+    return jax.eval_shape(lambda w: transform.to_hf(w, dims), jax.ShapeDtypeStruct(shape, np.float32)).shape
+
+
+def write_component(reader: OrbaxParams, table, model: ModelConfig, directory: Path, dtype,
+                    max_shard_bytes: int) -> int:
+    """One HF component (decoder or vision tower): plan every tensor's shape from metadata,
+    then read each stored leaf once and write the tensors it holds. Returns bytes written."""
+    dims = table.dims(model)
+    groups: dict[tuple, list] = {}
+    for hf, path, transform, index in tensor_rows(table, model):
+        groups.setdefault(path, []).append((index, hf, transform))
+    plan = []
+    for path, rows in groups.items():
+        rows.sort(key=lambda r: -1 if r[0] is None else r[0])
+        shape = reader.shape(path)
+        for index, hf, transform in rows:
+            plan.append((hf, _hf_shape(transform, shape if index is None else shape[1:], dims), dtype))
+    writer = ShardedWriter(directory, plan, max_shard_bytes)
+
+    def emit(hf, transform, value):
+        writer.write(hf, np.ascontiguousarray(transform.to_hf(value.astype(dtype, copy=False), dims)))
+
+    for path, rows in groups.items():
+        if rows[0][0] is None:
+            (_, hf, transform), = rows
+            emit(hf, transform, reader.read(path))
+            continue
+        wanted = {index: (hf, transform) for index, hf, transform in rows}
+        for start, block in reader.layer_blocks(path):
+            for offset in range(block.shape[0]):
+                if start + offset in wanted:
+                    emit(*wanted[start + offset], block[offset])
+            del block
+    writer.close()
+    return writer.total_bytes
+
+
+def write_aligner(reader: OrbaxParams, file: Path, dtype) -> int:
+    """The aligner's Linear layers in torch layout (``fc1.weight`` [out, in], ``fc1.bias``...)."""
+    leaves = sorted(p for p in reader.paths if p[:2] == ("params", "aligner"))
+    plan, names = [], []
+    for path in leaves:
+        name = f"{'.'.join(path[2:-1])}.{'weight' if path[-1] == 'kernel' else 'bias'}"
+        shape = reader.shape(path)
+        plan.append((name, shape[::-1] if path[-1] == "kernel" else shape, dtype))
+        names.append(name)
+    writer = ShardedWriter(file.parent, plan, max_shard_bytes=1 << 62)
+    for path, name in zip(leaves, names):
+        value = reader.read(path).astype(dtype, copy=False)
+        writer.write(name, np.ascontiguousarray(value.T if path[-1] == "kernel" else value))
+    writer.close()
+    (file.parent / writer.files[0]).rename(file)
+    return writer.total_bytes

@@ -1,0 +1,90 @@
+"""Read the parameter arrays of an Orbax checkpoint item one at a time, without restoring
+the tree.
+
+``RunCheckpoints`` saves ``params`` with Orbax's PyTree handler: one zarr array per leaf,
+named by its dotted key path (``params.decoder.embedding``), inside an OCDBT key-value
+store (or plain files when OCDBT is off), as ``_METADATA`` records. Opening an array with
+TensorStore reads only its metadata; a read fetches (and decompresses) only the chunks it
+touches, so an exporter holds one leaf, or one block of layers of a stacked leaf, at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import tensorstore as ts
+
+
+class UnreadableCheckpoint(Exception):
+    """Stored data that cannot be read (missing, truncated or corrupted files)."""
+
+
+class OrbaxParams:
+    """The arrays of one PyTree checkpoint item (e.g. ``checkpoints/<step>/params``)."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory).absolute()
+        meta_file = self.directory / "_METADATA"
+        if not meta_file.is_file():
+            raise UnreadableCheckpoint(f"{self.directory}: no _METADATA (not an Orbax PyTree item)")
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, ValueError) as err:
+            raise UnreadableCheckpoint(f"{meta_file}: {err}") from None
+        self.use_ocdbt = bool(meta.get("use_ocdbt", True))
+        self.driver = "zarr3" if meta.get("use_zarr3") else "zarr"
+        self.paths = {}
+        for record in meta["tree_metadata"].values():
+            keys = tuple(str(k["key"]) for k in record["key_metadata"])
+            self.paths[keys] = ".".join(keys)
+        # no TensorStore cache: a chunk read once is not kept in memory afterwards
+        self._context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
+        self._open: dict[tuple[str, ...], ts.TensorStore] = {}
+
+    def _spec(self, name: str) -> dict:
+        if self.use_ocdbt:
+            kvstore = {"driver": "ocdbt", "base": f"file://{self.directory}/", "path": name}
+        else:
+            kvstore = {"driver": "file", "path": f"{self.directory}/{name}"}
+        return {"driver": self.driver, "kvstore": kvstore}
+
+    def array(self, path: tuple[str, ...]) -> ts.TensorStore:
+        """The opened (metadata-only) array of a leaf; KeyError for a path not saved."""
+        if path not in self._open:
+            if path not in self.paths:
+                raise KeyError(f"{self.directory}: no parameter {'/'.join(path)}")
+            self._open[path] = self._result(ts.open(self._spec(self.paths[path]), open=True, read=True,
+                                                    context=self._context), path)
+        return self._open[path]
+
+    def _result(self, future, path):
+        try:
+            return future.result()
+        except ValueError as err:  # TensorStore reports missing and damaged data as ValueError
+            first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UnreadableCheckpoint(f"{self.directory}: {'/'.join(path)}: {first_line}") from None
+
+    def shape(self, path: tuple[str, ...]) -> tuple[int, ...]:
+        return tuple(self.array(path).shape)
+
+    def dtype(self, path: tuple[str, ...]) -> np.dtype:
+        return np.dtype(self.array(path).dtype.numpy_dtype)
+
+    def nbytes(self, path: tuple[str, ...]) -> int:
+        return int(np.prod(self.shape(path))) * self.dtype(path).itemsize
+
+    def read(self, path: tuple[str, ...]) -> np.ndarray:
+        """The whole leaf."""
+        return self._result(self.array(path).read(), path)
+
+    def layer_blocks(self, path: tuple[str, ...]) -> Iterator[tuple[int, np.ndarray]]:
+        """``(first_layer, block)`` over a stacked leaf, a block being as many layers as one
+        stored chunk spans (the smallest read that decompresses no chunk twice)."""
+        array = self.array(path)
+        layers = array.shape[0]
+        step = max(1, min(layers, int(array.chunk_layout.read_chunk.shape[0] or layers)))
+        for start in range(0, layers, step):
+            yield start, self._result(array[start:start + step].read(), path)
