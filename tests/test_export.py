@@ -146,6 +146,37 @@ def test_greedy_generation_matches_jax(run, mode, new, record_property):
     assert err < TOL
 
 
+class CappedRenderer:
+    """The run's renderer, refusing (like a full sketch) any text of more than ``cap`` tokens."""
+
+    def __init__(self, inner, tokenizer, cap):
+        self.inner, self.tokenizer, self.cap = inner, tokenizer, cap
+
+    def render(self, text, **kwargs):
+        from data_pipelines.render import RenderRejected
+
+        if len(self.tokenizer.encode(text)) > self.cap:
+            raise RenderRejected(f"more than {self.cap} tokens")
+        return self.inner.render(text, **kwargs)
+
+
+def test_chunks_closed_early_generate_the_same_in_jax_and_pytorch(run, monkeypatch, record_property):
+    """With a renderer that takes fewer than L tokens, both runtimes close chunks by the chunk
+    rule at the same tokens and re-predict the same way: identical greedy tokens."""
+    config, tokenizer = run["config"].model, run["tokenizer"]
+    capped = CappedRenderer(run["renderer"], tokenizer, cap=config.layout.text_len // 2)
+    prompt = tokenizer.encode(PROMPT)[:13]
+    gen = Generator(config, run["params"], render_fn=capped.render, detokenize=detokenizer(tokenizer),
+                    chunk_token=tokenizer.special_ids["chunk"])
+    ref = gen.generate([prompt], "gcc", 40, record_logits=True)
+    monkeypatch.setattr(run["torch"], "renderer", capped)
+    tokens, logits = run["torch"].generate([prompt], "gcc", 40, record_logits=True)
+    err = float(np.abs(np.stack(logits[0]) - ref.logits[0]).max())
+    record_property("export: gcc with early-closed chunks, logits max abs err", err)
+    assert ref.layout.visual_chunks > (13 + 40) // config.layout.text_len + 1  # more chunks than full ones
+    assert tokens[0] == ref.tokens[0] and err < TOL
+
+
 def test_transformers_loads_decoder_and_text_logits_match(run, record_property):
     hf = transformers.Qwen3ForCausalLM.from_pretrained(run["out"] / "decoder").eval()
     tokens = np.random.default_rng(4).integers(0, run["config"].model.decoder.vocab_size, (2, 40)).astype(np.int32)
