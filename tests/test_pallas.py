@@ -16,6 +16,7 @@
 """
 
 import os
+import re
 from contextlib import nullcontext
 
 import jax
@@ -229,6 +230,25 @@ def test_kernels_lower_forward_and_backward(impl, platform, block, target):
         exported = export.export(_grad_fn(impl, block), platforms=[platform],
                                  disabled_checks=checks)(*_abstract_args(2 * block + 3))
     assert exported.mlir_module().count(target) == 3
+
+
+@pytest.mark.parametrize("block,dtype,want", [
+    (64, jnp.bfloat16, {"_fwd_kernel": (3, 4), "_dq_kernel": (3, 4), "_dkv_kernel": (3, 8)}),
+    (128, jnp.bfloat16, {"_fwd_kernel": (3, 8), "_dq_kernel": (3, 8), "_dkv_kernel": (3, 8)}),
+    (64, jnp.float32, {"_fwd_kernel": (2, 4), "_dq_kernel": (3, 4), "_dkv_kernel": (3, 8)}),
+])
+def test_gpu_launch_parameters(block, dtype, want):
+    """(num_stages, num_warps) of each Triton kernel at head dim 128: 8 warps once the
+    fp32 accumulators pass 64 registers a thread at 4; 2 stages when 3 would not fit."""
+    from jax import export
+
+    with pallas_gpu.gpu_lowering_target():
+        text = export.export(_grad_fn("pallas_gpu", block), platforms=["cuda"], disabled_checks=[
+            export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+            *_abstract_args(2 * block + 3, dtype=dtype)).mlir_module()
+    found = re.findall(r'name = "(_\w+_kernel)", num_stages = (\d+) : i32, num_warps = (\d+) : i32',
+                       text)
+    assert {name: (int(a), int(b)) for name, a, b in found} == want
 
 
 def _tpu_device(topology="v5e:2x2", **kwargs):

@@ -59,11 +59,13 @@ def tiles(block: int) -> Tiles:
     return Tiles(fwd=(block, fwd_k), dq=(block, bwd), dkv=(bwd, block))
 
 
-def _params(rows: int, dim: int, accumulators: int, walked: int) -> plgpu.CompilerParams:
+def _params(rows: int, dim: int, accumulators: int, walked: int, dtype) -> plgpu.CompilerParams:
     """num_warps keeping the fp32 accumulators near 64 registers a thread (4 to 8 warps);
-    3 pipeline stages for walked tiles up to 64 rows, else 2 (shared memory)."""
+    3 pipeline stages while the two walked tiles of each stage fit 32 KiB of shared
+    memory (bf16 up to 64 x 128), else 2."""
     warps = min(8, max(4, accumulators * rows * dim // (64 * 32)))
-    return plgpu.CompilerParams(num_warps=warps, num_stages=3 if walked <= 64 else 2)
+    stage_bytes = 2 * walked * dim * jnp.dtype(dtype).itemsize
+    return plgpu.CompilerParams(num_warps=warps, num_stages=3 if stage_bytes <= 32 << 10 else 2)
 
 
 @contextlib.contextmanager
@@ -235,7 +237,7 @@ def _forward(q, k, v, tables, fields, tile, flag, interpret):
         out_specs=[q_spec, vec_spec],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((batch, heads, size), jnp.float32)],
-        interpret=interpret, compiler_params=_params(tile[0], dim, 1, tile[1]),
+        interpret=interpret, compiler_params=_params(tile[0], dim, 1, tile[1], q.dtype),
     )(*t_args, q, k, v, fields)
 
 
@@ -248,7 +250,7 @@ def _dq(q, k, v, do, lse, delta, tables, fields, tile, flag, interpret):
         kernel, grid=(heads, nq, batch),
         in_specs=t_specs + [q_spec, kv_spec, kv_spec, q_spec, vec_spec, vec_spec, f_spec],
         out_specs=q_spec, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        interpret=interpret, compiler_params=_params(tile[0], dim, 1, tile[1]),
+        interpret=interpret, compiler_params=_params(tile[0], dim, 1, tile[1], q.dtype),
     )(*t_args, q, k, v, do, lse, delta, fields)
 
 
@@ -270,7 +272,7 @@ def _dkv(q, k, v, do, lse, delta, tables, fields, tile, flag, interpret):
         + [group_spec, kv_spec, kv_spec, group_spec, vec_spec, vec_spec, f_spec],
         out_specs=[kv_spec, kv_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        interpret=interpret, compiler_params=_params(bk, dim, 2, tile[0]),
+        interpret=interpret, compiler_params=_params(bk, dim, 2, tile[0], q.dtype),
     )(table.q_blocks, table.q_counts[..., None], table.q_classes, q, k, v, do, lse, delta,
       fields)
 
