@@ -271,24 +271,33 @@ def _tpu_device(topology="v5e:2x2", **kwargs):
 SINGLE_CHIP = {"chips_per_host_bounds": (1, 1, 1)}
 
 
-@pytest.mark.parametrize("topology,kwargs,dtype", [
-    ("v5e:2x2", {}, jnp.bfloat16),
-    ("v5p:1x1x1", SINGLE_CHIP, jnp.bfloat16),
-    ("v5p:1x1x1", SINGLE_CHIP, jnp.float32),
-    ("v6e:1x1", SINGLE_CHIP, jnp.bfloat16),
-    ("v6e:1x1", SINGLE_CHIP, jnp.float32),
+@pytest.mark.parametrize("topology,kwargs,dtype,block", [
+    ("v5e:2x2", {}, jnp.bfloat16, 128),
+    ("v5p:1x1x1", SINGLE_CHIP, jnp.bfloat16, 128),
+    ("v5p:1x1x1", SINGLE_CHIP, jnp.float32, 128),
+    ("v6e:1x1", SINGLE_CHIP, jnp.bfloat16, 128),
+    ("v6e:1x1", SINGLE_CHIP, jnp.float32, 128),
+    pytest.param("v6e:1x1", SINGLE_CHIP, jnp.bfloat16, 256, marks=pytest.mark.slow),
 ])
-def test_pallas_tpu_compiles_for_a_tpu_topology(topology, kwargs, dtype, record_property):
-    """jit(...).lower(...).compile() for a TPU chip: forward + backward, block 128 (fp32
-    with its HIGHEST-precision dots too)."""
+def test_pallas_tpu_compiles_for_a_tpu_topology(topology, kwargs, dtype, block, record_property):
+    """jit(...).lower(...).compile() for a TPU chip: forward + backward (fp32 with its
+    HIGHEST-precision dots too; block 256 is the bench's second TPU block)."""
     device = _tpu_device(topology, **kwargs)
-    args = _abstract_args(259, jax.sharding.SingleDeviceSharding(device), dtype)
-    compiled = _grad_fn("pallas_tpu", 128).lower(*args).compile()
+    seq = 2 * block + 3
+    args = _abstract_args(seq, jax.sharding.SingleDeviceSharding(device), dtype)
+    compiled = _grad_fn("pallas_tpu", block).lower(*args).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     assert cost["flops"] > 0
-    record_property(f"pallas_tpu {topology} {jnp.dtype(dtype).name} fwd+bwd S=259 temp bytes",
-                    compiled.memory_analysis().temp_size_in_bytes)
+    record_property(f"pallas_tpu {topology} {jnp.dtype(dtype).name} block {block} fwd+bwd "
+                    f"S={seq} temp bytes", compiled.memory_analysis().temp_size_in_bytes)
+
+
+def test_pallas_tpu_rejects_blocks_off_the_lane_width():
+    q, k, v, _ = inputs(0, 40, jnp.bfloat16)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        block_sparse_visual_first(q, k, v, random_olm_meta(0, 40), impl="pallas_tpu",
+                                  interpret=False, block=64)
 
 
 def _gpu_device():

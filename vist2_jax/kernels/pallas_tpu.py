@@ -277,6 +277,9 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, meta: RowMe
     (:mod:`.reorder`) is what makes the table sparse. ``block`` must be a multiple of
     128 when compiled for TPU; any size works in interpret mode.
     """
+    if not interpret and block % 128:
+        raise ValueError(f"pallas_tpu block={block}: must be a multiple of 128 (the lane width "
+                         "of v5p / v6e tiles) when compiled")
     seq = q.shape[1]
     prep = prepare(q, k, v, meta, block, visual_attends_past_visual)
     out = _attend(prep.q, prep.k, prep.v, prep.table, prep.fields, block,
