@@ -59,13 +59,19 @@ def tiles(block: int) -> Tiles:
     return Tiles(fwd=(block, fwd_k), dq=(block, bwd), dkv=(bwd, block))
 
 
-def _params(rows: int, dim: int, accumulators: int, walked: int, dtype) -> plgpu.CompilerParams:
-    """num_warps keeping the fp32 accumulators near 64 registers a thread (4 to 8 warps);
-    3 pipeline stages while the two walked tiles of each stage fit 32 KiB of shared
-    memory (bf16 up to 64 x 128), else 2."""
-    warps = min(8, max(4, accumulators * rows * dim // (64 * 32)))
-    stage_bytes = 2 * walked * dim * jnp.dtype(dtype).itemsize
-    return plgpu.CompilerParams(num_warps=warps, num_stages=3 if stage_bytes <= 32 << 10 else 2)
+def _params(rows: int, dim: int, held: int, accumulators: int, walked: int,
+            dtype) -> plgpu.CompilerParams:
+    """Launch parameters of a program holding ``held`` input tiles and ``accumulators``
+    fp32 tiles of ``rows`` x ``dim`` while it walks tiles of ``walked`` rows: 8 warps once
+    those pass 96 registers a thread at 4 warps; 3 pipeline stages for 16-bit inputs while
+    a stage's two walked tiles fit 32 KiB of shared memory, else 2 (fp32 at block 128 would
+    not fit an A100 with 3). At head dim 128 in bf16 on sm_90 this gives no spills and 8-16
+    resident warps an SM (``python -m vist2_jax.bench.triton_static``)."""
+    itemsize = jnp.dtype(dtype).itemsize
+    words = rows * dim * (held * itemsize / 4 + accumulators)
+    stage_bytes = 2 * walked * dim * itemsize
+    return plgpu.CompilerParams(num_warps=8 if words > 96 * 128 else 4,
+                                num_stages=3 if itemsize <= 2 and stage_bytes <= 32 << 10 else 2)
 
 
 @contextlib.contextmanager
@@ -237,7 +243,7 @@ def _forward(q, k, v, tables, fields, tile, flag, interpret):
         out_specs=[q_spec, vec_spec],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((batch, heads, size), jnp.float32)],
-        interpret=interpret, compiler_params=_params(tile[0], dim, 1, tile[1], q.dtype),
+        interpret=interpret, compiler_params=_params(tile[0], dim, 1, 1, tile[1], q.dtype),
     )(*t_args, q, k, v, fields)
 
 
@@ -250,7 +256,7 @@ def _dq(q, k, v, do, lse, delta, tables, fields, tile, flag, interpret):
         kernel, grid=(heads, nq, batch),
         in_specs=t_specs + [q_spec, kv_spec, kv_spec, q_spec, vec_spec, vec_spec, f_spec],
         out_specs=q_spec, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        interpret=interpret, compiler_params=_params(tile[0], dim, 1, tile[1], q.dtype),
+        interpret=interpret, compiler_params=_params(tile[0], dim, 2, 1, tile[1], q.dtype),
     )(*t_args, q, k, v, do, lse, delta, fields)
 
 
@@ -272,7 +278,7 @@ def _dkv(q, k, v, do, lse, delta, tables, fields, tile, flag, interpret):
         + [group_spec, kv_spec, kv_spec, group_spec, vec_spec, vec_spec, f_spec],
         out_specs=[kv_spec, kv_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        interpret=interpret, compiler_params=_params(bk, dim, 2, tile[0], q.dtype),
+        interpret=interpret, compiler_params=_params(bk, dim, 2, 2, tile[0], q.dtype),
     )(table.q_blocks, table.q_counts[..., None], table.q_classes, q, k, v, do, lse, delta,
       fields)
 
