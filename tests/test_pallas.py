@@ -116,7 +116,7 @@ def check(impl, meta, seed, flag, dtype, block, record=None):
         assert error <= TOLERANCE[dtype], f"{impl} {name}: relative error {error:.2e}"
         worst = max(worst, error)
     if record is not None:
-        record(f"{impl} {jnp.dtype(dtype).name} max relative error", worst)
+        record(f"{impl} block {block} {jnp.dtype(dtype).name} max relative error", worst)
     return worst
 
 
