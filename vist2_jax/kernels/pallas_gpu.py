@@ -64,9 +64,10 @@ def _params(rows: int, dim: int, held: int, accumulators: int, walked: int,
     """Launch parameters of a program holding ``held`` input tiles and ``accumulators``
     fp32 tiles of ``rows`` x ``dim`` while it walks tiles of ``walked`` rows: 8 warps once
     those pass 96 registers a thread at 4 warps; 3 pipeline stages for 16-bit inputs while
-    a stage's two walked tiles fit 32 KiB of shared memory, else 2 (fp32 at block 128 would
-    not fit an A100 with 3). At head dim 128 in bf16 on sm_90 this gives no spills and 8-16
-    resident warps an SM (``python -m vist2_jax.bench.triton_static``)."""
+    a stage's two walked tiles fit 32 KiB of shared memory, else 2 (fp32, the exactness
+    path, needs an H100's shared memory at block 128, head dim 128). At head dim 128 in
+    bf16 on sm_90 this gives no spills and 8-16 resident warps an SM
+    (``python -m vist2_jax.bench.triton_static``)."""
     itemsize = jnp.dtype(dtype).itemsize
     words = rows * dim * (held * itemsize / 4 + accumulators)
     stage_bytes = 2 * walked * dim * itemsize
