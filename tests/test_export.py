@@ -69,7 +69,7 @@ def run(tmp_path_factory, tiny_config):
     loaded = load_run(tmp / "run")
     config, restored, tokenizer, step = loaded.config, loaded.params, loaded.tokenizer, loaded.step
     saved = json.loads((tmp / "out" / "renderer.json").read_text())
-    jax_renderer = renderer_from_saved(saved, saved["font_file"])  # the run's own font file
+    jax_renderer = renderer_from_saved(saved)  # the run's own font (bundled, matched by hash)
     return dict(tmp=tmp, config=config, params=restored, older=older, tokenizer=tokenizer, step=step,
                 result=result, out=tmp / "out", torch=TorchVist2.load(tmp / "out"), renderer=jax_renderer)
 

@@ -4,16 +4,23 @@
   (bf16) of the reference, relative to the largest reference magnitude, on random packed
   layouts (odd lengths, padding, GQA, both mask modes), through the entry point's
   visual-first permutation;
+* the GPU kernel's per-direction tiles (block 64: forward 64x64, dq 64x32, dk/dv 32x64)
+  in interpret mode, and full-precision dots for fp32 in both kernels;
 * lowering (not interpret) of forward + backward for ``tpu`` and ``cuda`` with
-  ``jax.export``;
-* a real TPU compile of forward + backward for a libtpu topology (skipped, with the
-  reason, when libtpu or the topology is unavailable);
+  ``jax.export`` (``cuda`` under an abstract GPU target, as jax >= 0.11 requires);
+* a real TPU compile of forward + backward for libtpu topologies (v5e, v5p and v6e chips;
+  skipped, with the reason, when libtpu or the topology is unavailable);
+* on a GPU machine only (skipped with the reason elsewhere), the compiled GPU kernel
+  within 1e-5 (fp32) / 2e-2 (bf16) of the reference;
 * ``attention_impl`` selection and config.
 """
 
 import os
+import re
+from contextlib import nullcontext
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -22,7 +29,7 @@ from hypothesis import given, settings, strategies as st
 from data_pipelines.row_contract import pack_olm_row
 from test_blocks import random_olm_meta
 from vist2_jax.config import load_config
-from vist2_jax.kernels import blocks
+from vist2_jax.kernels import blocks, pallas_gpu
 from vist2_jax.kernels.attention import (attention, block_sparse_visual_first, dense_attention,
                                          resolve_impl)
 from vist2_jax.row_contract import CHUNK_ID
@@ -42,6 +49,19 @@ def long_chunk_meta(seq: int) -> RowMeta:
     for docs in ([[[5] * 20, [5] * 24, [5] * 9]], [[[5] * 12, [5] * 30], [[5] * 7]]):
         rows.append(pack_olm_row(docs, [[image] * len(c) for c in docs], seq_len=seq,
                                  visual_len=16, num_image_slots=64, image_shape=(1, 1),
+                                 chunk_token=CHUNK_ID))
+    return RowMeta(*(jnp.asarray(np.stack([r[n] for r in rows]))
+                     for n in ("modality", "chunk_id", "segment_id", "positions")))
+
+
+def tile_meta(seq: int) -> RowMeta:
+    """Two rows with visual_len 64 and long chunks: every tile pair of :func:`tiles` (64)
+    has EMPTY, PARTIAL and FULL pairs in the visual-first order."""
+    image = np.zeros((1, 1, 3), np.uint8)
+    rows = []
+    for docs in ([[[5] * 90, [5] * 70, [5] * 20]], [[[5] * 40, [5] * 100], [[5] * 30]]):
+        rows.append(pack_olm_row(docs, [[image] * len(c) for c in docs], seq_len=seq,
+                                 visual_len=64, num_image_slots=64, image_shape=(1, 1),
                                  chunk_token=CHUNK_ID))
     return RowMeta(*(jnp.asarray(np.stack([r[n] for r in rows]))
                      for n in ("modality", "chunk_id", "segment_id", "positions")))
@@ -71,6 +91,7 @@ def _kernel(impl, flag, block):
 REFERENCE = {flag: _reference(flag) for flag in (False, True)}
 KERNEL = {(impl, flag, block): _kernel(impl, flag, block)
           for impl in KERNELS for flag in (False, True) for block in (8, 16)}
+KERNEL["pallas_gpu", False, 64] = _kernel("pallas_gpu", False, 64)
 
 
 def inputs(seed, seq, dtype):
@@ -95,7 +116,7 @@ def check(impl, meta, seed, flag, dtype, block, record=None):
         assert error <= TOLERANCE[dtype], f"{impl} {name}: relative error {error:.2e}"
         worst = max(worst, error)
     if record is not None:
-        record(f"{impl} {jnp.dtype(dtype).name} max relative error", worst)
+        record(f"{impl} block {block} {jnp.dtype(dtype).name} max relative error", worst)
     return worst
 
 
@@ -119,6 +140,54 @@ def test_kernel_full_and_partial_blocks(impl, dtype, flag, record_property):
     check(impl, meta, 0, flag, dtype, 8, record_property)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gpu_kernel_direction_tiles(dtype, record_property):
+    """Block 64 (odd length 333): forward, dq and dk/dv each walk their own table at their
+    own tiles, each with EMPTY, PARTIAL and FULL pairs."""
+    meta = tile_meta(333)
+    moved = permute_meta(meta, visual_first_permutation(meta)[0])
+    chosen = pallas_gpu.tiles(64)
+    assert chosen == ((64, 64), (64, 32), (32, 64))
+    for tile in chosen:
+        classes = np.asarray(blocks.classify(moved, *tile, False))
+        assert {blocks.EMPTY, blocks.PARTIAL, blocks.FULL} <= set(np.unique(classes)), tile
+    check("pallas_gpu", meta, 3, False, dtype, 64, record_property)
+
+
+def _dot_precisions(jaxpr):
+    """Precision of every dot_general inside the pallas_call kernels of ``jaxpr``."""
+    found = []
+
+    def walk(jaxpr, in_kernel):
+        for eqn in jaxpr.eqns:
+            if in_kernel and eqn.primitive.name == "dot_general":
+                found.append(eqn.params["precision"])
+            inside = in_kernel or eqn.primitive.name == "pallas_call"
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                        walk(sub.jaxpr, inside)
+                    elif isinstance(sub, jax.extend.core.Jaxpr):
+                        walk(sub, inside)
+
+    walk(jaxpr.jaxpr, False)
+    return found
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+def test_fp32_dots_are_full_precision(impl):
+    """fp32: every dot in the forward and backward kernels asks for HIGHEST (IEEE on GPU,
+    no TF32); bf16 keeps the default."""
+    meta = random_olm_meta(0, 40)
+    for dtype, want in ((jnp.float32, (jax.lax.Precision.HIGHEST,) * 2), (jnp.bfloat16, None)):
+        q, k, v, cot = inputs(0, 40, dtype)
+        fn = value_and_grads(lambda q, k, v, meta: block_sparse_visual_first(
+            q, k, v, meta, impl=impl, interpret=False, block=128))
+        precisions = _dot_precisions(jax.make_jaxpr(fn)(q, k, v, meta, cot))
+        assert len(precisions) >= 9, precisions  # forward 2, dq 3, dk/dv 4
+        assert all(p == want for p in precisions), (jnp.dtype(dtype).name, precisions)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("impl", KERNELS)
 @settings(max_examples=15, deadline=None)
@@ -140,10 +209,10 @@ def _grad_fn(impl, block):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
 
-def _abstract_args(seq, sharding=None):
+def _abstract_args(seq, sharding=None, dtype=jnp.bfloat16):
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)  # noqa: E731
-    return (spec((1, seq, 4, 128), jnp.bfloat16), spec((1, seq, 2, 128), jnp.bfloat16),
-            spec((1, seq, 2, 128), jnp.bfloat16),
+    return (spec((1, seq, 4, 128), dtype), spec((1, seq, 2, 128), dtype),
+            spec((1, seq, 2, 128), dtype),
             RowMeta(spec((1, seq), jnp.int8), *[spec((1, seq), jnp.int32)] * 3))
 
 
@@ -156,12 +225,56 @@ def test_kernels_lower_forward_and_backward(impl, platform, block, target):
     from jax import export
 
     checks = [export.DisabledSafetyCheck.custom_call(target)] if platform == "cuda" else []
-    exported = export.export(_grad_fn(impl, block), platforms=[platform],
-                             disabled_checks=checks)(*_abstract_args(2 * block + 3))
+    target_ctx = pallas_gpu.gpu_lowering_target() if platform == "cuda" else nullcontext()
+    with target_ctx:
+        exported = export.export(_grad_fn(impl, block), platforms=[platform],
+                                 disabled_checks=checks)(*_abstract_args(2 * block + 3))
     assert exported.mlir_module().count(target) == 3
 
 
-def _tpu_device():
+@pytest.mark.parametrize("block,dtype,want", [
+    (64, jnp.bfloat16, {"_fwd_kernel": (3, 4), "_dq_kernel": (3, 8), "_dkv_kernel": (3, 8)}),
+    (128, jnp.bfloat16, {"_fwd_kernel": (3, 8), "_dq_kernel": (3, 8), "_dkv_kernel": (3, 8)}),
+    (64, jnp.float32, {"_fwd_kernel": (2, 8), "_dq_kernel": (2, 8), "_dkv_kernel": (2, 8)}),
+])
+def test_gpu_launch_parameters(block, dtype, want):
+    """(num_stages, num_warps) of each Triton kernel at head dim 128: 8 warps once the tiles
+    a program holds pass 96 registers a thread at 4; 2 stages for fp32."""
+    from jax import export
+
+    with pallas_gpu.gpu_lowering_target():
+        text = export.export(_grad_fn("pallas_gpu", block), platforms=["cuda"], disabled_checks=[
+            export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+            *_abstract_args(2 * block + 3, dtype=dtype)).mlir_module()
+    found = re.findall(r'name = "(_\w+_kernel)", num_stages = (\d+) : i32, num_warps = (\d+) : i32',
+                       text)
+    assert {name: (int(a), int(b)) for name, a, b in found} == want
+
+
+def test_triton_static_captures_kernel_ir():
+    """``bench.triton_static`` captures the Triton IR and launch parameters of the three
+    kernels (jax only)."""
+    from vist2_jax.bench import triton_static
+
+    kernels = triton_static.kernel_ir(64, 128, "bfloat16")
+    assert {name: (w, s) for name, (_, w, s) in kernels.items()} == {
+        "_fwd_kernel": (4, 3), "_dq_kernel": (8, 3), "_dkv_kernel": (8, 3)}
+    assert all(ir.lstrip().startswith("module") and "tt.dot" in ir for ir, _, _ in kernels.values())
+
+
+def test_triton_compiles_for_sm90_without_spills():
+    """Where the ``triton`` package is installed: block 64 bf16 compiles for sm_90 with no
+    spills, two programs an SM for forward and dq, one for dk/dv."""
+    pytest.importorskip("triton", reason="pip install triton to compile the IR for sm_90")
+    from vist2_jax.bench import triton_static
+
+    for name, (ir, warps, stages) in triton_static.kernel_ir(64, 128, "bfloat16").items():
+        report = triton_static.resources(ir, warps, stages, 90)
+        assert report["spill_bytes"] == 0, (name, report)
+        assert report["programs_per_sm"] >= (1 if name == "_dkv_kernel" else 2), (name, report)
+
+
+def _tpu_device(topology="v5e:2x2", **kwargs):
     """A device of a libtpu topology description, or a skip saying what failed."""
     try:
         import libtpu  # noqa: F401
@@ -173,21 +286,74 @@ def _tpu_device():
     # at the same time (another test worker) fails with "ABORTED: ... lockfile".
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
-        return topologies.get_topology_desc("v5e:2x2", "tpu").devices[0]
+        return topologies.get_topology_desc(topology, "tpu", **kwargs).devices[0]
     except Exception as error:  # noqa: BLE001 - report whatever libtpu says
-        pytest.skip(f"get_topology_desc('v5e:2x2', 'tpu') failed: {type(error).__name__}: {error}")
+        pytest.skip(f"get_topology_desc({topology!r}, 'tpu') failed: {type(error).__name__}: {error}")
 
 
-def test_pallas_tpu_compiles_for_a_tpu_topology(record_property):
-    """jit(...).lower(...).compile() for a v5e chip: forward + backward, block 128."""
-    device = _tpu_device()
-    args = _abstract_args(259, jax.sharding.SingleDeviceSharding(device))
-    compiled = _grad_fn("pallas_tpu", 128).lower(*args).compile()
+SINGLE_CHIP = {"chips_per_host_bounds": (1, 1, 1)}
+
+
+@pytest.mark.parametrize("topology,kwargs,dtype,block", [
+    ("v5e:2x2", {}, jnp.bfloat16, 128),
+    ("v5p:1x1x1", SINGLE_CHIP, jnp.bfloat16, 128),
+    ("v5p:1x1x1", SINGLE_CHIP, jnp.float32, 128),
+    ("v6e:1x1", SINGLE_CHIP, jnp.bfloat16, 128),
+    ("v6e:1x1", SINGLE_CHIP, jnp.float32, 128),
+    pytest.param("v6e:1x1", SINGLE_CHIP, jnp.bfloat16, 256, marks=pytest.mark.slow),
+])
+def test_pallas_tpu_compiles_for_a_tpu_topology(topology, kwargs, dtype, block, record_property):
+    """jit(...).lower(...).compile() for a TPU chip: forward + backward (fp32 with its
+    HIGHEST-precision dots too; block 256 is the bench's second TPU block)."""
+    device = _tpu_device(topology, **kwargs)
+    seq = 2 * block + 3
+    args = _abstract_args(seq, jax.sharding.SingleDeviceSharding(device), dtype)
+    compiled = _grad_fn("pallas_tpu", block).lower(*args).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     assert cost["flops"] > 0
-    record_property("pallas_tpu v5e fwd+bwd S=259 temp bytes",
-                    compiled.memory_analysis().temp_size_in_bytes)
+    record_property(f"pallas_tpu {topology} {jnp.dtype(dtype).name} block {block} fwd+bwd "
+                    f"S={seq} temp bytes", compiled.memory_analysis().temp_size_in_bytes)
+
+
+def test_pallas_tpu_rejects_blocks_off_the_lane_width():
+    q, k, v, _ = inputs(0, 40, jnp.bfloat16)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        block_sparse_visual_first(q, k, v, random_olm_meta(0, 40), impl="pallas_tpu",
+                                  interpret=False, block=64)
+
+
+def _gpu_device():
+    """The first GPU, or a skip that says why there is none."""
+    try:
+        return jax.devices("gpu")[0]
+    except RuntimeError as error:
+        pytest.skip(f"no GPU: jax.devices('gpu') failed ({error}); on a GPU machine run "
+                    "with JAX_PLATFORMS=cuda,cpu")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_pallas_gpu_compiled_matches_reference(dtype, record_property):
+    """The compiled Triton kernels (block 64, head dim 64) against the reference, both on
+    the GPU: 1e-5 in fp32 (IEEE dots, no TF32), 2e-2 in bf16."""
+    device = _gpu_device()
+    meta = tile_meta(333)
+    rng = np.random.default_rng(0)
+    shapes = [(2, 333, 4, 64), (2, 333, 2, 64), (2, 333, 2, 64), (2, 333, 4, 64)]
+    q, k, v, cot = (jnp.asarray(rng.normal(size=s), dtype) for s in shapes)
+    q, k, v, cot, meta = jax.device_put((q, k, v, cot, meta), device)
+    kernel = value_and_grads(lambda q, k, v, meta: block_sparse_visual_first(
+        q, k, v, meta, impl="pallas_gpu", interpret=False, block=64))
+    got_out, got_grads = kernel(q, k, v, meta, cot)
+    want_out, want_grads = REFERENCE[False](q, k, v, meta, cot)
+    worst = 0.0
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (got_out, *got_grads),
+                               (want_out, *want_grads)):
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        error = float(np.abs(got - want).max() / np.abs(want).max())
+        assert error <= TOLERANCE[dtype], f"compiled pallas_gpu {name}: relative error {error:.2e}"
+        worst = max(worst, error)
+    record_property(f"pallas_gpu compiled {jnp.dtype(dtype).name} max relative error", worst)
 
 
 # ------------------------------------------------------------------ selection

@@ -4,8 +4,6 @@ code that wrote it."""
 
 from __future__ import annotations
 
-import hashlib
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -38,28 +36,32 @@ def vision_hf_config(model: ModelConfig, vision: str, dtype) -> dict:
 
 
 def copy_font(renderer: dict, directory: Path, override: str | None) -> tuple[str, str]:
-    """Copy the renderer's font (checked against its recorded sha256) and any licence file
-    beside it into ``directory``; returns (path relative to the export, sha256)."""
-    want, source = renderer.get("font_sha256"), override or renderer.get("font_file")
-    if source == "builtin":
-        from PIL import ImageFont
-        data, name, licences = ImageFont.load_default(size=10).font_bytes, "pillow-builtin.ttf", []
+    """Copy the run's font (resolved and checked against its recorded sha256 exactly as
+    generation does: ``renderer_from_saved``) and its licence into ``directory``; returns
+    (path relative to the export, sha256)."""
+    from importlib import resources
+
+    from data_pipelines.fonts import FontError
+    from data_pipelines.render import renderer_from_saved
+
+    try:
+        source = renderer_from_saved(renderer, override).source
+    except FontError as err:
+        raise ConfigError(f"--font: {err}") from None
+    if source.file.startswith("bundled:"):
+        name = source.file.split(":", 1)[1]
+        folder = resources.files("data_pipelines").joinpath("font_files")
+        licences = [(p.name, p.read_bytes()) for p in folder.iterdir() if "LICENSE" in p.name.upper()]
     else:
-        path = Path(source or "")
-        if not path.is_file():
-            raise ConfigError(f"--font: the run's font {source!r} is not on this host; pass --font FILE "
-                              f"(a copy with sha256 {want})")
-        data, name = path.read_bytes(), path.name
-        licences = [p for p in path.parent.iterdir() if p.is_file() and
+        path = Path(source.file)
+        name = path.name
+        licences = [(p.name, p.read_bytes()) for p in path.parent.iterdir() if p.is_file() and
                     any(word in p.name.upper() for word in ("LICENSE", "LICENCE", "COPYING"))]
-    sha = hashlib.sha256(data).hexdigest()
-    if want and sha != want:
-        raise ConfigError(f"--font: {source} has sha256 {sha}, the run rendered with {want}")
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / name).write_bytes(data)
-    for licence in licences:
-        shutil.copyfile(licence, directory / licence.name)
-    return f"{directory.name}/{name}", sha
+    (directory / name).write_bytes(source.data)
+    for licence, data in licences:
+        (directory / licence).write_bytes(data)
+    return f"{directory.name}/{name}", source.sha256
 
 
 def git_commit() -> str:

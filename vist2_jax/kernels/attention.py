@@ -20,6 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from vist2_jax.kernels.block_sparse import dot_precision
 from vist2_jax.kernels.chunked import xla_chunked_attention
 from vist2_jax.kernels.mask import RowMeta, vision_memory_mask
 from vist2_jax.kernels.reorder import permute, permute_meta, visual_first_permutation
@@ -33,15 +34,18 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -
     """Grouped-query softmax attention; K/V are not repeated in memory.
 
     q: [B, S, H, D]; k, v: [B, T, KV, D]; mask: [B, S, T] bool. Returns [B, S, H, D].
+    fp32 inputs get full-precision dots (no TF32 on GPU).
     """
     batch, seq, heads, dim = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(batch, seq, kv_heads, heads // kv_heads, dim)
-    logits = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
+    precision = dot_precision(q.dtype)
+    logits = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32,
+                        precision=precision)
     logits = logits * (dim ** -0.5)
     logits = jnp.where(mask[:, None, None], logits, _NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v, precision=precision)
     return out.reshape(batch, seq, heads, dim)
 
 

@@ -7,7 +7,7 @@ peak is O(B * H * chunk * S). The chunk body is rematerialised (``jax.checkpoint
 the backward pass also holds one chunk's logits at a time rather than all of them.
 GQA groups query heads per kv head; K/V are never repeated in memory. The arithmetic per
 row matches :func:`vist2_jax.kernels.attention.dense_attention` (fp32 logits, the same
-finite -inf), so results agree to rounding.
+finite -inf, full-precision dots for fp32 inputs), so results agree to rounding.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from vist2_jax.kernels.block_sparse import dot_precision
 from vist2_jax.kernels.mask import PAD, RowMeta, vision_memory_mask
 
 _NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -53,6 +54,7 @@ def xla_chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, meta: RowMet
                      pad_seq(meta.segment_id), pad_seq(meta.positions))
     qg = pad_seq(q).reshape(batch, num_chunks, chunk, kv_heads, group, dim)
     scale = dim ** -0.5
+    precision = dot_precision(q.dtype)
 
     def to_chunks(x):  # [B, num_chunks * chunk] -> [num_chunks, B, chunk]
         return jnp.moveaxis(x.reshape(batch, num_chunks, chunk), 1, 0)
@@ -64,10 +66,11 @@ def xla_chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, meta: RowMet
     def body(x):
         q_chunk, m_chunk, index = x
         mask = chunk_mask(m_chunk, index, meta, visual_attends_past_visual)
-        logits = jnp.einsum("bskgd,btkd->bkgst", q_chunk, k, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("bskgd,btkd->bkgst", q_chunk, k, preferred_element_type=jnp.float32,
+                            precision=precision)
         logits = jnp.where(mask[:, None, None], logits * scale, _NEG_INF)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        return jnp.einsum("bkgst,btkd->bskgd", probs, v)
+        return jnp.einsum("bkgst,btkd->bskgd", probs, v, precision=precision)
 
     out = jax.lax.map(body, xs)  # [num_chunks, B, chunk, KV, G, D]
     out = jnp.moveaxis(out, 0, 1).reshape(batch, num_chunks * chunk, heads, dim)

@@ -4,7 +4,8 @@ The compacted block tables of :func:`vist2_jax.kernels.blocks.block_table` are
 scalar-prefetched and drive the index maps, so only visited blocks are ever fetched;
 visits past a block's count repeat the last block (no new DMA) and skip the compute.
 FULL pairs run without mask arithmetic; PARTIAL pairs evaluate the rule from per-token
-metadata (:func:`.block_sparse.rule`). Online softmax in fp32.
+metadata (:func:`.block_sparse.rule`). Online softmax in fp32; fp32 inputs get
+full-precision (``HIGHEST``) dots.
 
 * forward: per (q block, head), walk the kv table; also writes the logsumexp residual.
 * dq: per (q block, head), walk the same table, recomputing P from the logsumexp.
@@ -27,10 +28,20 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from vist2_jax.kernels.blocks import FULL
-from vist2_jax.kernels.block_sparse import NEG_INF, backward_delta, prepare, rule
+from vist2_jax.kernels.block_sparse import NEG_INF, backward_delta, dot_precision, prepare, rule
 from vist2_jax.kernels.mask import RowMeta
 
 _NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
+
+
+def _dot(a, b):
+    return jnp.dot(a, b, preferred_element_type=jnp.float32, precision=dot_precision(a.dtype))
+
+
+def _dot_nt(a, b):
+    """a @ b.T in fp32."""
+    return jax.lax.dot_general(a, b, _NT, preferred_element_type=jnp.float32,
+                               precision=dot_precision(a.dtype))
 
 
 def _iota(shape, axis, offset):
@@ -68,8 +79,7 @@ def _fwd_kernel(kv_blocks, kv_counts, kv_classes, q_ref, k_ref, v_ref, qm_ref, k
 
     def body(masked):
         v = v_ref[...]
-        s = jax.lax.dot_general(q_ref[...], k_ref[...], _NT,
-                                preferred_element_type=jnp.float32) * scale
+        s = _dot_nt(q_ref[...], k_ref[...]) * scale
         if masked:
             mask = rule(_col_fields(qm_ref), _row_fields(km_ref), _iota((block, 1), 0, i * block),
                         _iota((1, block), 1, kv_blocks[b, i, j] * block), flag)
@@ -81,8 +91,7 @@ def _fwd_kernel(kv_blocks, kv_counts, kv_classes, q_ref, k_ref, v_ref, qm_ref, k
             p = jnp.where(mask, p, 0.0)
         alpha = jnp.exp(m_prev - m_new)
         l_sc[...] = alpha * l_sc[...] + p.sum(axis=1, keepdims=True)
-        acc_sc[...] = alpha * acc_sc[...] + jnp.dot(p.astype(v.dtype), v,
-                                                    preferred_element_type=jnp.float32)
+        acc_sc[...] = alpha * acc_sc[...] + _dot(p.astype(v.dtype), v)
         m_sc[...] = m_new
 
     _on_visit(j < kv_counts[b, i], kv_classes[b, i, j] == FULL, body)
@@ -103,15 +112,15 @@ def _dq_kernel(kv_blocks, kv_counts, kv_classes, q_ref, k_ref, v_ref, do_ref, ls
 
     def body(masked):
         k = k_ref[...]
-        s = jax.lax.dot_general(q_ref[...], k, _NT, preferred_element_type=jnp.float32) * scale
+        s = _dot_nt(q_ref[...], k) * scale
         p = jnp.exp(s - lse_ref[...])
         if masked:
             mask = rule(_col_fields(qm_ref), _row_fields(km_ref), _iota((block, 1), 0, i * block),
                         _iota((1, block), 1, kv_blocks[b, i, j] * block), flag)
             p = jnp.where(mask, p, 0.0)
-        dp = jax.lax.dot_general(do_ref[...], v_ref[...], _NT, preferred_element_type=jnp.float32)
+        dp = _dot_nt(do_ref[...], v_ref[...])
         ds = p * (dp - delta_ref[...])
-        dq_sc[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+        dq_sc[...] += _dot(ds.astype(k.dtype), k)
 
     _on_visit(j < kv_counts[b, i], kv_classes[b, i, j] == FULL, body)
 
@@ -131,17 +140,17 @@ def _dkv_kernel(q_blocks, q_counts, q_classes, q_ref, k_ref, v_ref, do_ref, lse_
 
     def body(masked):  # transposed orientation: rows are keys, columns are queries
         q, do = q_ref[...], do_ref[...]
-        st = jax.lax.dot_general(k_ref[...], q, _NT, preferred_element_type=jnp.float32) * scale
+        st = _dot_nt(k_ref[...], q) * scale
         pt = jnp.exp(st - lse_ref[...])
         if masked:
             mask = rule(_row_fields(qm_ref), _col_fields(km_ref),
                         _iota((1, block), 1, q_blocks[b, j, t] * block),
                         _iota((block, 1), 0, j * block), flag)
             pt = jnp.where(mask, pt, 0.0)
-        dv_sc[...] += jnp.dot(pt.astype(do.dtype), do, preferred_element_type=jnp.float32)
-        dpt = jax.lax.dot_general(v_ref[...], do, _NT, preferred_element_type=jnp.float32)
+        dv_sc[...] += _dot(pt.astype(do.dtype), do)
+        dpt = _dot_nt(v_ref[...], do)
         dst = pt * (dpt - delta_ref[...])
-        dk_sc[...] += jnp.dot(dst.astype(q.dtype), q, preferred_element_type=jnp.float32)
+        dk_sc[...] += _dot(dst.astype(q.dtype), q)
 
     _on_visit(t < q_counts[b, j], q_classes[b, j, t] == FULL, body)
 
@@ -268,6 +277,9 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, meta: RowMe
     (:mod:`.reorder`) is what makes the table sparse. ``block`` must be a multiple of
     128 when compiled for TPU; any size works in interpret mode.
     """
+    if not interpret and block % 128:
+        raise ValueError(f"pallas_tpu block={block}: must be a multiple of 128 (the lane width "
+                         "of v5p / v6e tiles) when compiled")
     seq = q.shape[1]
     prep = prepare(q, k, v, meta, block, visual_attends_past_visual)
     out = _attend(prep.q, prep.k, prep.v, prep.table, prep.fields, block,
