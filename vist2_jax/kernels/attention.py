@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from vist2_jax.kernels.block_sparse import dot_precision
+from vist2_jax.kernels.precision import dot_precision
 from vist2_jax.kernels.chunked import xla_chunked_attention
 from vist2_jax.kernels.mask import RowMeta, vision_memory_mask
 from vist2_jax.kernels.reorder import permute, permute_meta, visual_first_permutation

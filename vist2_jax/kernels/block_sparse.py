@@ -20,12 +20,6 @@ from vist2_jax.kernels.mask import PAD, TEXT, VISUAL, RowMeta
 NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def dot_precision(dtype):
-    """Full-precision dots for fp32 operands (GPUs would otherwise round them to TF32,
-    about 1e-3 relative); ``None`` (the backend default) for bf16 / fp16."""
-    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
-
-
 def rule(q_fields, k_fields, q_index, k_index, visual_attends_past_visual: bool):
     """The reference mask (:mod:`.mask`) on a tile. ``q_fields`` / ``k_fields`` are
     (modality, chunk, segment, position) arrays already shaped to broadcast against each

@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from vist2_jax.kernels.block_sparse import dot_precision
+from vist2_jax.kernels.precision import dot_precision
 from vist2_jax.kernels.mask import PAD, RowMeta, vision_memory_mask
 
 _NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)

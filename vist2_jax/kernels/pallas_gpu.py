@@ -36,8 +36,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from vist2_jax.kernels.blocks import FULL, BlockTable, block_table, classify
-from vist2_jax.kernels.block_sparse import (NEG_INF, backward_delta, dot_precision, prepare,
-                                            rule)
+from vist2_jax.kernels.block_sparse import NEG_INF, backward_delta, prepare, rule
+from vist2_jax.kernels.precision import dot_precision
 from vist2_jax.kernels.mask import RowMeta
 
 # Lowering target when no GPU is the default device (jax >= 0.11 reads it from here).

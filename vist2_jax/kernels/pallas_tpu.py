@@ -28,7 +28,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from vist2_jax.kernels.blocks import FULL
-from vist2_jax.kernels.block_sparse import NEG_INF, backward_delta, dot_precision, prepare, rule
+from vist2_jax.kernels.block_sparse import NEG_INF, backward_delta, prepare, rule
+from vist2_jax.kernels.precision import dot_precision
 from vist2_jax.kernels.mask import RowMeta
 
 _NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
