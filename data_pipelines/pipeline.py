@@ -14,11 +14,11 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from data_pipelines.row_contract import stack_rows
+from data_pipelines.row_makers import RowMaker
 from data_pipelines.sources import load_samples
-from data_pipelines.stages import RowMaker
 from data_pipelines.tokenizer import load_tokenizer, train_tokenizer
 from vist2_jax.config.schema import Config, ConfigError
+from vist2_jax.row_contract import stack_rows
 
 EVAL_SEED_OFFSET = 1_000_003
 
@@ -104,7 +104,7 @@ def build_pipeline(config: Config, workdir: str | Path, process_index: int = 0,
     data = config.data
     samples, counters = load_samples(data.source, tokenizer, data.stage, data.bad_input,
                                      data.data_dir, data.manual_dir)
-    seed = config.run.seed
-    return Pipeline(config, tokenizer, RowMaker(config, samples, tokenizer, seed),
-                    RowMaker(config, samples, tokenizer, seed + EVAL_SEED_OFFSET),
+    seed, layout = config.run.seed, config.model.layout
+    return Pipeline(config, tokenizer, RowMaker(data, layout, samples, tokenizer, seed),
+                    RowMaker(data, layout, samples, tokenizer, seed + EVAL_SEED_OFFSET),
                     process_index, process_count, counters)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipelines.row_contract import TEXT, VISUAL, stack_rows
+from vist2_jax.row_contract import TEXT, VISUAL, stack_rows
 
 TEXT_COLUMNS = 72
 

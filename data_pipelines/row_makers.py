@@ -1,4 +1,4 @@
-"""Stage transforms: build one row of the DESIGN §2 contract from a row index.
+"""Row makers: build one row of the DESIGN §2 contract from a row index, per stage.
 
 Every maker is a pure function of ``(seed, global row index)``, so any row can be rebuilt
 at any time (random access, exact resume) and per-host sharding is just index slicing.
@@ -17,7 +17,6 @@ skipped and counted (``bad_input=skip``) or the run stops (``bad_input=fail``).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 from typing import Sequence
@@ -25,46 +24,32 @@ from typing import Sequence
 import numpy as np
 
 from data_pipelines.images import ImageUnreadable, fit_image
+from data_pipelines.records import BadInput, Sample
 from data_pipelines.render import RenderConfig, RenderRejected, SketchRenderer
-from data_pipelines.row_contract import RowBuilder
+from data_pipelines.rows import RowBuilder
 from data_pipelines.shapes import captioned_shapes
-from vist2_jax.config.schema import Config, CurriculumPoint
+from vist2_jax.config.schema import CurriculumPoint, DataConfig, LayoutConfig
 
 log = logging.getLogger(__name__)
 MAX_DOCS_PER_ROW = 16
 MIN_TEXT_TOKENS = 4
 
 
-class BadInput(RuntimeError):
-    """A record the pipeline cannot use, under ``bad_input=fail``."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Sample:
-    """A tokenized source record: a document (``prompt`` empty), a prompt/response pair, or
-    a caption with its ``image`` (path, bytes or lazy TFDS reference; decoded per row)."""
-
-    tokens: np.ndarray
-    prompt: np.ndarray | None = None
-    location: str = ""
-    image: object = None
-
-
-def curriculum_at(config: Config, step: int) -> CurriculumPoint:
-    points = config.data.curriculum
-    if not points:
-        layout = config.model.layout
-        return CurriculumPoint(text_len=layout.text_len, max_chunks=config.data.images_per_row + 1)
-    return [p for p in points if p.start_step <= step][-1]
+def curriculum_at(data: DataConfig, layout: LayoutConfig, step: int) -> CurriculumPoint:
+    """The stage-3 curriculum point in force at ``step`` (the layout's L when there is none)."""
+    if not data.curriculum:
+        return CurriculumPoint(text_len=layout.text_len, max_chunks=data.images_per_row + 1)
+    return [p for p in data.curriculum if p.start_step <= step][-1]
 
 
 class RowMaker:
     """``index -> row`` for one stage. Picklable; the renderer is built lazily per worker."""
 
-    def __init__(self, config: Config, samples: Sequence[Sample], tokenizer, seed: int):
-        self.config, self.samples, self.tokenizer, self.seed = config, list(samples), tokenizer, seed
-        if not self.samples and (config.data.stage != "caption" or config.data.source != "embedded"):
-            raise BadInput(f"data.source={config.data.source!r} yielded no usable records")
+    def __init__(self, data: DataConfig, layout: LayoutConfig, samples: Sequence[Sample], tokenizer,
+                 seed: int):
+        self.data, self.layout, self.samples, self.tokenizer, self.seed = data, layout, list(samples), tokenizer, seed
+        if not self.samples and (data.stage != "caption" or data.source != "embedded"):
+            raise BadInput(f"data.source={data.source!r} yielded no usable records")
         self._local = threading.local()  # one renderer per thread: its glyph atlas grows lazily
         self.counters = {"rows": 0, "documents": 0, "skipped_render": 0, "skipped_image": 0,
                          "skipped_long_caption": 0, "images": 0}
@@ -82,32 +67,32 @@ class RowMaker:
         the renderer's atlas is not thread-safe)."""
         renderer = getattr(self._local, "renderer", None)
         if renderer is None:
-            data, layout = self.config.data, self.config.model.layout
+            data, layout = self.data, self.layout
             renderer = self._local.renderer = SketchRenderer(RenderConfig(
                 image_size=layout.image_size, font_path=data.font_path or None,
                 font_sizes=tuple(data.font_sizes)))
         return renderer
 
     def builder(self) -> RowBuilder:
-        data, layout = self.config.data, self.config.model.layout
+        data, layout = self.data, self.layout
         return RowBuilder(data.seq_len, layout.visual_len, data.images_per_row,
                           (layout.image_size, layout.image_size), self.tokenizer.chunk_id)
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
         index = int(index)
         rng = np.random.default_rng([self.seed, index])
-        stage = self.config.data.stage
-        step = index // self.config.data.global_batch_size
+        stage = self.data.stage
+        step = index // self.data.global_batch_size
         if stage == "olm":
-            point = curriculum_at(self.config, step)
+            point = curriculum_at(self.data, self.layout, step)
             if rng.random() < point.ocr_fraction:
                 row = self._fill(rng, self._ocr, point)
             else:
                 row = self._fill(rng, self._olm, point)
         elif stage == "ocr":
-            row = self._fill(rng, self._ocr, curriculum_at(self.config, step))
+            row = self._fill(rng, self._ocr, curriculum_at(self.data, self.layout, step))
         elif stage == "sft":
-            row = self._fill(rng, self._sft, curriculum_at(self.config, step))
+            row = self._fill(rng, self._sft, curriculum_at(self.data, self.layout, step))
         else:
             row = self._fill(rng, self._caption, None)
         self.counters["rows"] += 1
@@ -128,7 +113,7 @@ class RowMaker:
         try:
             image = self.renderer.render(text)
         except RenderRejected as err:
-            if self.config.data.bad_input == "fail":
+            if self.data.bad_input == "fail":
                 raise BadInput(f"{sample.location}: chunk cannot be rendered: {err}") from None
             self.counters["skipped_render"] += 1
             log.warning("skipping %s: chunk cannot be rendered (%s)", sample.location, err)
@@ -168,11 +153,7 @@ class RowMaker:
         images = [self._render(chunk, sample) for chunk in chunks[:-1]]
         if any(image is None for image in images):
             return True  # skipped and counted; try another document
-        row.start_document()
-        for c, chunk in enumerate(chunks):
-            row.add_text(chunk, chunk_id=c + 1)
-            if c < len(chunks) - 1:
-                row.add_image(images[c], chunk_id=c + 1)
+        row.add_olm_document(chunks, images)
         self.counters["documents"] += 1
         return True
 
@@ -227,14 +208,14 @@ class RowMaker:
 
     def _skip(self, counter: str, location: str, problem: str) -> None:
         """Count and log a record this row cannot use, or stop under ``bad_input=fail``."""
-        if self.config.data.bad_input == "fail":
+        if self.data.bad_input == "fail":
             raise BadInput(f"{location}: {problem} (data.bad_input=fail)")
         self.counters[counter] += 1
         log.warning("skipping %s: %s", location, problem)
 
     def _caption(self, rng, row: RowBuilder, point) -> bool:
         """A real caption sample when the source has them, else synthetic shapes."""
-        size = self.config.model.layout.image_size
+        size = self.layout.image_size
         if not self.captions:
             image, caption = captioned_shapes(rng, size)
             tokens = self.tokenizer.encode(caption)
