@@ -1,7 +1,7 @@
 """File readers: raw files -> ``Record``s, bad ones included (with ``error``).
 
-* ``.txt``: one document per file; ``.jsonl``: ``{"text": ...}`` documents or
-  ``{"prompt", "response"}`` / ``{"messages": [...]}`` chats, one per line.
+* ``.txt``: one document per file; ``.jsonl`` (or ``.jsonl.gz``, or parquet rows):
+  ``{"text": ...}`` documents or ``{"prompt", "response"}`` / ``{"messages": [...]}`` chats.
 * caption folders: ``NAME.jpg`` (any of ``IMAGE_SUFFIXES``) + ``NAME.txt``, or a
   ``captions.jsonl`` of ``{"file": ..., "caption": ...}``.
 * the manual-dir layouts of the paper's corpora (``LAYOUT_READERS``): arXiv ``.tex``,
@@ -14,6 +14,7 @@ A bad record is *yielded* with ``error`` set, never raised from inside the gener
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import re
 from pathlib import Path
@@ -35,9 +36,16 @@ def _chat_record(record: dict) -> tuple[str, str] | None:
     return None
 
 
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of a file, streamed; ``.gz`` files are decompressed."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        yield from enumerate(f, start=1)
+
+
 def json_lines(path: Path) -> Iterator[tuple[str, dict | None, str]]:
-    """(location, object or None, error) per non-blank line of a JSONL file."""
-    for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
+    """(location, object or None, error) per non-blank line of a ``.jsonl`` / ``.jsonl.gz``."""
+    for number, line in _lines(path):
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -74,12 +82,31 @@ def whole_file_record(path: Path) -> Record:
 
 
 def text_file_records(path: Path) -> Iterator[Record]:
-    """The records of one ``.txt`` or ``.jsonl`` file."""
+    """The records of one ``.txt``, ``.jsonl``, ``.jsonl.gz`` or ``.parquet`` file."""
     if path.suffix == ".txt":
         yield whole_file_record(path)
+    elif path.suffix == ".parquet":
+        yield from parquet_records(path)
+    else:
+        for where, record, error in json_lines(path):
+            yield Record("", None, where, error) if error else object_record(record, where)
+
+
+def parquet_records(path: Path) -> Iterator[Record]:
+    """Rows of a parquet file (``text`` or ``prompt``/``response`` / ``messages`` columns),
+    located as ``FILE:row N`` (1-based), read one row group at a time."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises several types for a file it cannot open
+        yield Record("", None, str(path), f"unreadable parquet ({type(err).__name__}: {err})")
         return
-    for where, record, error in json_lines(path):
-        yield Record("", None, where, error) if error else object_record(record, where)
+    number = 0
+    for group in range(table.num_row_groups):
+        for row in table.read_row_group(group).to_pylist():
+            number += 1
+            yield object_record(row, f"{path}:row {number}")
 
 
 def caption_folder_records(folder: Path) -> Iterator[Record]:

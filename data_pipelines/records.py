@@ -69,6 +69,11 @@ def record_problem(record: Record, stage: str, source: str) -> str:
     return ""
 
 
+def caption_lines(text: str) -> list[str]:
+    """The captions of a caption record: its non-empty lines, stripped (one sample each)."""
+    return [line for line in (line.strip() for line in text.splitlines()) if line]
+
+
 def problem_kind(problem: str) -> str:
     """The counter key of a problem: its text without the varying details."""
     return "skipped:" + problem.split(" (")[0].split(" at ")[0]

@@ -33,6 +33,7 @@ from vist2_jax.config.schema import CurriculumPoint, DataConfig, LayoutConfig
 log = logging.getLogger(__name__)
 MAX_DOCS_PER_ROW = 16
 MIN_TEXT_TOKENS = 4
+MIXTURE_STREAM = 7919  # the third seed word of a row's mixture draw (rows use two)
 
 
 def curriculum_at(data: DataConfig, layout: LayoutConfig, step: int) -> CurriculumPoint:
@@ -43,17 +44,21 @@ def curriculum_at(data: DataConfig, layout: LayoutConfig, step: int) -> Curricul
 
 
 class RowMaker:
-    """``index -> row`` for one stage. Picklable; the renderer is built lazily per worker."""
+    """``index -> row`` for one stage and source. Picklable; the renderer is built lazily per
+    worker, and a lazy source reads its records there."""
 
     def __init__(self, data: DataConfig, layout: LayoutConfig, samples: Sequence[Sample], tokenizer,
                  seed: int):
-        self.data, self.layout, self.samples, self.tokenizer, self.seed = data, layout, list(samples), tokenizer, seed
+        # A list (in memory) or a lazy sequence (a prepared source): only len() and [i] are used.
+        samples = samples if hasattr(samples, "__getitem__") else list(samples)
+        self.data, self.layout, self.samples, self.tokenizer, self.seed = data, layout, samples, tokenizer, seed
         if not self.samples and (data.stage != "caption" or data.source != "embedded"):
             raise BadInput(f"data.source={data.source!r} yielded no usable records")
         self._local = threading.local()  # one renderer per thread: its glyph atlas grows lazily
         self.counters = {"rows": 0, "documents": 0, "skipped_render": 0, "skipped_image": 0,
                          "skipped_long_caption": 0, "images": 0}
-        self.captions = [s for s in self.samples if s.image is not None]
+        # Caption samples all carry an image (``record_problem``); other stages use none.
+        self.captions = self.samples if data.stage == "caption" else ()
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k != "_local"}
@@ -240,3 +245,34 @@ class RowMaker:
         row.add_text(tokens, chunk_id=2)
         self.counters["documents"] += 1
         return True
+
+
+class MixtureMaker:
+    """``index -> row`` from one of several row makers (a ``data.sources`` mixture): row i
+    comes from maker k with probability ``weights[k] / sum``, drawn from its own stream of
+    ``(seed, i)``, so the choice is as deterministic and random-access as the rows."""
+
+    def __init__(self, makers: Sequence[RowMaker], weights: Sequence[float], seed: int):
+        self.makers, self.seed = list(makers), seed
+        self.cumulative = np.cumsum(np.asarray(weights, float)) / float(np.sum(weights))
+
+    def source_of(self, index: int) -> int:
+        draw = np.random.default_rng([self.seed, int(index), MIXTURE_STREAM]).random()
+        return min(int(np.searchsorted(self.cumulative, draw, side="right")), len(self.makers) - 1)
+
+    def __call__(self, index: int) -> dict[str, np.ndarray]:
+        return self.makers[self.source_of(index)](index)
+
+    @property
+    def renderer(self) -> SketchRenderer:
+        return self.makers[0].renderer  # one render config for all sources
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """The makers' counters summed, and rows per source (``rows:<k>``)."""
+        total: dict[str, int] = {}
+        for k, maker in enumerate(self.makers):
+            for key, value in maker.counters.items():
+                total[key] = total.get(key, 0) + value
+            total[f"rows:{k}"] = maker.counters["rows"]
+        return total

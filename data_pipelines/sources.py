@@ -1,11 +1,12 @@
-"""Record sources held in memory: the embedded corpus, a local folder, or ``tfds:NAME``.
+"""Record sources: the embedded corpus, a local folder, ``tfds:NAME``, or a prepared folder.
 
 * folder, text stages: ``.txt`` / ``.jsonl`` files (``readers``); caption stage: an image
   folder with sidecar captions or a ``captions.jsonl``.
 * ``tfds:NAME``: records read with ``tfds.data_source`` (see ``tfds_builders``).
 
 ``load_samples`` reads the whole source and tokenizes it up front: right for small
-sources. Large ones are prepared once (``prepare``) and read lazily (``prepared``).
+sources. Large ones are prepared once (``prepare``) and read lazily (``prepared``);
+``open_samples`` picks the one a source needs.
 Bad records are skipped, counted and logged with their location (``bad_input=skip``) or
 stop the run (``fail``).
 """
@@ -19,7 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from data_pipelines.readers import caption_folder_records, text_file_records
-from data_pipelines.records import BadInput, Record, Sample, problem_kind, record_problem
+from data_pipelines.records import BadInput, Record, Sample, caption_lines, problem_kind, record_problem
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +53,6 @@ def iter_records(source: str, stage: str = "olm", data_dir: str = "",
         raise BadInput(f"data.source: {folder} holds no .txt or .jsonl files")
     for path in files:
         yield from text_file_records(path)
-
-
-def caption_lines(text: str) -> list[str]:
-    """The captions of a caption record: its non-empty lines, stripped."""
-    return [line for line in (line.strip() for line in text.splitlines()) if line]
 
 
 def load_samples(source: str, tokenizer, stage: str, bad_input: str = "skip", data_dir: str = "",
@@ -94,3 +90,43 @@ def split_for_sft(sample: Sample) -> Sample:
     query, the rest is the response to reproduce."""
     cut = max(1, len(sample.tokens) // 3)
     return Sample(sample.tokens[cut:], sample.tokens[:cut], sample.location + ":sft")
+
+
+def open_samples(data, tokenizer) -> tuple[object, dict]:
+    """The samples of ``data.source`` for ``data.stage`` and the source counters: a prepared
+    folder is opened lazily (``PreparedSamples``), anything else is loaded into memory."""
+    from data_pipelines.prepared import PreparedSamples, is_prepared
+
+    if not is_prepared(data.source):
+        return load_samples(data.source, tokenizer, data.stage, data.bad_input, data.data_dir, data.manual_dir)
+    samples = PreparedSamples(data.source, data.stage, tokenizer)
+    counters = samples.counters()
+    if counters["skipped"] and data.bad_input == "fail":
+        first = samples.first_bad() or f"{data.source}: records not usable for stage {data.stage}"
+        raise BadInput(f"{first} (data.bad_input=fail; {counters['skipped']} records of the prepared "
+                       "source are bad or unusable)")
+    return samples, counters
+
+
+def tokenizer_texts(source: str, stage: str, data_dir: str = "", manual_dir: str = "",
+                    max_chars: int = 0) -> Iterator[str]:
+    """Texts to train a tokenizer on: the source's usable records in order, at most
+    ``max_chars`` characters of a prepared source (0: all of it)."""
+    from data_pipelines.prepared import PreparedSamples, is_prepared
+
+    if not is_prepared(source):
+        if stage == "caption" and source == "embedded":
+            stage = "olm"
+        for record in iter_records(source, stage, data_dir, manual_dir):
+            if not record.error:
+                yield (record.prompt or "") + "\n" + record.text + "\n"
+        return
+    prepared, written = PreparedSamples(source, "olm", None), 0
+    total = int(prepared.manifest["counts"]["stored"])
+    for number in range(total):
+        record = prepared.record(number)
+        text = (record.prompt or "") + "\n" + record.text + "\n"
+        yield text
+        written += len(text)
+        if max_chars and written >= max_chars:
+            return
