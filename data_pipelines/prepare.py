@@ -150,9 +150,9 @@ def prepare_unit(out: str, number: int, files: list[str], layout: str, max_chars
         np.save(f, np.asarray(rows, np.int64).reshape(-1, 4))
     (shards / f"{name}.bad.jsonl.tmp").write_text("".join(json.dumps(b, ensure_ascii=False) + "\n" for b in bad))
     for suffix in (".bin", ".npy", ".bad.jsonl"):
-        (shards / f"{name}{suffix}.tmp").rename(shards / f"{name}{suffix}")
+        (shards / f"{name}{suffix}.tmp").replace(shards / f"{name}{suffix}")
     (shards / f"{name}.done.json.tmp").write_text(json.dumps(counts))
-    (shards / f"{name}.done.json.tmp").rename(shards / f"{name}.done.json")  # the unit is finished
+    (shards / f"{name}.done.json.tmp").replace(shards / f"{name}.done.json")  # the unit is finished
     return counts
 
 

@@ -7,8 +7,8 @@
     doc.npy, chat.npy     int64 record numbers usable as documents (olm, ocr) / chats (sft)
     caption.npy           int64 [M, 2]: (record number, caption line) per caption (stage caption)
     bad_records.jsonl     every bad record with its file:line and the problem
-    shards/NNNNN.bin      the records: UTF-8 JSON {text, prompt, location, image, tokens},
-                          NUL, image bytes, int32 token ids (when prepared with a tokenizer)
+    shards/NNNNN.bin      the records: a JSON head {location, byte lengths}, NUL, text, prompt,
+                          image bytes, int32 token ids (when prepared with a tokenizer)
 
 ``PreparedSamples`` is a ``Sample`` sequence over one of the indexes: its length comes from
 the manifest, index arrays are memory-mapped and records are read with ``pread``, so
@@ -41,23 +41,32 @@ OPEN_SHARDS = 64
 
 
 def encode_record(record: Record, image: bytes = b"", tokens: list[list[int]] = ()) -> bytes:
-    """One stored record; ``tokens``: the ids of the text (and prompt), or of each caption line."""
-    head = json.dumps({"text": record.text, "prompt": record.prompt, "location": record.location,
-                       "image": len(image), "tokens": [len(t) for t in tokens]}, ensure_ascii=False)
+    """One stored record: a small JSON head (location and byte lengths), NUL, then the text,
+    prompt and image bytes and the int32 ids of ``tokens`` (text and prompt, or each
+    caption line), so a read parses only the head."""
+    text, prompt = record.text.encode("utf-8"), (record.prompt or "").encode("utf-8")
+    head = json.dumps({"location": record.location, "text": len(text), "prompt": len(prompt),
+                       "chat": record.prompt is not None, "image": len(image), "tokens": [len(t) for t in tokens]},
+                      ensure_ascii=False)
     ids = np.concatenate([np.asarray(t, np.int32) for t in tokens]) if tokens else np.zeros(0, np.int32)
-    return head.encode("utf-8") + b"\0" + image + ids.astype("<i4").tobytes()  # JSON escapes NUL
+    return b"".join([head.encode("utf-8"), b"\0", text, prompt, image, ids.astype("<i4").tobytes()])
 
 
 def decode_record(payload: bytes) -> tuple[Record, list[np.ndarray]]:
     """The record and its stored token arrays (empty when prepared without a tokenizer)."""
-    end = payload.index(b"\0")
-    fields = json.loads(payload[:end])
-    image_end = end + 1 + fields["image"]
-    ids = np.frombuffer(payload, "<i4", offset=image_end).astype(np.int32)
-    cuts = np.cumsum(fields["tokens"])[:-1]
-    tokens = np.split(ids, cuts) if fields["tokens"] else []
-    record = Record(fields["text"], fields["prompt"], fields["location"],
-                    image=payload[end + 1:image_end] or None)
+    end = payload.index(b"\0")  # JSON escapes NUL, so the first one ends the head
+    head = json.loads(payload[:end])
+    prompt_at = end + 1 + head["text"]
+    image_at = prompt_at + head["prompt"]
+    ids_at = image_at + head["image"]
+    ids = np.frombuffer(payload, "<i4", offset=ids_at).astype(np.int32)
+    tokens, start = [], 0
+    for length in head["tokens"]:
+        tokens.append(ids[start:start + length])
+        start += length
+    record = Record(payload[end + 1:prompt_at].decode("utf-8"),
+                    payload[prompt_at:image_at].decode("utf-8") if head["chat"] else None,
+                    head["location"], image=payload[image_at:ids_at] or None)
     return record, tokens
 
 
