@@ -221,3 +221,14 @@ def test_bench_data_scale_mode(tmp_path, tokenizer):
     assert "0" in result["ratio_large_to_small"]
     assert not list((tmp_path / "scale").glob("raw_*")) and not list((tmp_path / "scale").glob("prepared_*"))
     shutil.rmtree(tmp_path / "scale")
+
+
+def test_mixture_config_errors_name_the_key():
+    from vist2_jax.config.schema import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^data\.sources\[1\]\.weight: must be positive$"):
+        load_config(overrides=["data.sources=[{source: embedded}, {source: embedded, weight: 0}]"])
+    with pytest.raises(ConfigError, match=r"^data\.sources: set data\.source or data\.sources, not both$"):
+        load_config(overrides=["data.source=/somewhere", "data.sources=[{source: embedded}]"])
+    with pytest.raises(ConfigError, match=r"^data\.sources\[0\]\.stage"):
+        load_config(overrides=["data.sources=[{source: embedded, stage: pretrain}]"])
