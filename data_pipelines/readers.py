@@ -196,11 +196,12 @@ def layout_files(name: str, folder, what_key: str = "data.manual_dir") -> list[P
     expected pattern and ``what_key`` when there are none."""
     what, patterns, _ = LAYOUTS[name]
     instructions = f"put {what} there, matching {' or '.join(patterns)}"
+    label = f"tfds:{name}" if what_key == "data.manual_dir" else f"--layout {name}"
     path = Path(str(folder)) if folder else None
     if path is None or not path.is_dir():
-        raise BadInput(f"tfds:{name}: manual folder {path} does not exist; {instructions} (or set {what_key})")
+        raise BadInput(f"{label}: manual folder {path} does not exist; {instructions} (or set {what_key})")
     files = sorted({p for pattern in patterns for p in path.glob(pattern) if p.is_file()})
     if not files:
-        raise BadInput(f"tfds:{name}: no files matching {' or '.join(patterns)} in {path}; "
+        raise BadInput(f"{label}: no files matching {' or '.join(patterns)} in {path}; "
                        f"{instructions} (or set {what_key})")
     return files

@@ -15,7 +15,8 @@ def register(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="measure: mask block sparsity, renderer throughput, generation efficiency")
     what = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
     bench_mask.add_mask_parser(what)
-    data = what.add_parser("data", help="renderer throughput: sketch images/s per core (JSON)")
+    data = what.add_parser("data", help="renderer throughput: sketch images/s per core; --scale-mb: the "
+                                        "pipeline on large synthetic corpora (JSON)")
     render.add_bench_data_arguments(data)
     bench_data_scale.add_arguments(data)
     data.set_defaults(func=_bench_data)
@@ -32,9 +33,10 @@ def _bench_data(args) -> int:
     from pathlib import Path
 
     from vist2_jax.cli.bench_data_scale import bench_scale
+    from vist2_jax.cli.errors import UsageError
 
     if any(mb <= 0 for mb in args.scale_mb) or any(w < 0 for w in args.workers) or args.batches <= 0:
-        raise render._usage_error("--scale-mb must be positive, --workers >= 0, --batches positive")
+        raise UsageError("--scale-mb must be positive, --workers >= 0, --batches positive")
     result = bench_scale(args)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
