@@ -8,7 +8,6 @@ every slot has one fixed shape for XLA. Anything that does not decode raises
 from __future__ import annotations
 
 import io
-from functools import lru_cache
 
 import numpy as np
 from PIL import Image
@@ -20,21 +19,13 @@ class ImageUnreadable(ValueError):
     """The image bytes do not decode (corrupt, truncated, not an image, too large)."""
 
 
-@lru_cache(maxsize=8)
-def _tfds_source(name: str, data_dir: str):
-    from data_pipelines.tfds_builders import open_data_source
-
-    return open_data_source(name, data_dir)
-
-
 def image_bytes(ref) -> bytes:
-    """``ref`` is a path, raw bytes, or ``("tfds", name, data_dir, index)`` (read lazily so a
-    large caption set is never held in memory)."""
+    """``ref`` is a path, raw bytes, or a lazy reference with ``read() -> bytes`` (an image
+    left in its dataset, so a large caption set is never held in memory)."""
     if isinstance(ref, bytes):
         return ref
-    if isinstance(ref, tuple) and ref and ref[0] == "tfds":
-        _, name, data_dir, index = ref
-        return bytes(_tfds_source(name, data_dir)[index]["image"])
+    if hasattr(ref, "read"):
+        return ref.read()
     try:
         with open(ref, "rb") as f:
             return f.read()

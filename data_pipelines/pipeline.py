@@ -4,6 +4,10 @@ Row ``i`` of a split is ``RowMaker(i)``: deterministic in ``(seed, i)``. Host ``
 ``n`` reads rows ``p, p+n, ...`` and batches ``global_batch / n`` of them, so the global
 batch at step ``s`` is rows ``[s*B, (s+1)*B)`` whatever the host count. The iterator's
 state (the next index) is saved with each checkpoint, which makes resume exact.
+
+A source's samples are a list in memory (small sources) or a prepared folder read and
+tokenized lazily inside the workers (``prepared.py``); with ``data.sources`` a
+``MixtureMaker`` picks the source of each row from ``(seed, i)`` as well.
 """
 
 from __future__ import annotations
@@ -14,13 +18,22 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from data_pipelines.row_contract import stack_rows
-from data_pipelines.sources import load_samples
-from data_pipelines.stages import RowMaker
+from data_pipelines.row_makers import MixtureMaker, RowMaker
+from data_pipelines.sources import open_samples, tokenizer_texts
 from data_pipelines.tokenizer import TokenizerError, load_tokenizer, train_tokenizer
-from vist2_jax.config.schema import Config, ConfigError
+from vist2_jax.config.schema import Config, ConfigError, DataConfig, SourceConfig
+from vist2_jax.row_contract import stack_rows
 
 EVAL_SEED_OFFSET = 1_000_003
+SOURCE_SEED_STRIDE = 7_000_003  # mixture source k draws its rows from seed + k * stride
+TOKENIZER_CHARS_PER_SOURCE = 50_000_000  # what a tokenizer is trained on, per prepared source
+
+
+def source_parts(data: DataConfig) -> list[tuple[DataConfig, float]]:
+    """``(data config of one source, weight)`` per source: ``data.sources``, or ``data.source``."""
+    entries = data.sources or (SourceConfig(data.source, 1.0, ""),)
+    return [(dataclasses.replace(data, source=e.source, stage=e.stage or data.stage, sources=()), e.weight)
+            for e in entries]
 
 
 def resolve_tokenizer(config: Config, workdir: str | Path):
@@ -39,17 +52,12 @@ def resolve_tokenizer(config: Config, workdir: str | Path):
         if model.is_file():
             tokenizer = load_tokenizer(model)
         else:
-            from data_pipelines.sources import iter_records
-
             corpus = Path(workdir) / "tokenizer_corpus.txt"
             corpus.parent.mkdir(parents=True, exist_ok=True)
             with corpus.open("w", encoding="utf-8") as f:
-                data = config.data
-                for record in iter_records(data.source, "olm" if data.stage == "caption" and
-                                           data.source == "embedded" else data.stage,
-                                           data.data_dir, data.manual_dir):
-                    if not record.error:
-                        f.write((record.prompt or "") + "\n" + record.text + "\n")
+                for part, _ in source_parts(config.data):
+                    f.writelines(tokenizer_texts(part.source, part.stage, part.data_dir, part.manual_dir,
+                                                 TOKENIZER_CHARS_PER_SOURCE))
             try:
                 tokenizer = train_tokenizer([corpus], config.model.decoder.vocab_size, prefix)
             except TokenizerError as err:
@@ -68,8 +76,8 @@ class Pipeline:
 
     config: Config
     tokenizer: object
-    row_maker: RowMaker
-    eval_maker: RowMaker
+    row_maker: RowMaker | MixtureMaker
+    eval_maker: RowMaker | MixtureMaker
     process_index: int = 0
     process_count: int = 1
     source_counters: dict = dataclasses.field(default_factory=dict)
@@ -125,10 +133,17 @@ def build_pipeline(config: Config, workdir: str | Path, process_index: int = 0,
         raise ConfigError(f"data.global_batch_size={config.data.global_batch_size} is not divisible "
                           f"by the {process_count} hosts")
     tokenizer = resolve_tokenizer(config, workdir)
-    data = config.data
-    samples, counters = load_samples(data.source, tokenizer, data.stage, data.bad_input,
-                                     data.data_dir, data.manual_dir)
-    seed = config.run.seed
-    return Pipeline(config, tokenizer, RowMaker(config, samples, tokenizer, seed),
-                    RowMaker(config, samples, tokenizer, seed + EVAL_SEED_OFFSET),
-                    process_index, process_count, counters)
+    seed, layout, parts = config.run.seed, config.model.layout, source_parts(config.data)
+    train, evals, counters = [], [], {}
+    for k, (part, _) in enumerate(parts):
+        samples, part_counters = open_samples(part, tokenizer)
+        source_seed = seed + k * SOURCE_SEED_STRIDE
+        train.append(RowMaker(part, layout, samples, tokenizer, source_seed))
+        evals.append(RowMaker(part, layout, samples, tokenizer, source_seed + EVAL_SEED_OFFSET))
+        for key, value in part_counters.items():
+            counters[key] = counters.get(key, 0) + value
+    if len(parts) == 1:
+        return Pipeline(config, tokenizer, train[0], evals[0], process_index, process_count, counters)
+    weights = [weight for _, weight in parts]
+    return Pipeline(config, tokenizer, MixtureMaker(train, weights, seed),
+                    MixtureMaker(evals, weights, seed + EVAL_SEED_OFFSET), process_index, process_count, counters)

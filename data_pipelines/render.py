@@ -291,23 +291,22 @@ def _split_px(word: str, advance, max_width: float) -> tuple[str, str]:
     return word[:n], word[n:]
 
 
-def render_config_for(config) -> RenderConfig:
-    """The RenderConfig of a run's ``Config`` (``data.font_*``, ``model.layout.image_size``)."""
-    data = config.data
-    return RenderConfig(image_size=config.model.layout.image_size, font_path=data.font_path or None,
+def render_config_for(data, image_size: int) -> RenderConfig:
+    """The RenderConfig of a run's ``DataConfig`` (``data.font_*``) at the model's image size."""
+    return RenderConfig(image_size=image_size, font_path=data.font_path or None,
                         font_family=data.font_family, font_index=data.font_index,
                         font_sha256=data.font_sha256 or None, font_sizes=tuple(data.font_sizes))
 
 
-def renderer_for_config(config) -> SketchRenderer:
-    """The run's renderer; a font problem is a ConfigError naming the key."""
+def renderer_for_config(data, image_size: int) -> SketchRenderer:
+    """The run's renderer (``data``: its DataConfig); a font problem is a ConfigError naming the key."""
     from vist2_jax.config.schema import ConfigError
 
     try:
-        return SketchRenderer(render_config_for(config))
+        return SketchRenderer(render_config_for(data, image_size))
     except FontError as err:
         key = "data.font_sha256" if isinstance(err, FontHashMismatch) else (
-            "data.font_path" if config.data.font_path else "data.font_family")
+            "data.font_path" if data.font_path else "data.font_family")
         raise ConfigError(f"{key}: {err}") from None
 
 

@@ -18,8 +18,9 @@ other ``tfds:NAME`` must already be prepared as ArrayRecord in ``data.data_dir``
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
-import json
 import os
 import re
 from pathlib import Path
@@ -28,8 +29,8 @@ from typing import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_pipelines.sources import Record, text_file_records
-from data_pipelines.stages import BadInput
+from data_pipelines.readers import LAYOUTS, layout_files
+from data_pipelines.records import BadInput, Record
 
 tfds.disable_progress_bar()
 FEATURES = {"text": tfds.features.Text(), "prompt": tfds.features.Text(),
@@ -37,18 +38,19 @@ FEATURES = {"text": tfds.features.Text(), "prompt": tfds.features.Text(),
             "location": tfds.features.Text(), "error": tfds.features.Text()}
 
 
-def _example(record: Record, image: bytes = b"") -> dict:
+def _example(record: Record) -> dict:
+    image = record.image if isinstance(record.image, bytes) else b""
     return {"text": record.text, "prompt": record.prompt or "", "image": image,
             "location": record.location, "error": record.error}
 
 
 class _ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Records from files the user puts in ``manual_dir``; subclasses set the patterns."""
+    """Records of the layout ``SHORT`` (``readers.LAYOUTS``) from files in ``manual_dir``."""
 
     VERSION = tfds.core.Version("1.0.0")
+    SHORT = ""
     PATTERNS: tuple[str, ...] = ()
-    WHAT = ""
-    MANUAL_DOWNLOAD_INSTRUCTIONS = "see the builder's WHAT"
+    MANUAL_DOWNLOAD_INSTRUCTIONS = "see readers.LAYOUTS"
 
     # TFDS looks for a checksums file beside the builder's module through ``code_path``, whose
     # package-path branch imports ``importlib_resources`` (not a dependency here, so it
@@ -60,128 +62,80 @@ class _ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        cls.MANUAL_DOWNLOAD_INSTRUCTIONS = f"put {cls.WHAT} there, matching {' or '.join(cls.PATTERNS)}"
+        what, cls.PATTERNS, _ = LAYOUTS[cls.SHORT]
+        cls.MANUAL_DOWNLOAD_INSTRUCTIONS = f"put {what} there, matching {' or '.join(cls.PATTERNS)}"
 
     def _info(self):
-        return tfds.core.DatasetInfo(builder=self, description=self.WHAT,
+        return tfds.core.DatasetInfo(builder=self, description=LAYOUTS[self.SHORT][0],
                                      features=tfds.features.FeaturesDict(FEATURES))
 
     def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples(expected_files(type(self), dl_manager.manual_dir))}
+        return {"train": self._generate_examples(layout_files(self.SHORT, dl_manager.manual_dir))}
 
     def _generate_examples(self, files):
-        for record, image in self._records(files):
-            yield record.location, _example(record, image)
-
-    def _records(self, files: list[Path]) -> Iterator[tuple[Record, bytes]]:
+        read = LAYOUTS[self.SHORT][2]
         for path in files:
-            for record in text_file_records(path):
-                yield record, b""
-
-
-def expected_files(builder: type, manual_dir) -> list[Path]:
-    """The builder's input files in ``manual_dir``; BadInput naming the folder and the
-    expected pattern when there are none."""
-    name = getattr(builder, "SHORT", builder.name)
-    folder = Path(str(manual_dir)) if manual_dir else None
-    if folder is None or not folder.is_dir():
-        raise BadInput(f"tfds:{name}: manual folder {folder} does not exist; "
-                       f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS} (or set data.manual_dir)")
-    files = sorted({p for pattern in builder.PATTERNS for p in folder.glob(pattern) if p.is_file()})
-    if not files:
-        raise BadInput(f"tfds:{name}: no files matching {' or '.join(builder.PATTERNS)} in {folder}; "
-                       f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS} (or set data.manual_dir)")
-    return files
+            for record in read(path):
+                yield record.location, _example(record)
 
 
 class Vist2TextFolder(_ManualBuilder):
     """A local folder of .txt / .jsonl files (the same records as ``data.source=FOLDER``)."""
 
-    SHORT, WHAT = "text_folder", "your .txt documents and .jsonl records"
-    PATTERNS = ("**/*.txt", "**/*.jsonl")
+    SHORT = "text_folder"
 
 
 class Vist2Gutenberg(_ManualBuilder):
     """Project Gutenberg books (e.g. PG-19's ``train/*.txt``), one document per file."""
 
-    SHORT, WHAT = "gutenberg", "Project Gutenberg books as UTF-8 .txt files (e.g. PG-19 train/)"
-    PATTERNS = ("**/*.txt",)
+    SHORT = "gutenberg"
 
 
 class Vist2Arxiv(_ManualBuilder):
     """arXiv papers as JSONL ``{"text": ...}`` (e.g. RedPajama's arxiv shards) or .tex files."""
 
-    SHORT, WHAT = "arxiv", "arXiv papers as .jsonl {\"text\": ...} shards or .tex sources"
-    PATTERNS = ("**/*.jsonl", "**/*.tex")
-
-    def _records(self, files):
-        for path in files:
-            if path.suffix == ".tex":
-                path = Path(path)
-                try:
-                    yield Record(path.read_bytes().decode("utf-8"), None, str(path)), b""
-                except UnicodeDecodeError as err:
-                    yield Record("", None, str(path), f"not valid UTF-8 ({err.reason})"), b""
-            else:
-                yield from super()._records([path])
+    SHORT = "arxiv"
 
 
 class Vist2Wudao(_ManualBuilder):
     """WuDaoCorpora 2.0 (Chinese): JSON files, each a list of ``{"title", "content"}``."""
 
-    SHORT, WHAT = "wudao", "WuDaoCorpora2.0 .json files (lists of {\"title\", \"content\"})"
-    PATTERNS = ("**/*.json",)
-
-    def _records(self, files):
-        for path in files:
-            try:
-                items = json.loads(Path(path).read_bytes().decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                yield Record("", None, str(path), f"unreadable WuDao JSON ({err})"), b""
-                continue
-            for i, item in enumerate(items if isinstance(items, list) else [items]):
-                where = f"{path}[{i}]"
-                if not isinstance(item, dict) or not isinstance(item.get("content"), str):
-                    yield Record("", None, where, "item has no 'content' string"), b""
-                    continue
-                title = item.get("title") if isinstance(item.get("title"), str) else ""
-                yield Record(f"{title}\n{item['content']}" if title else item["content"], None, where), b""
+    SHORT = "wudao"
 
 
 class Vist2NarrativeXl(_ManualBuilder):
     """NarrativeXL: books as .txt and question records as .jsonl ``{"prompt", "response"}``
     (or ``{"text"}``); convert the release's files to these if they differ."""
 
-    SHORT, WHAT = "narrativexl", "NarrativeXL books (.txt) and/or .jsonl prompt/response records"
-    PATTERNS = ("**/*.txt", "**/*.jsonl")
+    SHORT = "narrativexl"
 
 
 class Vist2CocoCaptions(_ManualBuilder):
     """COCO captions: ``annotations/captions_*.json`` plus the image folders they name
     (``train2017/``, ``val2017/``); one record per image, its captions one per line."""
 
-    SHORT, WHAT = "coco_captions", "COCO annotations/captions_<split>.json and <split>/ image folders"
-    PATTERNS = ("annotations/captions_*.json",)
-
-    def _records(self, files):
-        for path in files:
-            split = re.sub(r"^captions_", "", Path(path).stem)
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-            captions: dict[int, list[str]] = {}
-            for ann in data.get("annotations", []):
-                captions.setdefault(ann["image_id"], []).append(" ".join(str(ann["caption"]).split()))
-            for image in data.get("images", []):
-                file = Path(path).parents[1] / split / image["file_name"]
-                where = f"{path}:image {image['id']} ({file})"
-                if not file.is_file():
-                    yield Record("", None, where, f"image {file} does not exist"), b""
-                    continue
-                text = "\n".join(captions.get(image["id"], []))
-                yield Record(text, None, where, "" if text else "image has no captions"), file.read_bytes()
+    SHORT = "coco_captions"
 
 
 BUILDERS = {cls.SHORT: cls for cls in (Vist2TextFolder, Vist2Gutenberg, Vist2Arxiv, Vist2Wudao,
                                        Vist2NarrativeXl, Vist2CocoCaptions)}
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsImage:
+    """A caption image left in its prepared TFDS dataset, read by index when a row needs it."""
+
+    name: str
+    data_dir: str
+    index: int
+
+    def read(self) -> bytes:
+        return bytes(_cached_source(self.name, self.data_dir)[self.index]["image"])
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_source(name: str, data_dir: str):
+    return open_data_source(name, data_dir)
 
 
 def default_data_dir(data_dir: str = "") -> str:
@@ -213,7 +167,7 @@ def prepare(name: str, data_dir: str = "", manual_dir: str = "") -> str:
         config = None
     builder = cls(data_dir=data_dir, file_format="array_record", config=config)
     if not builder.is_prepared():
-        expected_files(cls, manual_dir)  # a clear message before TFDS starts
+        layout_files(cls.SHORT, manual_dir)  # a clear message before TFDS starts
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     return f"{cls.name}/{builder.builder_config.name}" if config else cls.name
 
@@ -239,7 +193,7 @@ def tfds_records(name: str, data_dir: str, manual_dir: str, stage: str) -> Itera
     for index in range(len(source)):
         item = source[index]
         image = item.get("image", b"")
-        ref = ("tfds", resolved, data_dir, index) if image else None
+        ref = TfdsImage(resolved, data_dir, index) if image else None
         yield Record(text(item.get("text", b"")), text(item.get("prompt", b"")) or None,
                      f"tfds:{resolved}[{index}] {text(item.get('location', b''))}".strip(),
                      text(item.get("error", b"")), ref)

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
-from data_pipelines.row_contract import pack_olm_row  # noqa: E402
+from data_pipelines.rows import pack_olm_row  # noqa: E402
 from vist2_jax.config import load_config  # noqa: E402
 from vist2_jax.row_contract import CHUNK_ID, stack_rows  # noqa: E402
 

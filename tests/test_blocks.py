@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from data_pipelines.row_contract import pack_olm_row
+from data_pipelines.rows import pack_olm_row
 from vist2_jax.kernels import blocks
 from vist2_jax.row_contract import CHUNK_ID
 from vist2_jax.kernels.mask import PAD, TEXT, VISUAL, RowMeta, vision_memory_mask

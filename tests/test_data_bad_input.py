@@ -11,9 +11,9 @@ from PIL import Image
 
 from data_pipelines.images import fit_image
 from data_pipelines.pipeline import build_pipeline, resolve_tokenizer
-from data_pipelines.row_contract import validate_batch
+from vist2_jax.row_contract import validate_batch
 from data_pipelines.sources import load_samples
-from data_pipelines.stages import BadInput
+from data_pipelines.records import BadInput
 from vist2_jax.config import load_config
 
 SMALL = ["model.decoder.num_layers=2", "model.vision.num_layers=2", "data.seq_len=256",

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from data_pipelines.pipeline import build_pipeline, resolve_tokenizer
-from data_pipelines.row_contract import validate_batch
+from vist2_jax.row_contract import validate_batch
 from data_pipelines.sources import load_samples
-from data_pipelines.stages import BadInput
+from data_pipelines.records import BadInput
 from data_pipelines.tfds_builders import BUILDERS
 from vist2_jax.config import load_config
 

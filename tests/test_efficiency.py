@@ -10,7 +10,8 @@ import pytest
 
 from conftest import make_olm_batch
 from vist2_jax.row_contract import CHUNK_ID
-from data_pipelines.row_contract import pack_olm_row, stack_rows
+from data_pipelines.rows import pack_olm_row
+from vist2_jax.row_contract import stack_rows
 from vist2_jax.config.presets import preset_model
 from vist2_jax.inference import flops as F
 from vist2_jax.inference.cache import peak_entries

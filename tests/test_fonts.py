@@ -58,6 +58,10 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _parts(config):
+    return config.data, config.model.layout.image_size
+
+
 def test_bundled_fonts_match_their_pinned_hashes_and_carry_their_licence():
     folder = Path(fonts.__file__).parent / "font_files"
     for family, (name, pinned) in fonts.BUNDLED.items():
@@ -168,13 +172,13 @@ def test_font_keys_are_validated_with_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"^data\.font_sha256: "):
         load_config(overrides=["data.font_sha256=xyz"])
     with pytest.raises(ConfigError, match=r"^data\.font_path: font file .*nope\.ttf"):
-        renderer_for_config(load_config(overrides=[f"data.font_path={tmp_path / 'nope.ttf'}"]))
+        renderer_for_config(*_parts(load_config(overrides=[f"data.font_path={tmp_path / 'nope.ttf'}"])))
     with pytest.raises(ConfigError, match=r"^data\.font_sha256: .* was recorded"):
-        renderer_for_config(load_config(overrides=[f"data.font_path={CJK_FONT}", "data.font_sha256=" + "a" * 64]))
+        renderer_for_config(*_parts(load_config(overrides=[f"data.font_path={CJK_FONT}", "data.font_sha256=" + "a" * 64])))
     pinned = load_config(overrides=[f"data.font_path={CJK_FONT}", "data.font_sha256=" + _sha(CJK_FONT.read_bytes()),
                                     "data.font_family=DejaVu Sans"])
-    assert renderer_for_config(pinned).source.sha256 == pinned.data.font_sha256
-    sans = renderer_for_config(load_config(overrides=["data.font_family=DejaVu Sans"]))
+    assert renderer_for_config(*_parts(pinned)).source.sha256 == pinned.data.font_sha256
+    sans = renderer_for_config(*_parts(load_config(overrides=["data.font_family=DejaVu Sans"])))
     assert sans.renderer_config()["font_family"] == "DejaVu Sans"
 
 

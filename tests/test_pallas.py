@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from data_pipelines.row_contract import pack_olm_row
+from data_pipelines.rows import pack_olm_row
 from test_blocks import random_olm_meta
 from vist2_jax.config import load_config
 from vist2_jax.kernels import blocks, pallas_gpu

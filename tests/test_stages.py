@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from data_pipelines.pipeline import build_pipeline
-from data_pipelines.row_contract import TEXT, VISUAL, validate_batch
+from vist2_jax.row_contract import TEXT, VISUAL, validate_batch
 from vist2_jax.config import load_config
 from vist2_jax.model.vist2 import Vist2Model, example_batch
 from vist2_jax.model.vist2 import abstract_params as model_abstract_params

@@ -17,9 +17,28 @@ from vist2_jax.cli.errors import UsageError
 
 
 def add_parser(bench_subparsers) -> None:
-    parser = bench_subparsers.add_parser("data", help="renderer throughput: sketch images/s per core (JSON)")
+    from vist2_jax.bench import data_scale
+
+    parser = bench_subparsers.add_parser("data", help="renderer throughput: sketch images/s per core; "
+                                                      "--scale-mb: the pipeline on large synthetic corpora (JSON)")
     add_bench_data_arguments(parser)
-    parser.set_defaults(func=bench_data)
+    data_scale.add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The renderer bench, or with ``--scale-mb`` the pipeline at scale."""
+    if not args.scale_mb:
+        return bench_data(args)
+    from vist2_jax.bench.data_scale import bench_scale
+
+    if any(mb <= 0 for mb in args.scale_mb) or any(w < 0 for w in args.workers) or args.batches <= 0:
+        raise UsageError("--scale-mb must be positive, --workers >= 0, --batches positive")
+    result = bench_scale(args)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
 
 
 def add_bench_data_arguments(parser: argparse.ArgumentParser) -> None:

@@ -41,7 +41,7 @@ def synthetic_meta(seq_len: int, text_len: int, visual_len: int, docs: int):
     """RowMeta [1, seq_len] of ``docs`` OLM documents, each filling ``seq_len // docs``."""
     import jax.numpy as jnp
 
-    from data_pipelines.row_contract import pack_olm_row
+    from data_pipelines.rows import pack_olm_row
     from data_pipelines.tokenizer import CHUNK_ID
     from vist2_jax.kernels.mask import RowMeta
 

@@ -3,8 +3,9 @@ measuring code lives in the bench room (``vist2_jax/bench/``); each module there
 own sub-command.
 
 ``mask``: block sparsity of the vision-as-memory mask; ``data``: sketch renderer and
-pipeline throughput; ``efficiency``: KV memory, FLOPs and speed of gcc vs pcc vs text;
-``attention``: attention implementations timed beside causal attention.
+pipeline throughput (``--scale-mb``: start-up, RSS and rows/s on synthetic corpora of given
+sizes); ``efficiency``: KV memory, FLOPs and speed of gcc vs pcc vs text; ``attention``:
+attention implementations timed beside causal attention.
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ def register(subparsers) -> None:
 
 def random_olm_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
     """Rows of random documents, each filling its row with as many chunks as fit."""
-    from data_pipelines.row_contract import pack_olm_row, stack_rows
+    from data_pipelines.rows import pack_olm_row
+    from vist2_jax.row_contract import stack_rows
     from data_pipelines.tokenizer import CHUNK_ID
 
     layout, data = config.model.layout, config.data

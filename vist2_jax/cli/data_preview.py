@@ -16,14 +16,17 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipelines.row_contract import TEXT, VISUAL, stack_rows
+from vist2_jax.row_contract import TEXT, VISUAL, stack_rows
 
 TEXT_COLUMNS = 72
 
 
 def register(subparsers) -> None:
-    data = subparsers.add_parser("data", help="inspect the data pipeline: preview batches")
+    from vist2_jax.cli import data_prepare
+
+    data = subparsers.add_parser("data", help="the data pipeline: prepare sources, preview batches")
     what = data.add_subparsers(dest="data_command", required=True, metavar="WHAT")
+    data_prepare.add_parser(what)
     p = what.add_parser("preview", help="first batches as PNG sheets of sketches beside their text")
     p.add_argument("recipe", help="recipe YAML")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")

@@ -10,7 +10,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     reports them as ``vist2 CMD: error: ...`` with exit code 2, never as a traceback."""
     from data_pipelines.fonts import FontError
     from data_pipelines.render import RenderRejected
-    from data_pipelines.stages import BadInput
+    from data_pipelines.records import BadInput
     from data_pipelines.tokenizer import TokenizerError
     from vist2_jax.config.schema import ConfigError
 

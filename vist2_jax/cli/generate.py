@@ -80,7 +80,7 @@ def load_checkpoint(directory: str, preset: str, overrides, font: str | None = N
 
     from vist2_jax.config import load_config
     config = load_config(overrides=[*overrides, *([f"data.font_path={font}"] if font else [])], preset=preset)
-    renderer = renderer_for_config(config)
+    renderer = renderer_for_config(config.data, config.model.layout.image_size)
     try:
         tree = ocp.StandardCheckpointer().restore(path.resolve())
     except Exception as err:  # orbax/tensorstore raise many kinds for damaged files

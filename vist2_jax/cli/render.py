@@ -39,7 +39,7 @@ def run_render(args: argparse.Namespace) -> int:
         raise _usage_error(f"--text-file: no such file {args.text_file}") from None
     except UnicodeDecodeError as err:
         raise _usage_error(f"--text-file: {args.text_file} is not UTF-8 ({err.reason})") from None
-    renderer = renderer_for_config(config)
+    renderer = renderer_for_config(config.data, config.model.layout.image_size)
     try:
         image = renderer.render(text, method=args.method, where=args.text_file)
     except RenderRejected as err:

@@ -26,7 +26,7 @@ def setup_logging() -> None:
 
 
 def run(args) -> int:
-    from data_pipelines.stages import BadInput
+    from data_pipelines.records import BadInput
     from vist2_jax.config import load_config
     from vist2_jax.training.distributed import initialize_from_env
     from vist2_jax.training.trainer import TrainingDiverged, train

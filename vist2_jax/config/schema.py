@@ -141,6 +141,16 @@ class CurriculumPoint:
 
 
 @dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    """One source of a mixture: rows come from it with probability ``weight / sum``, built
+    for ``stage`` (empty: ``data.stage``), e.g. pretraining text (olm), OCR, captions, chat."""
+
+    source: str = ""
+    weight: float = 1.0
+    stage: Literal["", "caption", "ocr", "olm", "sft"] = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     """What one packed row looks like (DESIGN §2) and where rows come from.
 
@@ -149,6 +159,9 @@ class DataConfig:
     prepared into ``data_dir`` (default ``~/tensorflow_datasets``) from ``manual_dir``.
     ``tokenizer``: a SentencePiece ``.model`` or HF ``tokenizer.json``; empty means "train
     one on the source into the run's workdir" (vocab = model.decoder.vocab_size).
+    A folder written by ``vist2 data prepare`` (local or ``gs://``) is read lazily.
+    ``sources``: a mixture of several sources (``SourceConfig``), chosen per row; when set,
+    ``source`` is not used.
     ``bad_input``: ``skip`` (count and log each bad record) or ``fail`` (stop the run).
     Fonts: ``font_family`` picks a bundled font (DejaVu Sans Mono / DejaVu Sans);
     ``font_path`` (face ``font_index`` of a .ttc) replaces it, e.g. Noto Sans CJK, and
@@ -173,6 +186,7 @@ class DataConfig:
     eval_rows: int = 16
     data_dir: str = ""
     manual_dir: str = ""
+    sources: tuple[SourceConfig, ...] = ()
 
     def validate(self, prefix: str) -> None:
         _require(self.source != "" and self.source.strip() not in ("tfds", "tfds:"), f"{prefix}.source",
@@ -197,6 +211,13 @@ class DataConfig:
             key = f"{prefix}.curriculum[{i}]"
             _require(point.text_len > 0 and point.max_chunks > 0, key, "text_len and max_chunks must be positive")
             _require(0.0 <= point.ocr_fraction <= 1.0, f"{key}.ocr_fraction", "must lie in [0, 1]")
+        _require(not (self.sources and self.source != "embedded"), f"{prefix}.sources",
+                 "set data.source or data.sources, not both")
+        for i, entry in enumerate(self.sources):
+            key = f"{prefix}.sources[{i}]"
+            _require(entry.source.strip() not in ("", "tfds", "tfds:"), f"{key}.source",
+                     "must be 'embedded', a folder, a prepared folder or tfds:NAME")
+            _require(entry.weight > 0, f"{key}.weight", "must be positive")
 
 
 COMPONENTS = ("vision", "aligner", "decoder")

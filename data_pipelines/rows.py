@@ -14,9 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from vist2_jax.row_contract import ROW_FIELDS, TEXT, VISUAL, stack_rows, text_span_cost, validate_batch
-
-__all__ = ["RowBuilder", "RowOverflow", "pack_olm_row", "stack_rows", "validate_batch"]
+from vist2_jax.row_contract import ROW_FIELDS, TEXT, VISUAL, text_span_cost
 
 
 class RowOverflow(ValueError):
@@ -75,6 +73,16 @@ class RowBuilder:
         self.image_mask[self.slot] = True
         self.slot += 1
 
+    def add_olm_document(self, chunks: Sequence[Sequence[int]], images: Sequence[np.ndarray]) -> None:
+        """One document ``[T1][V1][T2]...``: chunk c's text and image share chunk id c; the
+        last chunk gets no image (no later chunk would read it), so ``images[c]`` is used
+        for every chunk but the last."""
+        self.start_document()
+        for index, chunk in enumerate(chunks):
+            self.add_text(chunk, chunk_id=index + 1)
+            if index < len(chunks) - 1:
+                self.add_image(images[index], chunk_id=index + 1)
+
     def finish(self) -> dict[str, np.ndarray]:
         rest = slice(self.cursor, self.seq_len)
         self.fields["segment_id"][rest] = self.segment + 1
@@ -88,14 +96,9 @@ def pack_olm_row(documents: Sequence[Sequence[Sequence[int]]],
                  ) -> dict[str, np.ndarray]:
     """Pack documents (each a list of token-id chunks) into one OLM row ``[T1][V1][T2]...``.
 
-    ``images[d][c]`` is the sketch of chunk c of document d. Chunk c's text and image share
-    chunk id c; the last chunk of a document gets no image (no later chunk would read it).
+    ``images[d][c]`` is the sketch of chunk c of document d (see ``add_olm_document``).
     """
     row = RowBuilder(seq_len, visual_len, num_image_slots, image_shape, chunk_token)
     for chunks, doc_images in zip(documents, images):
-        row.start_document()
-        for index, chunk in enumerate(chunks):
-            row.add_text(chunk, chunk_id=index + 1)
-            if index < len(chunks) - 1:
-                row.add_image(doc_images[index], chunk_id=index + 1)
+        row.add_olm_document(chunks, doc_images)
     return row.finish()

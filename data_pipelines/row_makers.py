@@ -1,4 +1,4 @@
-"""Stage transforms: build one row of the DESIGN §2 contract from a row index.
+"""Row makers: build one row of the DESIGN §2 contract from a row index, per stage.
 
 Every maker is a pure function of ``(seed, global row index)``, so any row can be rebuilt
 at any time (random access, exact resume) and per-host sharding is just index slicing.
@@ -17,7 +17,6 @@ skipped and counted (``bad_input=skip``) or the run stops (``bad_input=fail``).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 from typing import Sequence
@@ -25,53 +24,44 @@ from typing import Sequence
 import numpy as np
 
 from data_pipelines.images import ImageUnreadable, fit_image
+from data_pipelines.records import BadInput, Sample
 from data_pipelines.render import RenderRejected, SketchRenderer, renderer_for_config
 from data_pipelines.render_stats import RenderStats, sum_stats
-from data_pipelines.row_contract import RowBuilder
+from data_pipelines.rows import RowBuilder
 from data_pipelines.shapes import captioned_shapes
-from vist2_jax.config.schema import Config, CurriculumPoint
+from vist2_jax.config.schema import CurriculumPoint, DataConfig, LayoutConfig
 
 log = logging.getLogger(__name__)
 MAX_DOCS_PER_ROW = 16
 MIN_TEXT_TOKENS = 4
+MIXTURE_STREAM = 7919  # the third seed word of a row's mixture draw (rows use two)
 
 
-class BadInput(RuntimeError):
-    """A record the pipeline cannot use, under ``bad_input=fail``."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Sample:
-    """A tokenized source record: a document (``prompt`` empty), a prompt/response pair, or
-    a caption with its ``image`` (path, bytes or lazy TFDS reference; decoded per row)."""
-
-    tokens: np.ndarray
-    prompt: np.ndarray | None = None
-    location: str = ""
-    image: object = None
-
-
-def curriculum_at(config: Config, step: int) -> CurriculumPoint:
-    points = config.data.curriculum
-    if not points:
-        layout = config.model.layout
-        return CurriculumPoint(text_len=layout.text_len, max_chunks=config.data.images_per_row + 1)
-    return [p for p in points if p.start_step <= step][-1]
+def curriculum_at(data: DataConfig, layout: LayoutConfig, step: int) -> CurriculumPoint:
+    """The stage-3 curriculum point in force at ``step`` (the layout's L when there is none)."""
+    if not data.curriculum:
+        return CurriculumPoint(text_len=layout.text_len, max_chunks=data.images_per_row + 1)
+    return [p for p in data.curriculum if p.start_step <= step][-1]
 
 
 class RowMaker:
-    """``index -> row`` for one stage. Picklable; the renderer is built lazily per worker."""
+    """``index -> row`` for one stage and source. Picklable; the renderer is built lazily per
+    worker, and a lazy source reads its records there."""
 
-    def __init__(self, config: Config, samples: Sequence[Sample], tokenizer, seed: int):
-        self.config, self.samples, self.tokenizer, self.seed = config, list(samples), tokenizer, seed
-        if not self.samples and (config.data.stage != "caption" or config.data.source != "embedded"):
-            raise BadInput(f"data.source={config.data.source!r} yielded no usable records")
+    def __init__(self, data: DataConfig, layout: LayoutConfig, samples: Sequence[Sample], tokenizer,
+                 seed: int):
+        # A list (in memory) or a lazy sequence (a prepared source): only len() and [i] are used.
+        samples = samples if hasattr(samples, "__getitem__") else list(samples)
+        self.data, self.layout, self.samples, self.tokenizer, self.seed = data, layout, samples, tokenizer, seed
+        if not self.samples and (data.stage != "caption" or data.source != "embedded"):
+            raise BadInput(f"data.source={data.source!r} yielded no usable records")
         self._local = threading.local()  # one renderer per thread: its glyph atlas grows lazily
         self._renderers: list[SketchRenderer] = []  # all of them, for render_stats()
         self.counters = {"rows": 0, "documents": 0, "skipped_render": 0, "skipped_image": 0,
                          "skipped_long_caption": 0, "images": 0}
         self.examples: list[str] = []  # the first few skipped records: "location: problem"
-        self.captions = [s for s in self.samples if s.image is not None]
+        # Caption samples all carry an image (``record_problem``); other stages use none.
+        self.captions = self.samples if data.stage == "caption" else ()
         self.renderer  # noqa: B018  a missing font or a wrong data.font_sha256 fails here, in one line
 
     def __getstate__(self):
@@ -86,7 +76,7 @@ class RowMaker:
         the renderer's atlas is not thread-safe)."""
         renderer = getattr(self._local, "renderer", None)
         if renderer is None:
-            renderer = self._local.renderer = renderer_for_config(self.config)
+            renderer = self._local.renderer = renderer_for_config(self.data, self.layout.image_size)
             self._renderers.append(renderer)
         return renderer
 
@@ -95,25 +85,25 @@ class RowMaker:
         return sum_stats(r.stats for r in list(self._renderers))
 
     def builder(self) -> RowBuilder:
-        data, layout = self.config.data, self.config.model.layout
+        data, layout = self.data, self.layout
         return RowBuilder(data.seq_len, layout.visual_len, data.images_per_row,
                           (layout.image_size, layout.image_size), self.tokenizer.chunk_id)
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
         index = int(index)
         rng = np.random.default_rng([self.seed, index])
-        stage = self.config.data.stage
-        step = index // self.config.data.global_batch_size
+        stage = self.data.stage
+        step = index // self.data.global_batch_size
         if stage == "olm":
-            point = curriculum_at(self.config, step)
+            point = curriculum_at(self.data, self.layout, step)
             if rng.random() < point.ocr_fraction:
                 row = self._fill(rng, self._ocr, point)
             else:
                 row = self._fill(rng, self._olm, point)
         elif stage == "ocr":
-            row = self._fill(rng, self._ocr, curriculum_at(self.config, step))
+            row = self._fill(rng, self._ocr, curriculum_at(self.data, self.layout, step))
         elif stage == "sft":
-            row = self._fill(rng, self._sft, curriculum_at(self.config, step))
+            row = self._fill(rng, self._sft, curriculum_at(self.data, self.layout, step))
         else:
             row = self._fill(rng, self._caption, None)
         self.counters["rows"] += 1
@@ -134,7 +124,7 @@ class RowMaker:
         try:
             image = self.renderer.render(text, where=sample.location)
         except RenderRejected as err:
-            if self.config.data.bad_input == "fail":
+            if self.data.bad_input == "fail":
                 raise BadInput(f"{sample.location}: chunk cannot be rendered: {err}") from None
             self.counters["skipped_render"] += 1
             if len(self.examples) < 5:
@@ -176,11 +166,7 @@ class RowMaker:
         images = [self._render(chunk, sample) for chunk in chunks[:-1]]
         if any(image is None for image in images):
             return True  # skipped and counted; try another document
-        row.start_document()
-        for c, chunk in enumerate(chunks):
-            row.add_text(chunk, chunk_id=c + 1)
-            if c < len(chunks) - 1:
-                row.add_image(images[c], chunk_id=c + 1)
+        row.add_olm_document(chunks, images)
         self.counters["documents"] += 1
         return True
 
@@ -235,7 +221,7 @@ class RowMaker:
 
     def _skip(self, counter: str, location: str, problem: str) -> None:
         """Count and log a record this row cannot use, or stop under ``bad_input=fail``."""
-        if self.config.data.bad_input == "fail":
+        if self.data.bad_input == "fail":
             raise BadInput(f"{location}: {problem} (data.bad_input=fail)")
         self.counters[counter] += 1
         if len(self.examples) < 5:
@@ -244,7 +230,7 @@ class RowMaker:
 
     def _caption(self, rng, row: RowBuilder, point) -> bool:
         """A real caption sample when the source has them, else synthetic shapes."""
-        size = self.config.model.layout.image_size
+        size = self.layout.image_size
         if not self.captions:
             image, caption = captioned_shapes(rng, size)
             tokens = self.tokenizer.encode(caption)
@@ -269,3 +255,41 @@ class RowMaker:
         row.add_text(tokens, chunk_id=2)
         self.counters["documents"] += 1
         return True
+
+
+class MixtureMaker:
+    """``index -> row`` from one of several row makers (a ``data.sources`` mixture): row i
+    comes from maker k with probability ``weights[k] / sum``, drawn from its own stream of
+    ``(seed, i)``, so the choice is as deterministic and random-access as the rows."""
+
+    def __init__(self, makers: Sequence[RowMaker], weights: Sequence[float], seed: int):
+        self.makers, self.seed = list(makers), seed
+        self.cumulative = np.cumsum(np.asarray(weights, float)) / float(np.sum(weights))
+
+    def source_of(self, index: int) -> int:
+        draw = np.random.default_rng([self.seed, int(index), MIXTURE_STREAM]).random()
+        return min(int(np.searchsorted(self.cumulative, draw, side="right")), len(self.makers) - 1)
+
+    def __call__(self, index: int) -> dict[str, np.ndarray]:
+        return self.makers[self.source_of(index)](index)
+
+    @property
+    def renderer(self) -> SketchRenderer:
+        return self.makers[0].renderer  # one render config for all sources
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """The makers' counters summed, and rows per source (``rows:<k>``)."""
+        total: dict[str, int] = {}
+        for k, maker in enumerate(self.makers):
+            for key, value in maker.counters.items():
+                total[key] = total.get(key, 0) + value
+            total[f"rows:{k}"] = maker.counters["rows"]
+        return total
+
+    @property
+    def examples(self) -> list[str]:
+        return [e for maker in self.makers for e in maker.examples]
+
+    def render_stats(self) -> RenderStats:
+        return sum_stats(maker.render_stats() for maker in self.makers)
