@@ -1,1 +1,1 @@
-"""Data pipelines: raw text -> rendered sketches -> rows of the DESIGN §2 row contract."""
+"""Data pipelines: raw text -> rendered sketches -> rows of the docs/design.md §2 row contract."""

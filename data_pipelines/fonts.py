@@ -1,4 +1,4 @@
-"""Font resolution and glyph coverage for the sketch renderer (DESIGN §4).
+"""Font resolution and glyph coverage for the sketch renderer (docs/design.md §4).
 
 The fonts ship inside the package (``font_files/``, licence beside them) with their
 sha256 pinned here; there is no lookup of host fonts and no fallback. A font is read

@@ -1,5 +1,5 @@
 """The fast path of the sketch renderer: a pre-rasterized glyph atlas for one monospace
-font size, assembled with numpy (DESIGN §4: thousands of images/s/core vs Pillow's hundreds).
+font size, assembled with numpy (docs/design.md §4: thousands of images/s/core vs Pillow's hundreds).
 
 Each glyph is rasterized once by Pillow, alone, at the same integer pen position it has
 inside a line, giving its coverage tile. A line's mask merges its glyphs' tiles with

@@ -1,4 +1,4 @@
-"""The sketch renderer (DESIGN §4): a text chunk -> uint8 [H, W, 3], sizes in pixels.
+"""The sketch renderer (docs/design.md §4): a text chunk -> uint8 [H, W, 3], sizes in pixels.
 
 The image shows exactly the chunk's text: word-wrapped (over-long words hard-broken),
 newlines and tabs honoured, never truncated. A chunk that does not fit at the largest

@@ -1,4 +1,4 @@
-"""What the sketch renderer did (DESIGN §4), as counters a trainer can log and merge.
+"""What the sketch renderer did (docs/design.md §4), as counters a trainer can log and merge.
 
 Besides rendered / smaller-bucket / rejected counts, every character the font cannot
 draw is counted by reason (control character, or the script the font lacks: CJK,

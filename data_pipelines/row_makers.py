@@ -1,8 +1,8 @@
-"""Row makers: build one row of the DESIGN §2 contract from a row index, per stage.
+"""Row makers: build one row of the docs/design.md §2 contract from a row index, per stage.
 
 Every maker is a pure function of ``(seed, global row index)``, so any row can be rebuilt
 at any time (random access, exact resume) and per-host sharding is just index slicing.
-Layouts (DESIGN §1):
+Layouts (docs/design.md §1):
 
 * caption ``[V_img][T caption]`` (ids 1, 2), several samples packed as documents;
 * ocr ``[V_a][T text_a][V_b][T text_b]...`` (multi-turn: each text reads its image and
@@ -11,8 +11,11 @@ Layouts (DESIGN §1):
   with the stage-3 curriculum (L, chunks per window, OCR share) chosen by the row's step;
 * sft ``[V query chunks...][T response chunk][V][T]...``, loss on the response only.
 
-A chunk whose sketch cannot be rendered faithfully is never truncated: the document is
-skipped and counted (``bad_input=skip``) or the run stops (``bad_input=fail``).
+Chunks close by the chunk rule (``vist2_jax/row_contract.py:close_chunk``), as generation
+closes them: at L tokens, or before the token the sketch cannot take (counted as
+``closed_early``); text is never truncated or dropped. A document whose first token
+cannot be drawn at all is skipped and counted (``bad_input=skip``) or stops the run
+(``bad_input=fail``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from data_pipelines.render_stats import RenderStats, sum_stats
 from data_pipelines.rows import RowBuilder
 from data_pipelines.shapes import captioned_shapes
 from vist2_jax.config.schema import CurriculumPoint, DataConfig, LayoutConfig
+from vist2_jax.row_contract import close_chunk, reader_chunk_id
 
 log = logging.getLogger(__name__)
 MAX_DOCS_PER_ROW = 16
@@ -58,7 +62,7 @@ class RowMaker:
         self._local = threading.local()  # one renderer per thread: its glyph atlas grows lazily
         self._renderers: list[SketchRenderer] = []  # all of them, for render_stats()
         self.counters = {"rows": 0, "documents": 0, "skipped_render": 0, "skipped_image": 0,
-                         "skipped_long_caption": 0, "images": 0}
+                         "skipped_long_caption": 0, "images": 0, "closed_early": 0}
         self.examples: list[str] = []  # the first few skipped records: "location: problem"
         # Caption samples all carry an image (``record_problem``); other stages use none.
         self.captions = self.samples if data.stage == "caption" else ()
@@ -119,27 +123,42 @@ class RowMaker:
                 break
         return row.finish()
 
-    def _render(self, tokens: np.ndarray, sample: Sample) -> np.ndarray | None:
-        text = self.tokenizer.decode(tokens)
+    def _try_render(self, tokens, sample: Sample) -> np.ndarray | None:
         try:
-            image = self.renderer.render(text, where=sample.location)
-        except RenderRejected as err:
-            if self.data.bad_input == "fail":
-                raise BadInput(f"{sample.location}: chunk cannot be rendered: {err}") from None
-            self.counters["skipped_render"] += 1
-            if len(self.examples) < 5:
-                self.examples.append(f"{sample.location}: chunk cannot be rendered: {err}")
-            log.warning("skipping %s: chunk cannot be rendered (%s)", sample.location, err)
+            return self.renderer.render(self.tokenizer.decode(tokens), where=sample.location)
+        except RenderRejected:
             return None
-        self.counters["images"] += 1
-        return image
 
-    def _window(self, rng, sample: Sample, text_len: int, max_chunks: int) -> list[np.ndarray]:
+    def _rule_chunks(self, tokens, text_len: int, count: int, sample: Sample):
+        """Up to ``count`` chunks from the start of ``tokens`` by the chunk rule (row_contract
+        ``close_chunk``: at most L tokens, closed before a token the sketch cannot take), with
+        their sketches; None (skipped and counted) when not even one token can be drawn."""
+        chunks, images, start = [], [], 0
+        while len(chunks) < count and start < len(tokens):
+            window = tokens[start:start + text_len]
+            try:
+                k, image = close_chunk(window, lambda ids: self._try_render(ids, sample))
+            except ValueError as err:
+                if self.data.bad_input == "fail":
+                    raise BadInput(f"{sample.location}: chunk cannot be rendered: {err}") from None
+                self.counters["skipped_render"] += 1
+                if len(self.examples) < 5:
+                    self.examples.append(f"{sample.location}: chunk cannot be rendered: {err}")
+                log.warning("skipping %s: chunk cannot be rendered (%s)", sample.location, err)
+                return None
+            if k < len(window):
+                self.counters["closed_early"] += 1
+            chunks.append(window[:k])
+            images.append(image)
+            start += k
+        self.counters["images"] += len(images)
+        return chunks, images
+
+    def _window(self, rng, sample: Sample, text_len: int, max_chunks: int):
         tokens = sample.tokens
         span = text_len * max_chunks
         start = int(rng.integers(0, max(1, len(tokens) - span + 1)))
-        window = tokens[start:start + span]
-        return [window[i:i + text_len] for i in range(0, len(window), text_len)]
+        return tokens[start:start + span]
 
     def _chunks_that_fit(self, row: RowBuilder, text_len: int, wanted: int, with_last_image: bool,
                          reserve_positions: int = 0, reserve_slots: int = 0) -> int:
@@ -155,67 +174,69 @@ class RowMaker:
 
     def _olm(self, rng, row: RowBuilder, point: CurriculumPoint) -> bool:
         sample = self.samples[rng.integers(len(self.samples))]
-        chunks = self._window(rng, sample, point.text_len, point.max_chunks)
-        fit = self._chunks_that_fit(row, point.text_len, len(chunks), with_last_image=False)
+        window = self._window(rng, sample, point.text_len, point.max_chunks)
+        wanted = -(-len(window) // point.text_len)
+        fit = self._chunks_that_fit(row, point.text_len, wanted, with_last_image=False)
+        text_len = point.text_len
         if fit == 0:
-            last = row.free() - 1  # a shorter single chunk still trains on text
-            if last < MIN_TEXT_TOKENS:
+            text_len = row.free() - 1  # a shorter single chunk still trains on text
+            if text_len < MIN_TEXT_TOKENS:
                 return False
-            chunks, fit = [chunks[0][:last]], 1
-        chunks = chunks[:fit]
-        images = [self._render(chunk, sample) for chunk in chunks[:-1]]
-        if any(image is None for image in images):
+            fit = 1
+        made = self._rule_chunks(window, text_len, fit, sample)
+        if made is None:
             return True  # skipped and counted; try another document
-        row.add_olm_document(chunks, images)
+        row.add_olm_document(*made)  # the last chunk's sketch is not used
         self.counters["documents"] += 1
         return True
 
     def _ocr(self, rng, row: RowBuilder, point: CurriculumPoint) -> bool:
         sample = self.samples[rng.integers(len(self.samples))]
-        chunks = self._window(rng, sample, point.text_len, point.max_chunks)
-        fit = self._chunks_that_fit(row, point.text_len, len(chunks), with_last_image=True)
+        window = self._window(rng, sample, point.text_len, point.max_chunks)
+        wanted = -(-len(window) // point.text_len)
+        fit = self._chunks_that_fit(row, point.text_len, wanted, with_last_image=True)
         if fit == 0:
             return False
-        images = [self._render(chunk, sample) for chunk in chunks[:fit]]
-        if any(image is None for image in images):
+        made = self._rule_chunks(window, point.text_len, fit, sample)
+        if made is None:
             return True
         row.start_document()
-        for c, (chunk, image) in enumerate(zip(chunks[:fit], images)):
+        for c, (chunk, image) in enumerate(zip(*made)):
             row.add_image(image, chunk_id=2 * c + 1)
-            row.add_text(chunk, chunk_id=2 * c + 2)
+            row.add_text(chunk, chunk_id=reader_chunk_id(2 * c + 1))
         self.counters["documents"] += 1
         return True
 
     def _sft(self, rng, row: RowBuilder, point: CurriculumPoint) -> bool:
         sample = self.samples[rng.integers(len(self.samples))]
         L, m = point.text_len, row.visual_len
-        query = [sample.prompt[i:i + L] for i in range(0, len(sample.prompt), L)]
-        response = [sample.tokens[i:i + L] for i in range(0, len(sample.tokens), L)][:point.max_chunks]
+        query_made = self._rule_chunks(sample.prompt, L, len(sample.prompt), sample)
+        response_made = self._rule_chunks(sample.tokens, L, point.max_chunks, sample)
+        if query_made is None or response_made is None:
+            return True
+        (query, query_images), (response, response_images) = query_made, response_made
         # Keep the most recent query chunks that leave room for one response chunk (left
         # truncation of an over-long context, counted).
-        room = min((row.free() - row.text_cost(min(L, len(sample.tokens)))) // m,
+        room = min((row.free() - row.text_cost(len(response[0]) if response else 0)) // m,
                    len(row.image_mask) - row.slot)
-        if room < 1:
+        if room < 1 or not response:
             return False
         if len(query) > room:
             self.counters["query_truncated"] = self.counters.get("query_truncated", 0) + 1
-            query = query[-room:]
+            query, query_images = query[-room:], query_images[-room:]
         n_resp = self._chunks_that_fit(row, L, len(response), with_last_image=False,
                                        reserve_positions=len(query) * m, reserve_slots=len(query))
         if n_resp == 0:
             return False
         response = response[:n_resp]
-        images = [self._render(chunk, sample) for chunk in query + response[:-1]]
-        if any(image is None for image in images):
-            return True
         row.start_document()
-        for q in range(len(query)):
-            row.add_image(images[q], chunk_id=q + 1)
+        for q, image in enumerate(query_images):
+            row.add_image(image, chunk_id=q + 1)
         for r, chunk in enumerate(response):
             chunk_id = len(query) + r + 1
             row.add_text(chunk, chunk_id=chunk_id)
             if r < len(response) - 1:
-                row.add_image(images[len(query) + r], chunk_id=chunk_id)
+                row.add_image(response_images[r], chunk_id=chunk_id)
         self.counters["documents"] += 1
         return True
 

@@ -1,7 +1,7 @@
 """Tokenizers behind one small interface: our SentencePiece models and HF ``tokenizer.json``.
 
 Our SentencePiece models reserve FIXED ids so rows, configs and checkpoints agree without
-looking anything up: pad=0, eos=1, bos=2, ``<|chunk|>``=3 (DESIGN §2), then the chat roles.
+looking anything up: pad=0, eos=1, bos=2, ``<|chunk|>``=3 (docs/design.md §2), then the chat roles.
 Specials are *control* symbols: raw text never encodes to them (a document that contains
 the literal string ``<|chunk|>`` stays ordinary text), and ``decode`` drops them.
 Normalization is identity, no dummy prefix and byte fallback, so

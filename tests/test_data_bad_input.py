@@ -80,16 +80,30 @@ def test_word_longer_than_a_line_is_hard_broken_not_dropped(tmp_path, tokenizer)
     assert batch["image_mask"].any() and pipeline.row_maker.counters["skipped_render"] == 0
 
 
+def test_chunks_too_large_for_the_sketch_close_early(tmp_path, tokenizer):
+    """The chunk rule: at 40 px no chunk of 64 tokens fits a 128 px sketch, so chunks close
+    before the first token that does not fit; every token still lands in the row."""
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "doc.txt").write_text(GOOD * 4, encoding="utf-8")
+    pipeline = _pipeline(tmp_path, tokenizer, tmp_path / "docs", "data.font_sizes=[40]")
+    row = pipeline.row_maker(0)
+    counters = pipeline.row_maker.counters
+    assert counters["closed_early"] > 0 and counters["skipped_render"] == 0
+    text = row["modality"] == 1
+    spans = np.split(row["chunk_id"][text], np.flatnonzero(np.diff(row["chunk_id"][text])) + 1)
+    assert max(len(span) for span in spans[:-1]) < 1 + pipeline.config.model.layout.text_len
+
+
 def test_unrenderable_chunk_is_counted_or_stops(tmp_path, tokenizer, caplog):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "doc.txt").write_text(GOOD * 4, encoding="utf-8")
-    big_font = "data.font_sizes=[40]"  # no chunk of 64 tokens fits a 128 px sketch at 40 px
-    pipeline = _pipeline(tmp_path, tokenizer, tmp_path / "docs", big_font)
+    huge_font = "data.font_sizes=[200]"  # not even one character fits a 128 px sketch
+    pipeline = _pipeline(tmp_path, tokenizer, tmp_path / "docs", huge_font)
     with caplog.at_level(logging.WARNING):
         pipeline.row_maker(0)
     assert pipeline.row_maker.counters["skipped_render"] > 0
     assert f"{tmp_path / 'docs' / 'doc.txt'}: chunk cannot be rendered" in caplog.text.replace("skipping ", "")
-    strict = _pipeline(tmp_path, tokenizer, tmp_path / "docs", big_font, bad="fail")
+    strict = _pipeline(tmp_path, tokenizer, tmp_path / "docs", huge_font, bad="fail")
     with pytest.raises(BadInput, match="doc.txt: chunk cannot be rendered"):
         strict.row_maker(0)
 

@@ -9,7 +9,7 @@ from vist2_jax.kernels.mask import PAD, TEXT, VISUAL, RowMeta, vision_memory_mas
 
 
 def brute_force_mask(modality, chunk, segment, positions, past_visual):
-    """DESIGN §3 written as plain Python branches, one (q, k) pair at a time."""
+    """docs/design.md §3 written as plain Python branches, one (q, k) pair at a time."""
     size = len(modality)
     mask = np.zeros((size, size), bool)
     for qi in range(size):

@@ -74,7 +74,7 @@ class AlignerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LayoutConfig:
-    """How text chunks and sketch images share a row (DESIGN §1, §4).
+    """How text chunks and sketch images share a row (docs/design.md §1, §4).
 
     ``text_len`` is L (text tokens per chunk), ``visual_len`` is m (visual tokens per
     image) and must equal ``(image_size / patch_size / merge) ** 2``.
@@ -132,7 +132,7 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class CurriculumPoint:
     """From ``start_step`` until the next point: L per image, chunks per document window,
-    and the share of OCR rows mixed into OLM (stage 3's curriculum, DESIGN §1)."""
+    and the share of OCR rows mixed into OLM (stage 3's curriculum, docs/design.md §1)."""
 
     start_step: int = 0
     text_len: int = 64
@@ -152,7 +152,7 @@ class SourceConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """What one packed row looks like (DESIGN §2) and where rows come from.
+    """What one packed row looks like (docs/design.md §2) and where rows come from.
 
     ``source``: ``embedded`` (prose shipped with CPython), a folder of .txt / .jsonl files
     (stage caption: images with captions), or ``tfds:NAME``, a TFDS ArrayRecord dataset
@@ -227,7 +227,7 @@ COMPONENTS = ("vision", "aligner", "decoder")
 class TrainConfig:
     """Optimisation and the loop around it.
 
-    ``trainable`` lists the components that get updates (DESIGN §1 per stage); frozen ones
+    ``trainable`` lists the components that get updates (docs/design.md §1 per stage); frozen ones
     get no optimizer state. ``init_from`` is a previous stage's workdir (its latest
     checkpoint's parameters start this stage). ``init_decoder_hf`` / ``init_vision_hf`` are
     Hugging Face folders (Qwen3 / SigLIP or SigLIP2 safetensors) loaded into a fresh run. ``peak_tflops_per_device`` (bf16 dense peak

@@ -1,4 +1,4 @@
-"""Block classification of the vision-as-memory mask (DESIGN §3), in XLA.
+"""Block classification of the vision-as-memory mask (docs/design.md §3), in XLA.
 
 A block-sparse kernel tiles the [S, S] mask into (q block, kv block) pairs and needs to
 know, before it runs, which pairs it can skip (EMPTY), which it can run without mask

@@ -1,4 +1,4 @@
-"""The vision-as-memory mask (DESIGN §3), computed from per-token row metadata.
+"""The vision-as-memory mask (docs/design.md §3), computed from per-token row metadata.
 
 This pure-jnp rule is the reference every attention kernel is tested against.
 For query q and key k of the same segment with ``position[k] <= position[q]``:

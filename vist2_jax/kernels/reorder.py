@@ -1,4 +1,4 @@
-"""The visual-first permutation of a packed row (DESIGN §3).
+"""The visual-first permutation of a packed row (docs/design.md §3).
 
 In the natural order ``[T1][V1][T2]...`` nearly every kv block holds a few visual tokens,
 so block-sparse attention can skip little. Moving, inside each document, all visual

@@ -1,5 +1,5 @@
 """The VIST2 model: text embeddings and sketch-image tokens interleaved in one row,
-decoded under the vision-as-memory mask (DESIGN §2, §3).
+decoded under the vision-as-memory mask (docs/design.md §2, §3).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def next_token_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array
 
 
 class Vist2Model(nn.Module):
-    """ViT + aligner + Qwen3 decoder over rows of the DESIGN §2 contract.
+    """ViT + aligner + Qwen3 decoder over rows of the docs/design.md §2 contract.
 
     ``__call__(batch)`` returns ``{"logits": fp32 [B, S, V], "loss": scalar, ...metrics}``.
     Padded image slots (``image_mask`` false) are still encoded (shapes stay static) but no

@@ -1,6 +1,6 @@
 """AdamW with warmup + cosine decay, global-norm clipping, and per-stage frozen components.
 
-Frozen components (DESIGN §1: e.g. only the aligner trains in stage 1) are labelled
+Frozen components (docs/design.md §1: e.g. only the aligner trains in stage 1) are labelled
 ``frozen`` in an ``optax.multi_transform`` whose frozen branch is ``set_to_zero``: they get
 no optimizer state and no update. The step also stops their gradients, so XLA does not
 compute them at all.
