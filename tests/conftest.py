@@ -29,6 +29,17 @@ def tiny_config():
     ])
 
 
+@pytest.fixture(scope="session")
+def sp_tokenizer(tmp_path_factory):
+    """A real SentencePiece model trained on ~120k characters of the embedded corpus."""
+    from data_pipelines import corpus
+    from data_pipelines.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("tokenizer")
+    corpus.write_corpus_text(root / "corpus.txt", max_chars=120_000)
+    return train_tokenizer([root / "corpus.txt"], vocab_size=768, out_prefix=root / "sp")
+
+
 def random_images(rng, count, size):
     return rng.integers(0, 256, size=(count, size, size, 3), dtype=np.uint8)
 

@@ -22,7 +22,6 @@ from data_pipelines.render import (RenderConfig, RenderRejected, SketchRenderer,
 from data_pipelines.render_stats import MAX_EXAMPLES, RenderStats, missing_reason
 from vist2_jax.config import load_config
 from vist2_jax.config.schema import ConfigError
-from test_tokenizer import sp_tokenizer  # noqa: F401  (session fixture: a real trained model)
 
 ROOT = Path(__file__).resolve().parents[1]
 CJK_FONT = ROOT / "tests" / "data" / "fonts" / "NotoSansMonoCJKsc-subset.otf"
@@ -248,7 +247,7 @@ def test_generate_renders_from_the_saved_config_and_refuses_another_font(tmp_pat
 
 
 
-def test_data_preview_names_the_missing_characters_and_their_records(tmp_path, sp_tokenizer, capsys):  # noqa: F811
+def test_data_preview_names_the_missing_characters_and_their_records(tmp_path, sp_tokenizer, capsys):
     from vist2_jax.cli.main import main
 
     (tmp_path / "docs").mkdir()
@@ -264,7 +263,7 @@ def test_data_preview_names_the_missing_characters_and_their_records(tmp_path, s
     assert "missing glyphs: cjk" in capsys.readouterr().out
 
 
-def test_a_bad_font_fails_when_the_pipeline_is_built(tmp_path, sp_tokenizer):  # noqa: F811
+def test_a_bad_font_fails_when_the_pipeline_is_built(tmp_path, sp_tokenizer):
     from data_pipelines.pipeline import build_pipeline
 
     config = load_config(overrides=[f"data.tokenizer={sp_tokenizer.path}", f"data.font_path={CJK_FONT}",
@@ -273,7 +272,7 @@ def test_a_bad_font_fails_when_the_pipeline_is_built(tmp_path, sp_tokenizer):  #
         build_pipeline(config, tmp_path)
 
 
-def test_row_maker_sums_its_threads_renderers(tmp_path, sp_tokenizer):  # noqa: F811
+def test_row_maker_sums_its_threads_renderers(tmp_path, sp_tokenizer):
     import pickle
     import threading
 
@@ -292,7 +291,7 @@ def test_row_maker_sums_its_threads_renderers(tmp_path, sp_tokenizer):  # noqa: 
 
 
 @pytest.mark.slow
-def test_trained_run_records_the_font_and_generate_refuses_a_tampered_hash(tmp_path, sp_tokenizer):  # noqa: F811
+def test_trained_run_records_the_font_and_generate_refuses_a_tampered_hash(tmp_path, sp_tokenizer):
     from vist2_jax.checkpointing.runs import load_run
 
     pinned, run = fonts.BUNDLED["DejaVu Sans Mono"][1], tmp_path / "run"

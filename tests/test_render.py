@@ -13,7 +13,6 @@ from PIL import Image
 from data_pipelines import fonts
 from data_pipelines.corpus import embedded_documents
 from data_pipelines.render import RenderConfig, RenderRejected, SketchRenderer, _wrap, _wrap_cols
-from test_tokenizer import sp_tokenizer  # noqa: F401  (session fixture: a real trained model)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +99,7 @@ def test_atlas_with_overlapping_lines_matches_pillow(corpus_chunks):
     assert max(s._atlas.ky for s in r.sizes if s._atlas) == 2
 
 
-def test_tokenized_chunks_render(sp_tokenizer, renderer):  # noqa: F811
+def test_tokenized_chunks_render(sp_tokenizer, renderer):
     ids = sp_tokenizer.encode("\n".join(embedded_documents()[10:14]))
     chunks = [sp_tokenizer.decode(ids[i:i + 256]) for i in range(0, 256 * 6, 256)]
     for chunk in chunks:

@@ -20,14 +20,6 @@ ROUND_TRIP_TEXTS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def sp_tokenizer(tmp_path_factory):
-    """A real SentencePiece model trained on ~120k characters of the embedded corpus."""
-    root = tmp_path_factory.mktemp("tokenizer")
-    corpus.write_corpus_text(root / "corpus.txt", max_chars=120_000)
-    return train_tokenizer([root / "corpus.txt"], vocab_size=768, out_prefix=root / "sp")
-
-
 def test_corpus_is_deterministic_prose():
     docs = corpus.embedded_documents()
     assert docs == corpus.embedded_documents()
