@@ -37,7 +37,7 @@ def run_torch(args) -> int:
                                   repetition_penalty=args.repetition_penalty,
                                   no_repeat_ngram=args.no_repeat_ngram, stop_tokens=stop)
     except ValueError as err:
-        raise UsageError(str(err)) from None
+        raise UsageError(f"--{str(err).replace('_', '-')}") from None
     generated, shown = [], [""]
 
     def on_token(_row, tok):

@@ -6,30 +6,13 @@ Only the random draws differ from JAX (a torch.Generator, not a JAX key). No JAX
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
 import torch
 
+from vist2_jax.inference.sampling_config import SamplingConfig
+
 _NEG = -1e30
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    """``temperature == 0`` is greedy; ``top_k == 0`` and ``top_p == 1`` switch those off."""
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    no_repeat_ngram: int = 0
-    stop_tokens: tuple[int, ...] = ()
-
-    def __post_init__(self):
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"bad sampling config {self}")
-        if self.repetition_penalty <= 0 or self.no_repeat_ngram < 0:
-            raise ValueError(f"bad sampling config {self}")
 
 
 def banned_by_ngrams(history: Sequence[int], n: int) -> set[int]:
