@@ -24,6 +24,10 @@ class TokenizerError(ValueError):
     """A file that is not a usable tokenizer, or text too small to train one; one line."""
 
 
+class TokenizerNotFound(TokenizerError, FileNotFoundError):
+    """No tokenizer file at the given path."""
+
+
 class Tokenizer(Protocol):
     """What the data pipelines need from a tokenizer."""
 
@@ -157,7 +161,7 @@ def load_tokenizer(path: str | os.PathLike) -> SentencePieceTokenizer | HFTokeni
     """``*.model`` -> SentencePiece; ``tokenizer.json`` or a folder holding one -> HF adapter."""
     p = Path(path)
     if not p.exists():
-        raise TokenizerError(f"{p}: no such file")
+        raise TokenizerNotFound(f"{p}: no such file")
     try:
         return SentencePieceTokenizer(p) if p.suffix == ".model" else HFTokenizer(p)
     except TokenizerError:

@@ -64,9 +64,9 @@ def test_worker_state_restores_exactly_in_a_new_process(tmp_path, tokenizer_path
 
 def test_bad_input_fail_inside_a_worker_names_the_record(tmp_path, tokenizer_path):
     (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "doc.txt").write_text("Words that will not fit at forty pixels. " * 20)
+    (tmp_path / "docs" / "doc.txt").write_text("Words that cannot be drawn at 200 pixels. " * 20)
     config = load_config(overrides=[*OVERRIDES, f"data.tokenizer={tokenizer_path}", "data.bad_input=fail",
-                                    f"data.source={tmp_path / 'docs'}", "data.font_sizes=[40]"])
+                                    f"data.source={tmp_path / 'docs'}", "data.font_sizes=[200]"])
     iterator = iter(build_pipeline(config, tmp_path).train_dataset())
     with pytest.raises(Exception, match="doc.txt: chunk cannot be rendered"):
         next(iterator)
