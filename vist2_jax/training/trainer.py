@@ -25,6 +25,7 @@ import yaml
 from data_pipelines.pipeline import build_pipeline
 from vist2_jax.config.loader import to_dict
 from vist2_jax.config.schema import Config, ConfigError
+from vist2_jax.evaluation.during_training import TrainingEval
 from vist2_jax.model.vist2 import Vist2Model, abstract_params, example_batch
 from vist2_jax.row_contract import TEXT
 from vist2_jax.parallel.sharding import LOGICAL_AXIS_RULES, logical_shardings, make_mesh, replicated
@@ -155,10 +156,12 @@ def train(config: Config) -> TrainResult:
                 weights.append(m["target_tokens"])
             return sum(losses) / max(sum(weights), 1.0)
 
+        task_eval = TrainingEval(config, pipeline.tokenizer) if config.train.eval_tasks else None
         summary: dict[str, Any] = {"stage": config.data.stage, "start_step": start}
         if start == 0:
             summary["eval_loss_start"] = evaluate()
-            logger.log(0, {"eval_loss": summary["eval_loss_start"]})
+            logger.log(0, {"eval_loss": summary["eval_loss_start"],
+                           **(task_eval(state["params"]) if task_eval else {})})
         step_times, text_rates, losses = [], [], []
         preempted = False
         wall_start = time.time()
@@ -195,6 +198,7 @@ def train(config: Config) -> TrainResult:
                                                                        * jax.device_count())
                     if done % config.train.eval_every == 0 or last:
                         record["eval_loss"] = evaluate()
+                        record.update(task_eval(state["params"]) if task_eval else {})
                     logger.log(done, record)
                     if "eval_loss" in record:
                         summary["eval_loss_end"] = record["eval_loss"]
