@@ -158,3 +158,65 @@ def test_memory_gain_of_a_model_blind_to_its_sketches_is_zero(tiny_config, olm_r
     seeing = evaluate_memory(EvalContext(tiny_config, params, tokenizer=None), rows=olm_rows)
     assert seeing["memory_gain"] != 0.0  # blanking reaches the decoder when the aligner is live
     assert seeing["nll_text"] != seeing["nll_true"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 2-step OLM run of a shrunken tiny model with ``train.eval_tasks`` on."""
+    from data_pipelines.pipeline import resolve_tokenizer
+    from vist2_jax.config import load_config
+    from vist2_jax.training.trainer import train
+
+    root = tmp_path_factory.mktemp("evalrun")
+    small = ["model.decoder.num_layers=1", "model.vision.num_layers=1", "model.layout.image_size=64",
+             "model.layout.visual_len=4", "model.layout.text_len=8", "data.seq_len=96",
+             "data.global_batch_size=4", "data.images_per_row=4", "data.eval_rows=4", "mesh.fsdp=4", "mesh.tensor=2", "data.font_sizes=[8,7]",
+             "data.curriculum=[{start_step: 0, text_len: 8, max_chunks: 3}]", "train.steps=2",
+             "train.warmup_steps=1", "train.eval_every=2", "train.checkpoint_every=2", "train.eval_batches=1",
+             "train.eval_tasks=[ocr,memory]", "train.eval_task_limit=4", "run.log_every=1", "run.progress=false"]
+    tokenizer = resolve_tokenizer(load_config(overrides=small), root)
+    train(load_config(overrides=[*small, f"data.tokenizer={tokenizer.path}", f"run.workdir={root / 'run'}"]))
+    return root / "run"
+
+
+def test_training_logs_eval_task_figures(tiny_run):
+    from vist2_jax.training.metrics import read_events
+
+    records = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [r for r in records if "eval_ocr_cer" in r]
+    assert [r["step"] for r in evaluated] == [0, 2]
+    for record in evaluated:
+        assert 0.0 <= record["eval_ocr_exact_match"] <= 1.0 and record["eval_ocr_cer"] >= 0.0
+        assert record["eval_memory_gain_lo"] <= record["eval_memory_gain"] <= record["eval_memory_gain_hi"]
+    events = [s for f in (tiny_run / "tensorboard").glob("events.*") for _, s in read_events(f)]
+    assert any("eval_memory_gain" in s and "eval_ocr_cer" in s for s in events)
+
+
+def test_vist2_eval_every_task_on_fixture_data(tiny_run, tmp_path, capsys):
+    from vist2_jax.cli.main import main
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "held_out.txt").write_text("The quick brown fox jumps over the lazy dog near the river bank. " * 12)
+    lb = write_jsonl(tmp_path / "hotpotqa.jsonl", [{"input": "Where?", "context": "It is in Paris. " * 6,
+                                                     "answers": ["Paris"], "dataset": "hotpotqa", "_id": "x"}])
+    lg = write_jsonl(tmp_path / "shortdep_qa.jsonl", [{"input": "Ada wrote notes. " * 6, "title": "t",
+                                                        "qa_pairs": str([{"Q": "Who?", "A": "Ada", "S": []}]),
+                                                        "output": "none"}])
+    gsm = write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": "1 + 1?", "answer": "1 + 1 = 2\n#### 2"}])
+    for task, extra in (("ocr", ["--data", docs, "--limit", "3"]), ("memory", ["--limit", "2"]),
+                        ("longbench", ["--data", lb, "--max-new-tokens", "4"]),
+                        ("loogle", ["--data", lg, "--mode", "pcc", "--max-new-tokens", "4"]),
+                        ("gsm8k", ["--data", gsm, "--mode", "text", "--max-new-tokens", "4"])):
+        out = tmp_path / f"{task}.json"
+        assert main(["eval", str(tiny_run), "--task", task, "--json", str(out), *map(str, extra)]) == 0
+        result = json.loads(out.read_text())
+        assert result["task"] == task and result["step"] == 2
+        if task == "ocr":
+            assert result["chunks"] == 3 and 0 <= result["cer"] and "cer_ratio_2x" in result
+        elif task == "memory":
+            assert result["memory_gain_lo"] <= result["memory_gain"] <= result["memory_gain_hi"]
+        else:
+            assert result["examples"] == 1 and 0.0 <= result["score"] <= 100.0
+    assert main(["eval", str(tiny_run), "--task", "gsm8k"]) == 2
+    assert "--task gsm8k needs --data" in capsys.readouterr().err

@@ -1,7 +1,9 @@
 """``vist2 demo [--workdir DIR]``: the tiny preset through all four stages on the embedded
 corpus (no download), each stage starting from the previous one's parameters. Writes
 checkpoints, metrics.jsonl and TensorBoard logs per stage, a loss-curve PNG, sample
-sketch PNGs, and prints a summary table."""
+sketch PNGs, a PNG of held-out sketches beside stage 2's reconstruction, and prints a
+summary table with the evaluation figures (stage-2 OCR CER before/after, stage-3 memory
+gain with its 95% interval; ``train.eval_tasks`` in the recipes)."""
 
 from __future__ import annotations
 
@@ -72,6 +74,10 @@ def run(args) -> int:
         previous = workdir / stage
         if stage == "stage3_olm":
             _save_sketches(result.pipeline, workdir)
+        if stage == "stage2_ocr":
+            from vist2_jax.evaluation.context import load_context
+            from vist2_jax.evaluation.figures import reconstruction_png
+            reconstruction_png(load_context(workdir / stage), workdir / "ocr_reconstruction.png")
 
     series = {}
     for stage, _, _ in results:
@@ -91,11 +97,46 @@ def run(args) -> int:
     ratio = olm["eval_loss_end"] / olm["eval_loss_start"]
     lines.append(f"stage 3 validation loss: start {olm['eval_loss_start']:.3f} -> end {olm['eval_loss_end']:.3f} "
                  f"(x{ratio:.3f})")
+    figures = _eval_figures(workdir)
+    lines += _eval_lines(figures)
     lines.append(f"demo wall time: {wall:.0f} s; outputs in {workdir} (loss_curve.png, sketch_*.png, "
-                 "stage*/metrics.jsonl, stage*/tensorboard, stage*/checkpoints)")
+                 "ocr_reconstruction.png, stage*/metrics.jsonl, stage*/tensorboard, stage*/checkpoints)")
     report = "\n".join(lines)
     print(report)
     (workdir / "summary.txt").write_text(report + "\n")
     (workdir / "summary.json").write_text(json.dumps(
-        {"wall_s": wall, "stages": {s: summary for s, _, summary in results}, "stage3_eval_ratio": ratio}, indent=2))
+        {"wall_s": wall, "stages": {s: summary for s, _, summary in results}, "stage3_eval_ratio": ratio,
+         "evaluation": figures}, indent=2))
     return 0
+
+
+def _eval_figures(workdir: Path) -> dict:
+    """First and last ``eval_*`` task figures of each stage's metrics.jsonl."""
+    figures = {}
+    for stage in STAGES:
+        records = [json.loads(line) for line in (workdir / stage / "metrics.jsonl").read_text().splitlines()]
+        evaluated = [r for r in records if any(k.startswith(("eval_ocr", "eval_memory")) for k in r)]
+        if evaluated:
+            figures[stage] = {"start": evaluated[0], "end": evaluated[-1]}
+    return figures
+
+
+def _eval_lines(figures: dict) -> list[str]:
+    lines = []
+    ocr = figures.get("stage2_ocr")
+    if ocr and "eval_ocr_cer" in ocr["end"]:
+        first, last = ocr["start"], ocr["end"]
+        lines.append(f"stage 2 OCR of held-out chunks (greedy, CER): before {first['eval_ocr_cer']:.3f} -> after "
+                     f"{last['eval_ocr_cer']:.3f} (exact match {first['eval_ocr_exact_match']:.2f} -> "
+                     f"{last['eval_ocr_exact_match']:.2f}); from blank sketches (language prior only) "
+                     f"{last['eval_ocr_cer_blank_sketch']:.3f}; ocr_reconstruction.png")
+    olm = figures.get("stage3_olm")
+    if olm and "eval_memory_gain" in olm["end"]:
+        first, last = olm["start"], olm["end"]
+        lines.append(f"stage 3 memory gain (loss with blank minus true sketches, nats/token): start "
+                     f"{first['eval_memory_gain']:+.4f} -> end {last['eval_memory_gain']:+.4f}, 95% CI "
+                     f"[{last['eval_memory_gain_lo']:+.4f}, {last['eval_memory_gain_hi']:+.4f}]")
+        lines.append(f"stage 3 losses at the end: true sketches {last['eval_memory_nll_true']:.3f}, blank "
+                     f"{last['eval_memory_nll_blank']:.3f}, raw text {last['eval_memory_nll_text']:.3f} "
+                     f"(compression gap {last['eval_memory_compression_gap']:+.4f})")
+    return lines

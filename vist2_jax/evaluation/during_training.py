@@ -12,7 +12,7 @@ from vist2_jax.evaluation.memory import evaluate_memory
 from vist2_jax.evaluation.ocr import evaluate_ocr
 
 log = logging.getLogger(__name__)
-OCR_KEYS = ("cer", "exact_match")
+OCR_KEYS = ("cer", "exact_match", "cer_blank_sketch")
 MEMORY_KEYS = ("memory_gain", "memory_gain_lo", "memory_gain_hi", "compression_gap", "nll_true",
                "nll_blank", "nll_text")
 

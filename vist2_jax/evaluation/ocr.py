@@ -4,7 +4,8 @@ Each chunk becomes the stage-2 row ``[V][<|chunk|> t1..tL]`` (text reads the ima
 ``reader_chunk_id``); the decoder writes L tokens greedily and the detokenized output is
 compared with the chunk's text: character error rate (edit distance / reference length)
 and exact match, overall, per font-size bucket the renderer chose, and per compression
-ratio L/m."""
+ratio L/m. ``cer_blank_sketch`` is the control: the same decoding from all-white images,
+i.e. what the language prior alone reaches; reading shows as ``cer`` below it."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import numpy as np
 from vist2_jax.config.schema import CurriculumPoint
 from vist2_jax.evaluation.context import EvalContext, row_maker
 from vist2_jax.evaluation.metrics import char_error_rate, exact_match
+from vist2_jax.evaluation.memory import WHITE
 from vist2_jax.row_contract import reader_chunk_id, stack_rows, text_span_cost
 
 
@@ -95,7 +97,9 @@ def evaluate_ocr(ctx: EvalContext, limit: int = 32, text_lens=None, data: str | 
         chunks = held_out_chunks(maker, L, limit, seed=config.run.seed)
         if not chunks:
             continue
-        for (_, text, _, px), pred in zip(chunks, reconstruct(ctx, chunks)):
+        blank = [(tokens, text, np.full_like(image, WHITE), px) for tokens, text, image, px in chunks]
+        for (_, text, _, px), pred, guess in zip(chunks, reconstruct(ctx, chunks), reconstruct(ctx, blank)):
+            groups["blank"].append((char_error_rate(guess, text), exact_match(guess, text)))
             scores = (char_error_rate(pred, text), exact_match(pred, text))
             for key in ("all", f"ratio_{L // m}x", f"font_{px}px"):
                 groups[key].append(scores)
@@ -104,9 +108,10 @@ def evaluate_ocr(ctx: EvalContext, limit: int = 32, text_lens=None, data: str | 
     if not groups:
         raise ValueError("ocr: no chunk of the requested lengths could be rendered")
     result = {"cer": float(np.mean([c for c, _ in groups["all"]])),
-              "exact_match": float(np.mean([e for _, e in groups["all"]])), "chunks": len(groups["all"])}
+              "exact_match": float(np.mean([e for _, e in groups["all"]])), "chunks": len(groups["all"]),
+              "cer_blank_sketch": float(np.mean([c for c, _ in groups["blank"]]))}
     for key, scores in sorted(groups.items()):
-        if key != "all":
+        if key not in ("all", "blank"):
             result[f"cer_{key}"] = float(np.mean([c for c, _ in scores]))
             result[f"exact_match_{key}"] = float(np.mean([e for _, e in scores]))
             result[f"chunks_{key}"] = len(scores)
