@@ -65,7 +65,8 @@ def test_longbench_loader_prompts_and_official_metrics(tmp_path):
     examples = {e.group: e for e in benchmarks.load_longbench(folder)}
     assert set(examples) == {"hotpotqa", "gov_report", "trec"}
     qa = examples["hotpotqa"]
-    assert "The tower stands in Paris." in qa.prompt and qa.prompt.endswith("Question: Which city hosts the tower?\nAnswer:")
+    assert "The tower stands in Paris." in qa.prompt
+    assert qa.prompt.endswith("Question: Which city hosts the tower?\nAnswer:")
     assert (qa.metric, qa.max_new_tokens) == ("qa_f1", 32)
     assert benchmarks.score(qa, "paris") == 1.0 and benchmarks.score(qa, "in Paris France") == pytest.approx(0.5)
     summary = examples["gov_report"]
@@ -168,12 +169,13 @@ def tiny_run(tmp_path_factory):
     from vist2_jax.training.trainer import train
 
     root = tmp_path_factory.mktemp("evalrun")
-    small = ["model.decoder.num_layers=1", "model.vision.num_layers=1", "model.layout.image_size=64",
-             "model.layout.visual_len=4", "model.layout.text_len=8", "data.seq_len=96",
-             "data.global_batch_size=4", "data.images_per_row=4", "data.eval_rows=4", "mesh.fsdp=4", "mesh.tensor=2", "data.font_sizes=[8,7]",
-             "data.curriculum=[{start_step: 0, text_len: 8, max_chunks: 3}]", "train.steps=2",
-             "train.warmup_steps=1", "train.eval_every=2", "train.checkpoint_every=2", "train.eval_batches=1",
-             "train.eval_tasks=[ocr,memory]", "train.eval_task_limit=4", "run.log_every=1", "run.progress=false"]
+    small = ["model.decoder.vocab_size=1024", "model.decoder.num_layers=1", "model.vision.num_layers=1",
+             "model.layout.image_size=64", "model.layout.visual_len=4", "model.layout.text_len=8",
+             "data.seq_len=96", "data.global_batch_size=4", "data.images_per_row=4", "data.eval_rows=4",
+             "data.font_sizes=[8,7]", "data.curriculum=[{start_step: 0, text_len: 8, max_chunks: 3}]",
+             "mesh.fsdp=4", "mesh.tensor=2", "train.steps=2", "train.warmup_steps=1", "train.eval_every=2",
+             "train.checkpoint_every=2", "train.eval_batches=1", "train.eval_tasks=[ocr,memory]",
+             "train.eval_task_limit=4", "run.log_every=1", "run.progress=false"]
     tokenizer = resolve_tokenizer(load_config(overrides=small), root)
     train(load_config(overrides=[*small, f"data.tokenizer={tokenizer.path}", f"run.workdir={root / 'run'}"]))
     return root / "run"

@@ -31,7 +31,8 @@ def _scaled(config, scale: float) -> list[str]:
     steps = max(2, int(round(config.train.steps * scale)))
     every = max(1, steps // 2)
     return [f"train.steps={steps}", f"train.warmup_steps={min(config.train.warmup_steps, steps // 2)}",
-            f"train.eval_every={every}", f"train.checkpoint_every={every}", f"run.log_every={max(1, steps // 4)}"]
+            f"train.eval_every={every}", f"train.checkpoint_every={every}", f"run.log_every={max(1, steps // 4)}",
+            f"train.eval_task_limit={max(4, int(round(config.train.eval_task_limit * scale)))}"]
 
 
 def _save_sketches(pipeline, out_dir: Path, count: int = 4) -> list[Path]:
@@ -121,22 +122,25 @@ def _eval_figures(workdir: Path) -> dict:
     return figures
 
 
+ROWS = (  # (stage, metric key, label, interval key prefix or None)
+    ("stage2_ocr", "eval_ocr_cer", "stage 2 OCR CER, held-out sketches", None),
+    ("stage2_ocr", "eval_ocr_cer_blank_sketch", "stage 2 OCR CER, blank sketches", None),
+    ("stage2_ocr", "eval_ocr_exact_match", "stage 2 OCR exact match", None),
+    ("stage3_olm", "eval_memory_gain", "stage 3 memory gain (blank-true)", "eval_memory_gain"),
+    ("stage3_olm", "eval_memory_compression_gap", "stage 3 compression gap (true-text)", None),
+    ("stage3_olm", "eval_memory_nll_true", "stage 3 loss, true sketches", None),
+    ("stage3_olm", "eval_memory_nll_blank", "stage 3 loss, blank sketches", None),
+    ("stage3_olm", "eval_memory_nll_text", "stage 3 loss, raw text context", None),
+)
+
+
 def _eval_lines(figures: dict) -> list[str]:
-    lines = []
-    ocr = figures.get("stage2_ocr")
-    if ocr and "eval_ocr_cer" in ocr["end"]:
-        first, last = ocr["start"], ocr["end"]
-        lines.append(f"stage 2 OCR of held-out chunks (greedy, CER): before {first['eval_ocr_cer']:.3f} -> after "
-                     f"{last['eval_ocr_cer']:.3f} (exact match {first['eval_ocr_exact_match']:.2f} -> "
-                     f"{last['eval_ocr_exact_match']:.2f}); from blank sketches (language prior only) "
-                     f"{last['eval_ocr_cer_blank_sketch']:.3f}; ocr_reconstruction.png")
-    olm = figures.get("stage3_olm")
-    if olm and "eval_memory_gain" in olm["end"]:
-        first, last = olm["start"], olm["end"]
-        lines.append(f"stage 3 memory gain (loss with blank minus true sketches, nats/token): start "
-                     f"{first['eval_memory_gain']:+.4f} -> end {last['eval_memory_gain']:+.4f}, 95% CI "
-                     f"[{last['eval_memory_gain_lo']:+.4f}, {last['eval_memory_gain_hi']:+.4f}]")
-        lines.append(f"stage 3 losses at the end: true sketches {last['eval_memory_nll_true']:.3f}, blank "
-                     f"{last['eval_memory_nll_blank']:.3f}, raw text {last['eval_memory_nll_text']:.3f} "
-                     f"(compression gap {last['eval_memory_compression_gap']:+.4f})")
-    return lines
+    """The evaluation table: each figure at the stage's start and end (nats/token for losses)."""
+    lines = [f"{'evaluation (train.eval_tasks)':<40}{'start':>9}{'end':>9}  95% CI at end"]
+    for stage, key, label, interval in ROWS:
+        if key not in figures.get(stage, {}).get("end", {}):
+            continue
+        first, last = figures[stage]["start"], figures[stage]["end"]
+        ci = f"  [{last[interval + '_lo']:+.4f}, {last[interval + '_hi']:+.4f}]" if interval else ""
+        lines.append(f"{label:<40}{first[key]:>+9.4f}{last[key]:>+9.4f}{ci}")
+    return lines if len(lines) > 1 else []

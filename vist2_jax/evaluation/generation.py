@@ -36,13 +36,16 @@ def evaluate_generation(ctx: EvalContext, examples: Sequence[Example], mode: str
     stop = tuple(i for name, i in tokenizer.special_ids.items() if name in ("eos", "end"))
     sampling = SamplingConfig(stop_tokens=stop)
     scores, predictions = defaultdict(list), []
-    order = sorted(range(len(examples)), key=lambda i: examples[i].max_new_tokens)
-    for start in range(0, len(order), batch_size):
-        part = [examples[i] for i in order[start:start + batch_size]]
+    budget = {i: min(e.max_new_tokens, max_new_tokens) if max_new_tokens > 0 else e.max_new_tokens
+              for i, e in enumerate(examples)}
+    order = sorted(range(len(examples)), key=budget.get)
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    batches = [[i for i in b if budget[i] == n] for b in batches for n in sorted({budget[i] for i in b})]
+    for indices in batches:  # one answer length per batch: each example gets exactly its own
+        part = [examples[i] for i in indices]
         prompts = [truncate_middle(tokenizer.encode(e.prompt), max_prompt_tokens) or [tokenizer.bos_id]
                    for e in part]
-        new = max(e.max_new_tokens for e in part)
-        new = min(new, max_new_tokens) if max_new_tokens > 0 else new
+        new = budget[indices[0]]
         result = generator.generate(prompts, mode, new, sampling=sampling)
         for example, tokens in zip(part, result.tokens):
             tokens = tokens[:next((k for k, t in enumerate(tokens) if t in stop), len(tokens))]
