@@ -156,7 +156,9 @@ def test_memory_gain_of_a_model_blind_to_its_sketches_is_zero(tiny_config, olm_r
     assert blind["memory_gain_lo"] <= 0.0 <= blind["memory_gain_hi"]
     # chunks >= 2 count, L=8 targets each: 2 + 2x1 + 3 + 2 chunks in 5 documents
     assert blind["documents"] == 5 and blind["tokens"] == 9 * 8
+    assert blind["visual_spread"] == 0.0  # every sketch reaches the decoder as zeros
     seeing = evaluate_memory(EvalContext(tiny_config, params, tokenizer=None), rows=olm_rows)
+    assert seeing["visual_spread"] > 0.01
     assert seeing["memory_gain"] != 0.0  # blanking reaches the decoder when the aligner is live
     assert seeing["nll_text"] != seeing["nll_true"]
 

@@ -131,6 +131,7 @@ ROWS = (  # (stage, metric key, label, interval key prefix or None)
     ("stage3_olm", "eval_memory_nll_true", "stage 3 loss, true sketches", None),
     ("stage3_olm", "eval_memory_nll_blank", "stage 3 loss, blank sketches", None),
     ("stage3_olm", "eval_memory_nll_text", "stage 3 loss, raw text context", None),
+    ("stage3_olm", "eval_memory_visual_spread", "stage 3 image-dependent share of V", None),
 )
 
 

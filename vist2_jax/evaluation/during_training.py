@@ -14,7 +14,7 @@ from vist2_jax.evaluation.ocr import evaluate_ocr
 log = logging.getLogger(__name__)
 OCR_KEYS = ("cer", "exact_match", "cer_blank_sketch")
 MEMORY_KEYS = ("memory_gain", "memory_gain_lo", "memory_gain_hi", "compression_gap", "nll_true",
-               "nll_blank", "nll_text")
+               "nll_blank", "nll_text", "visual_spread")
 
 
 class TrainingEval:

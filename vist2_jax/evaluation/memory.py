@@ -8,7 +8,9 @@
 
 Only targets of chunks >= 2 count (chunk 1 has no memory, identical in all three).
 ``memory_gain`` = blank - true and ``compression_gap`` = true - text, in nats/token,
-each with a bootstrap 95% interval over documents.
+each with a bootstrap 95% interval over documents. ``visual_spread`` says why a gain is
+missing: the image-dependent share of the aligner outputs (0: every sketch reaches the
+decoder as the same vectors).
 """
 
 from __future__ import annotations
@@ -70,6 +72,25 @@ def _nll_fn(model_config):
     return jax.jit(nll)
 
 
+@functools.lru_cache(maxsize=8)
+def _encode_fn(model_config):
+    from vist2_jax.model.vist2 import Vist2Model
+
+    model = Vist2Model(model_config)
+    return jax.jit(lambda params, images: model.apply(params, images, method=Vist2Model.encode_images))
+
+
+def visual_spread(ctx: EvalContext, rows: list[dict], max_images: int = 64) -> float:
+    """Mean distance of each visual token from its mean over the rows' sketches (per token
+    slot), over the mean token norm."""
+    images = np.concatenate([r["images"][r["image_mask"]] for r in rows])[:max_images]
+    if len(images) < 2:
+        return float("nan")
+    tokens = np.asarray(_encode_fn(ctx.config.model)(ctx.params, images[None]), np.float64)[0]
+    spread = np.linalg.norm(tokens - tokens.mean(0), axis=-1).mean()
+    return float(spread / max(np.linalg.norm(tokens, axis=-1).mean(), 1e-12))
+
+
 def document_sums(ctx: EvalContext, rows: list[dict], batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """Per (row, document): summed NLL over the memory targets, and their count."""
     nll = _nll_fn(ctx.config.model)
@@ -107,4 +128,5 @@ def evaluate_memory(ctx: EvalContext, limit: int = 16, data: str | None = None, 
     return {"nll_true": float(true_sum.sum() / total), "nll_blank": float(blank_sum.sum() / total),
             "nll_text": float(text_sum.sum() / total), "memory_gain": gain, "memory_gain_lo": gain_lo,
             "memory_gain_hi": gain_hi, "compression_gap": gap, "compression_gap_lo": gap_lo,
-            "compression_gap_hi": gap_hi, "documents": len(tokens), "tokens": int(total)}
+            "compression_gap_hi": gap_hi, "documents": len(tokens), "tokens": int(total),
+            "visual_spread": visual_spread(ctx, rows)}
