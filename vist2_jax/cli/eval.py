@@ -35,11 +35,12 @@ def register(subparsers) -> None:
 
 def evaluate(args) -> dict:
     from vist2_jax.evaluation.context import load_context
+    from vist2_jax.inference.checkpoints import is_run_dir
 
     if args.limit < 0 or args.batch_size < 1:
         raise UsageError("--limit must be >= 0 and --batch-size >= 1")
-    if not Path(args.run_dir).is_dir():
-        raise UsageError(f"RUN_DIR: no such directory {args.run_dir}")
+    if not is_run_dir(args.run_dir):
+        raise UsageError(f"RUN_DIR: {args.run_dir} is not a training run (no config.yaml + checkpoints/)")
     if args.task in ("longbench", "loogle", "gsm8k") and not args.data:
         raise UsageError(f"--task {args.task} needs --data (a local JSONL file or folder)")
     ctx = load_context(args.run_dir)
