@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vist2_jax.config.schema import ConfigError
 from vist2_jax.evaluation.context import EvalContext, final_point, row_maker
 from vist2_jax.evaluation.metrics import bootstrap_ratio
 from vist2_jax.row_contract import PAD, ROW_FIELDS, TEXT, VISUAL, stack_rows
@@ -118,7 +119,7 @@ def evaluate_memory(ctx: EvalContext, limit: int = 16, data: str | None = None, 
         rows = [maker(i) for i in range(limit)]
     true_sum, tokens = document_sums(ctx, rows)
     if not len(tokens):
-        raise ValueError("memory: the rows hold no chunk after a sketch (documents too short?)")
+        raise ConfigError("--data: the memory rows hold no chunk after a sketch (documents too short?)")
     blank_sum, blank_tokens = document_sums(ctx, [blank_row(r) for r in rows])
     text_sum, text_tokens = document_sums(ctx, [text_row(r) for r in rows])
     assert np.array_equal(tokens, blank_tokens) and np.array_equal(tokens, text_tokens)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vist2_jax.config.schema import CurriculumPoint
+from vist2_jax.config.schema import ConfigError, CurriculumPoint
 from vist2_jax.evaluation.context import EvalContext, row_maker
 from vist2_jax.evaluation.metrics import char_error_rate, exact_match
 from vist2_jax.evaluation.memory import WHITE
@@ -106,7 +106,7 @@ def evaluate_ocr(ctx: EvalContext, limit: int = 32, text_lens=None, data: str | 
             if len(samples) < 3:
                 samples.append({"reference": text, "prediction": pred})
     if not groups:
-        raise ValueError("ocr: no chunk of the requested lengths could be rendered")
+        raise ConfigError(f"--data: no chunk of {text_lens} tokens could be drawn from its documents")
     result = {"cer": float(np.mean([c for c, _ in groups["all"]])),
               "exact_match": float(np.mean([e for _, e in groups["all"]])), "chunks": len(groups["all"]),
               "cer_blank_sketch": float(np.mean([c for c, _ in groups["blank"]]))}
