@@ -1,7 +1,9 @@
 """``vist2 demo [--workdir DIR]``: the tiny preset through all four stages on the embedded
 corpus (no download), each stage starting from the previous one's parameters. Writes
 checkpoints, metrics.jsonl and TensorBoard logs per stage, a loss-curve PNG, sample
-sketch PNGs, and prints a summary table."""
+sketch PNGs, a PNG of held-out sketches beside stage 2's reconstruction, and prints a
+summary table with the evaluation figures (stage-2 OCR CER before/after, stage-3 memory
+gain with its 95% interval; ``train.eval_tasks`` in the recipes)."""
 
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ def _scaled(config, scale: float) -> list[str]:
     steps = max(2, int(round(config.train.steps * scale)))
     every = max(1, steps // 2)
     return [f"train.steps={steps}", f"train.warmup_steps={min(config.train.warmup_steps, steps // 2)}",
-            f"train.eval_every={every}", f"train.checkpoint_every={every}", f"run.log_every={max(1, steps // 4)}"]
+            f"train.eval_every={every}", f"train.checkpoint_every={every}", f"run.log_every={max(1, steps // 4)}",
+            f"train.eval_task_limit={max(4, int(round(config.train.eval_task_limit * scale)))}"]
 
 
 def _copy_sketches(stage_dir: Path, out_dir: Path) -> list[Path]:
@@ -67,6 +70,10 @@ def run(args) -> int:
         previous = workdir / stage
         if stage == "stage3_olm":
             _copy_sketches(workdir / stage, workdir)
+        if stage == "stage2_ocr":
+            from vist2_jax.evaluation.context import load_context
+            from vist2_jax.evaluation.figures import reconstruction_png
+            reconstruction_png(load_context(workdir / stage), workdir / "ocr_reconstruction.png")
 
     series = {}
     for stage, _, _ in results:
@@ -86,11 +93,50 @@ def run(args) -> int:
     ratio = olm["eval_loss_end"] / olm["eval_loss_start"]
     lines.append(f"stage 3 validation loss: start {olm['eval_loss_start']:.3f} -> end {olm['eval_loss_end']:.3f} "
                  f"(x{ratio:.3f})")
+    figures = _eval_figures(workdir)
+    lines += _eval_lines(figures)
     lines.append(f"demo wall time: {wall:.0f} s; outputs in {workdir} (loss_curve.png, sketch_*.png, "
-                 "stage*/metrics.jsonl, stage*/tensorboard, stage*/checkpoints)")
+                 "ocr_reconstruction.png, stage*/metrics.jsonl, stage*/tensorboard, stage*/checkpoints)")
     report = "\n".join(lines)
     print(report)
     (workdir / "summary.txt").write_text(report + "\n")
     (workdir / "summary.json").write_text(json.dumps(
-        {"wall_s": wall, "stages": {s: summary for s, _, summary in results}, "stage3_eval_ratio": ratio}, indent=2))
+        {"wall_s": wall, "stages": {s: summary for s, _, summary in results}, "stage3_eval_ratio": ratio,
+         "evaluation": figures}, indent=2))
     return 0
+
+
+def _eval_figures(workdir: Path) -> dict:
+    """First and last ``eval_*`` task figures of each stage's metrics.jsonl."""
+    figures = {}
+    for stage in STAGES:
+        records = [json.loads(line) for line in (workdir / stage / "metrics.jsonl").read_text().splitlines()]
+        evaluated = [r for r in records if any(k.startswith(("eval_ocr", "eval_memory")) for k in r)]
+        if evaluated:
+            figures[stage] = {"start": evaluated[0], "end": evaluated[-1]}
+    return figures
+
+
+ROWS = (  # (stage, metric key, label, interval key prefix or None)
+    ("stage2_ocr", "eval_ocr_cer", "stage 2 OCR CER, held-out sketches", None),
+    ("stage2_ocr", "eval_ocr_cer_blank_sketch", "stage 2 OCR CER, blank sketches", None),
+    ("stage2_ocr", "eval_ocr_exact_match", "stage 2 OCR exact match", None),
+    ("stage3_olm", "eval_memory_gain", "stage 3 memory gain (blank-true)", "eval_memory_gain"),
+    ("stage3_olm", "eval_memory_compression_gap", "stage 3 compression gap (true-text)", None),
+    ("stage3_olm", "eval_memory_nll_true", "stage 3 loss, true sketches", None),
+    ("stage3_olm", "eval_memory_nll_blank", "stage 3 loss, blank sketches", None),
+    ("stage3_olm", "eval_memory_nll_text", "stage 3 loss, raw text context", None),
+    ("stage3_olm", "eval_memory_visual_spread", "stage 3 image-dependent share of V", None),
+)
+
+
+def _eval_lines(figures: dict) -> list[str]:
+    """The evaluation table: each figure at the stage's start and end (nats/token for losses)."""
+    lines = [f"{'evaluation (train.eval_tasks)':<40}{'start':>9}{'end':>9}  95% CI at end"]
+    for stage, key, label, interval in ROWS:
+        if key not in figures.get(stage, {}).get("end", {}):
+            continue
+        first, last = figures[stage]["start"], figures[stage]["end"]
+        ci = f"  [{last[interval + '_lo']:+.4f}, {last[interval + '_hi']:+.4f}]" if interval else ""
+        lines.append(f"{label:<40}{first[key]:>+9.4f}{last[key]:>+9.4f}{ci}")
+    return lines if len(lines) > 1 else []

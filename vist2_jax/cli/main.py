@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "vist2_jax.cli.sweep",
     "vist2_jax.cli.generate",
     "vist2_jax.cli.export",
+    "vist2_jax.cli.eval",
 )
 
 

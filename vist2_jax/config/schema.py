@@ -221,6 +221,7 @@ class DataConfig:
 
 
 COMPONENTS = ("vision", "aligner", "decoder")
+TRAINING_EVAL_TASKS = ("ocr", "memory")  # cheap enough to run inside training (vist2_jax/evaluation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,6 +249,8 @@ class TrainConfig:
     init_vision_hf: str = ""
     eval_every: int = 50
     eval_batches: int = 2
+    eval_tasks: tuple[str, ...] = ()  # run every eval_every steps: ocr CER, memory gain
+    eval_task_limit: int = 24  # ocr chunks / memory rows per evaluation
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
     nan_policy: Literal["stop", "skip"] = "stop"
@@ -270,6 +273,10 @@ class TrainConfig:
         _require(not unknown, f"{prefix}.trainable", f"unknown components {sorted(unknown)}; "
                  f"choose from {', '.join(COMPONENTS)}")
         _require(len(self.trainable) > 0, f"{prefix}.trainable", "nothing would be trained")
+        unknown = set(self.eval_tasks) - set(TRAINING_EVAL_TASKS)
+        _require(not unknown, f"{prefix}.eval_tasks", f"unknown tasks {sorted(unknown)}; "
+                 f"choose from {', '.join(TRAINING_EVAL_TASKS)}")
+        _require(self.eval_task_limit > 0, f"{prefix}.eval_task_limit", "must be positive")
         _require(not (self.init_from and (self.init_decoder_hf or self.init_vision_hf)), f"{prefix}.init_from",
                  "a stage starts either from a previous stage or from Hugging Face weights, not both")
 

@@ -28,6 +28,7 @@ from data_pipelines.pipeline import build_pipeline
 from vist2_jax.checkpointing.checkpoints import RunCheckpoints, tokenizer_asset
 from vist2_jax.config.loader import to_dict
 from vist2_jax.config.schema import Config, ConfigError
+from vist2_jax.evaluation.during_training import TrainingEval
 from vist2_jax.parallel.sharding import LOGICAL_AXIS_RULES, make_mesh, replicated
 from vist2_jax.training.distributed import batch_sharding, global_batch
 from vist2_jax.training.flops import step_record
@@ -163,11 +164,13 @@ def train(config: Config, restart: bool = False) -> TrainResult:
                 weights.append(m["target_tokens"])
             return sum(losses) / max(sum(weights), 1.0)
 
+        task_eval = TrainingEval(config, pipeline.tokenizer) if config.train.eval_tasks else None
         summary: dict = {"stage": config.data.stage, "start_step": start}
         if start == 0:
             logger.status("compiling the eval step")
             summary["eval_loss_start"] = evaluate()
-            logger.log(0, {"eval_loss": summary["eval_loss_start"]})
+            logger.log(0, {"eval_loss": summary["eval_loss_start"],
+                           **(task_eval(state["params"]) if task_eval else {})})
         step_times, text_rates, losses = [], [], []
         stopped_by = None
         done = start
@@ -200,6 +203,7 @@ def train(config: Config, restart: bool = False) -> TrainResult:
                               **pipeline.counters()}
                     if done % config.train.eval_every == 0 or last:
                         record["eval_loss"] = summary["eval_loss_end"] = evaluate()
+                        record.update(task_eval(state["params"]) if task_eval else {})
                     logger.log(done, record)
                 if stop.requested or done % config.train.checkpoint_every == 0 or last:
                     _save(checkpoints, done, state, iterator, config, pipeline, force=bool(stop.requested))

@@ -1,0 +1,110 @@
+"""What every evaluation reads from a run: config, parameters, tokenizer, the saved
+renderer config, and document samples with a renderer that draws the run's sketches."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from pathlib import Path
+
+from vist2_jax.config.schema import Config, ConfigError, CurriculumPoint
+
+log = logging.getLogger(__name__)
+EVAL_SEED = 7_919  # added to the run seed: evaluation rows never repeat training rows' draws
+RENDER_KEYS = ("font_sha256", "font_sizes_px", "image_size", "margin", "line_spacing", "background")
+
+
+@dataclasses.dataclass
+class EvalContext:
+    config: Config
+    params: dict  # {"params": {"vision", "aligner", "decoder"}}
+    tokenizer: object
+    step: int = 0
+    renderer: dict | None = None  # the renderer config saved with the checkpoint
+
+    def detokenize(self, ids) -> str:
+        vocab = self.tokenizer.vocab_size  # the model's vocabulary may be padded past it
+        return self.tokenizer.decode([int(i) for i in ids if 0 <= i < vocab])
+
+
+def load_context(run_dir: str | Path) -> EvalContext:
+    """A run's newest readable checkpoint, its tokenizer and its saved renderer config."""
+    from vist2_jax.checkpointing.runs import load_run
+
+    run = load_run(run_dir, what="RUN_DIR")
+    return EvalContext(run.config, run.params, run.tokenizer, run.step, run.renderer)
+
+
+def final_point(config: Config) -> CurriculumPoint:
+    """The layout a run ends with: its last curriculum point (L, chunks), without OCR mixing."""
+    from data_pipelines.row_makers import curriculum_at
+
+    point = curriculum_at(config.data, config.model.layout, config.train.steps)
+    return dataclasses.replace(point, ocr_fraction=0.0)
+
+
+@functools.lru_cache(maxsize=4)
+def _samples(source: str, data_dir: str, manual_dir: str, tokenizer) -> tuple:
+    from data_pipelines.sources import load_samples
+
+    samples, _ = load_samples(source, tokenizer, "olm", "skip", data_dir, manual_dir)
+    return tuple(s for s in samples if s.prompt is None and s.image is None)
+
+
+def row_maker(ctx: EvalContext, stage: str, point: CurriculumPoint, data: str | None = None):
+    """A RowMaker of ``stage`` rows (``ocr`` or ``olm``) at one curriculum point over the
+    run's source (or the folder ``data``), with an evaluation seed; its renderer must draw
+    what the run's saved renderer config describes."""
+    from data_pipelines.row_makers import RowMaker
+
+    config = ctx.config
+    source = data or config.data.source
+    if data and not Path(data).exists():
+        raise ConfigError(f"--data: no such file or folder {data}")
+    samples = _samples(source, config.data.data_dir, config.data.manual_dir, ctx.tokenizer)
+    if not samples:
+        raise ConfigError(f"--data: {source} holds no documents")
+    eval_data = dataclasses.replace(config.data, stage=stage, source=source, sources=(), curriculum=(point,))
+    maker = RowMaker(eval_data, config.model.layout, samples, ctx.tokenizer, config.run.seed + EVAL_SEED)
+    check_renderer(ctx, maker.renderer.renderer_config())
+    return maker
+
+
+def check_renderer(ctx: EvalContext, drawn: dict) -> None:
+    """Evaluation sketches must be drawn like the run's: same font file, sizes, geometry."""
+    if not ctx.renderer:
+        return
+    for key in RENDER_KEYS:
+        if key in ctx.renderer and drawn.get(key) != ctx.renderer[key]:
+            raise ConfigError(f"renderer.{key}: the run drew sketches with {ctx.renderer[key]!r}, "
+                              f"this host would draw {drawn.get(key)!r}")
+
+
+class RunRenderer:
+    """The run's sketch renderer for generation: checked against the saved renderer config;
+    a chunk it cannot draw becomes a blank sketch and is counted in ``rejected``."""
+
+    def __init__(self, ctx: EvalContext):
+        from data_pipelines.render import RenderConfig, SketchRenderer
+
+        data, size = ctx.config.data, ctx.config.model.layout.image_size
+        self.renderer = SketchRenderer(RenderConfig(image_size=size, font_path=data.font_path or None,
+                                                    font_sizes=tuple(data.font_sizes)))
+        check_renderer(ctx, self.renderer.renderer_config())
+        self.background = self.renderer.config.background
+        self.rejected = self.drawn = 0
+
+    def __call__(self, text: str):
+        import numpy as np
+
+        from data_pipelines.render import RenderRejected
+
+        try:
+            image = self.renderer.render(text)
+        except RenderRejected:
+            self.rejected += 1
+            size = self.renderer.config.image_size
+            return np.full((size, size, 3), self.background, np.uint8)
+        self.drawn += 1
+        return image

@@ -1,0 +1,133 @@
+"""``memory``: does the visual memory carry the text? Per-token loss of held-out OLM rows
+``[T1][V1][T2][V2]...`` three ways, on the same (input, target) pairs:
+
+* ``true``: the rows as trained, each chunk reading the sketches of the earlier ones;
+* ``blank``: every sketch replaced by an all-white image (the memory holds no text);
+* ``text``: the uncompressed reference, visual spans removed and each document one causal
+  text span, so a chunk reads the earlier chunks' text itself.
+
+Only targets of chunks >= 2 count (chunk 1 has no memory, identical in all three).
+``memory_gain`` = blank - true and ``compression_gap`` = true - text, in nats/token,
+each with a bootstrap 95% interval over documents. ``visual_spread`` says why a gain is
+missing: the image-dependent share of the aligner outputs (0: every sketch reaches the
+decoder as the same vectors).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vist2_jax.config.schema import ConfigError
+from vist2_jax.evaluation.context import EvalContext, final_point, row_maker
+from vist2_jax.evaluation.metrics import bootstrap_ratio
+from vist2_jax.row_contract import PAD, ROW_FIELDS, TEXT, VISUAL, stack_rows
+
+WHITE = 255
+
+
+def memory_weights(row: dict) -> np.ndarray:
+    """Loss weight of the targets that have a visual memory (text of chunk >= 2)."""
+    return row["loss_mask"] * ((row["modality"] == TEXT) & (row["chunk_id"] >= 2))
+
+
+def blank_row(row: dict) -> dict:
+    images = np.where(row["image_mask"][:, None, None, None], np.uint8(WHITE), row["images"])
+    return {**row, "images": images}
+
+
+def text_row(row: dict) -> dict:
+    """The same documents with their visual spans removed and one chunk id per document
+    (plain causal attention over all earlier text); ``memory`` weights move with the text."""
+    keep = row["modality"] != VISUAL
+    seq_len = len(row["tokens"])
+    out = {name: np.zeros(seq_len, dtype) for name, dtype in ROW_FIELDS.items()}
+    n = int(keep.sum())
+    for name in ("tokens", "modality", "segment_id", "targets", "loss_mask"):
+        out[name][:n] = row[name][keep]
+    out["memory"] = np.zeros(seq_len, np.float32)
+    out["memory"][:n] = memory_weights(row)[keep]
+    real = out["modality"][:n] != PAD
+    out["chunk_id"][:n] = np.where(real, 1, 0)
+    segments = out["segment_id"]
+    segments[n:] = segments[:n].max(initial=0) + 1
+    for segment in np.unique(segments):
+        where = segments == segment
+        out["positions"][where] = np.arange(where.sum())
+    return {**out, "images": row["images"], "image_mask": np.zeros_like(row["image_mask"])}
+
+
+@functools.lru_cache(maxsize=8)
+def _nll_fn(model_config):
+    from vist2_jax.model.vist2 import Vist2Model
+
+    model = Vist2Model(model_config)
+
+    def nll(params, batch):
+        logits = model.apply(params, batch)["logits"]
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        return logz - jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+    return jax.jit(nll)
+
+
+@functools.lru_cache(maxsize=8)
+def _encode_fn(model_config):
+    from vist2_jax.model.vist2 import Vist2Model
+
+    model = Vist2Model(model_config)
+    return jax.jit(lambda params, images: model.apply(params, images, method=Vist2Model.encode_images))
+
+
+def visual_spread(ctx: EvalContext, rows: list[dict], max_images: int = 64) -> float:
+    """Mean distance of each visual token from its mean over the rows' sketches (per token
+    slot), over the mean token norm."""
+    images = np.concatenate([r["images"][r["image_mask"]] for r in rows])[:max_images]
+    if len(images) < 2:
+        return float("nan")
+    tokens = np.asarray(_encode_fn(ctx.config.model)(ctx.params, images[None]), np.float64)[0]
+    spread = np.linalg.norm(tokens - tokens.mean(0), axis=-1).mean()
+    return float(spread / max(np.linalg.norm(tokens, axis=-1).mean(), 1e-12))
+
+
+def document_sums(ctx: EvalContext, rows: list[dict], batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Per (row, document): summed NLL over the memory targets, and their count."""
+    nll = _nll_fn(ctx.config.model)
+    fields = (*ROW_FIELDS, "images", "image_mask")
+    sums, counts = [], []
+    for i in range(0, len(rows), batch_size):
+        part = rows[i:i + batch_size]
+        batch = stack_rows([{k: r[k] for k in fields} for r in part])
+        values = np.asarray(nll(ctx.params, batch), np.float64)
+        for row, value in zip(part, values):
+            weight = row.get("memory", memory_weights(row))
+            for segment in np.unique(row["segment_id"][weight > 0]):
+                where = (row["segment_id"] == segment) & (weight > 0)
+                sums.append(float((value * weight)[where].sum()))
+                counts.append(float(weight[where].sum()))
+    return np.asarray(sums), np.asarray(counts)
+
+
+def evaluate_memory(ctx: EvalContext, limit: int = 16, data: str | None = None, rows=None) -> dict:
+    """The three losses, the memory gain and the compression gap over ``limit`` rows."""
+    if rows is None:
+        point = final_point(ctx.config)
+        point = type(point)(text_len=point.text_len, max_chunks=max(point.max_chunks, 2))
+        maker = row_maker(ctx, "olm", point, data)
+        rows = [maker(i) for i in range(limit)]
+    true_sum, tokens = document_sums(ctx, rows)
+    if not len(tokens):
+        raise ConfigError("--data: the memory rows hold no chunk after a sketch (documents too short?)")
+    blank_sum, blank_tokens = document_sums(ctx, [blank_row(r) for r in rows])
+    text_sum, text_tokens = document_sums(ctx, [text_row(r) for r in rows])
+    assert np.array_equal(tokens, blank_tokens) and np.array_equal(tokens, text_tokens)
+    gain, gain_lo, gain_hi = bootstrap_ratio(blank_sum - true_sum, tokens)
+    gap, gap_lo, gap_hi = bootstrap_ratio(true_sum - text_sum, tokens)
+    total = tokens.sum()
+    return {"nll_true": float(true_sum.sum() / total), "nll_blank": float(blank_sum.sum() / total),
+            "nll_text": float(text_sum.sum() / total), "memory_gain": gain, "memory_gain_lo": gain_lo,
+            "memory_gain_hi": gain_hi, "compression_gap": gap, "compression_gap_lo": gap_lo,
+            "compression_gap_hi": gap_hi, "documents": len(tokens), "tokens": int(total),
+            "visual_spread": visual_spread(ctx, rows)}
