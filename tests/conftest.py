@@ -2,6 +2,7 @@
 compilation cache, and tiny configs / rows built once per session."""
 
 import os
+import struct
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -71,3 +72,20 @@ def pytest_terminal_summary(terminalreporter):
         for name, value in sorted(rows):
             text = f"{value:.3e}" if isinstance(value, float) else str(value)
             terminalreporter.write_line(f"{name}: {text}")
+
+
+def read_scalar_events(path):
+    """(step, {tag: value}) per logged step of a TensorBoard file (TFRecord framing + Event
+    protos; tensorboardX writes one event per scalar, merged here by step)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    data, out, offset = path.read_bytes(), [], 0
+    while offset < len(data):
+        (length,) = struct.unpack("<Q", data[offset:offset + 8])
+        event = Event.FromString(data[offset + 12:offset + 12 + length])
+        offset += 16 + length
+        if event.summary.value:
+            if not out or out[-1][0] != event.step:
+                out.append((event.step, {}))
+            out[-1][1].update({v.tag: v.simple_value for v in event.summary.value})
+    return out

@@ -184,7 +184,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_training_logs_eval_task_figures(tiny_run):
-    from vist2_jax.training.metrics import read_events
+    from conftest import read_scalar_events
 
     records = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
     evaluated = [r for r in records if "eval_ocr_cer" in r]
@@ -192,7 +192,7 @@ def test_training_logs_eval_task_figures(tiny_run):
     for record in evaluated:
         assert 0.0 <= record["eval_ocr_exact_match"] <= 1.0 and record["eval_ocr_cer"] >= 0.0
         assert record["eval_memory_gain_lo"] <= record["eval_memory_gain"] <= record["eval_memory_gain_hi"]
-    events = [s for f in (tiny_run / "tensorboard").glob("events.*") for _, s in read_events(f)]
+    events = [s for f in (tiny_run / "tensorboard").glob("events.*") for _, s in read_scalar_events(f)]
     assert any("eval_memory_gain" in s and "eval_ocr_cer" in s for s in events)
 
 

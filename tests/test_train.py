@@ -5,7 +5,6 @@ processes over loopback."""
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+
+from conftest import read_scalar_events
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,23 +80,6 @@ def wait_for_step(workdir, step, proc, timeout=300):
             return
         time.sleep(0.05)
     raise TimeoutError(f"step {step} never logged")
-
-
-def read_scalar_events(path):
-    """(step, {tag: value}) per logged step of a TensorBoard file (TFRecord framing + Event
-    protos; tensorboardX writes one event per scalar, merged here by step)."""
-    from tensorboardX.proto.event_pb2 import Event
-
-    data, out, offset = path.read_bytes(), [], 0
-    while offset < len(data):
-        (length,) = struct.unpack("<Q", data[offset:offset + 8])
-        event = Event.FromString(data[offset + 12:offset + 12 + length])
-        offset += 16 + length
-        if event.summary.value:
-            if not out or out[-1][0] != event.step:
-                out.append((event.step, {}))
-            out[-1][1].update({v.tag: v.simple_value for v in event.summary.value})
-    return out
 
 
 def test_metrics_files(uninterrupted):
