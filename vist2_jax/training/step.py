@@ -42,7 +42,7 @@ def task_of_rows(config: Config, modality: jax.Array) -> dict[str, jax.Array]:
 
 def loss_and_metrics(model: Vist2Model, config: Config, params: Any, batch: Mapping[str, jax.Array]):
     """(objective, sums): the objective to differentiate and token-weighted metric sums."""
-    out = model.apply(params, batch)
+    out = model.apply(params, batch, with_logits=False)  # blockwise loss, no [B, S, V] logits
     loss = out["loss"]
     if config.train.z_loss_weight > 0:
         loss = loss + config.train.z_loss_weight * out["z_loss"]
