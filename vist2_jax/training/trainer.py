@@ -74,7 +74,7 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _abstract_state(config: Config, mesh):
+def abstract_state(config: Config, mesh):
     """(optimizer, abstract state with shardings, shardings) from one abstract init."""
     boxed = abstract_params(config.model)
     param_shardings = logical_shardings(boxed, mesh)
@@ -87,6 +87,17 @@ def _abstract_state(config: Config, mesh):
     abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                       abstract, shardings)
     return optimizer, abstract, shardings
+
+
+def jitted_steps(config: Config, optimizer, shardings, mesh):
+    """The jitted train step (state donated) and eval step with the run's shardings; used by
+    :func:`train` and by ``vist2 aot`` (which lowers them on abstract inputs)."""
+    data_sharding = batch_sharding(mesh)
+    train_step = jax.jit(make_train_step(config, optimizer), in_shardings=(shardings, data_sharding),
+                         out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(config), in_shardings=(shardings["params"], data_sharding),
+                        out_shardings=replicated(mesh))
+    return train_step, eval_step
 
 
 def optimizer_state_shardings(opt_state, params, param_shardings, default):
@@ -123,18 +134,14 @@ def train(config: Config) -> TrainResult:
         (workdir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     mesh = make_mesh(config.mesh)
     pipeline = build_pipeline(config, workdir, jax.process_index(), jax.process_count())
-    optimizer, abstract, shardings = _abstract_state(config, mesh)
-    data_sharding = batch_sharding(mesh)
+    optimizer, abstract, shardings = abstract_state(config, mesh)
     checkpoints = RunCheckpoints(workdir, keep=config.train.keep_checkpoints)
     logger = MetricsLogger(workdir, config.train.steps, enabled=is_chief, progress=config.run.progress,
                            label=f"{config.data.stage}")
     schedule = learning_rate_schedule(config.train)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-        train_step = jax.jit(make_train_step(config, optimizer), in_shardings=(shardings, data_sharding),
-                             out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
-        eval_step = jax.jit(make_eval_step(config), in_shardings=(shardings["params"], data_sharding),
-                            out_shardings=replicated(mesh))
+        train_step, eval_step = jitted_steps(config, optimizer, shardings, mesh)
         iterator = iter(pipeline.train_dataset())
         restored = checkpoints.restore_latest(abstract, iterator)
         if restored is not None:
