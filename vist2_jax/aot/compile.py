@@ -53,6 +53,7 @@ class CompileReport:
     est_step_s: float = 0.0
     peak_tflops: float = 0.0
     compile_s: float = 0.0
+    kernel_calls: int = 0        # Mosaic (Pallas TPU) custom calls in the compiled program
     error: str = ""
     largest: list = dataclasses.field(default_factory=list)
 
@@ -202,6 +203,7 @@ def compile_train_step(config: Config, slice_: Slice, recipe: str = "") -> Compi
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     report.compiler_flops = float(cost.get("flops", 0.0))
+    report.kernel_calls = compiled.as_text().count('custom_call_target="tpu_custom_call"')
     report.est_step_s = float(cost.get("optimal_seconds", 0.0))
     return report
 

@@ -33,7 +33,7 @@ def describe(r: CompileReport, config) -> str:
                   f"{r.model_flops / r.chips:.3g} per chip",
                   f"step time (compiler cost-model estimate): {r.est_step_s:.3g} s -> "
                   f"implied MFU (estimate) {100 * r.est_mfu:.1f}%"]
-    lines.append(f"compile time {r.compile_s:.0f} s")
+    lines.append(f"compile time {r.compile_s:.0f} s; Pallas TPU kernel calls in the program: {r.kernel_calls}")
     if not r.fits:
         lines.append(f"DOES NOT FIT: {r.error or 'total exceeds HBM'}")
         lines.append("largest buffers and the knobs that shrink them:")
