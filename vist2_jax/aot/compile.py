@@ -4,9 +4,12 @@ allocated) and report per-chip memory, FLOPs and the compiler's time estimate.
 The step is exactly the trainer's: :func:`~vist2_jax.training.trainer.abstract_state`
 (mesh, logical rules, parameter and optimizer shardings) and
 :func:`~vist2_jax.training.trainer.jitted_steps` (donation, remat, grad accumulation).
-The compiler's FLOPs count a scanned layer body once and Pallas calls not at all, so MFU
-uses the analytic model FLOPs (:mod:`vist2_jax.training.flops`) of a full row of the
-stage's final curriculum layout. Every compiler figure is an estimate.
+The compiler's FLOPs and cost-model time count a loop body (scanned layers, accumulation
+micro-steps) once and Pallas calls not at all, so neither is the step's. The step time is
+estimated as the executed FLOPs (analytic model FLOPs of a full row of the stage's final
+curriculum layout, :mod:`vist2_jax.training.flops`, plus the forward that ``full`` remat
+recomputes) at the FLOP rate of the compiler's cost model on what it does count; MFU is
+model FLOPs over that time. Both are estimates, not measurements.
 """
 
 from __future__ import annotations
@@ -48,8 +51,10 @@ class CompileReport:
     output_bytes: int = 0  # outputs not aliased to (donated) arguments
     temp_bytes: int = 0
     code_bytes: int = 0
-    compiler_flops: float = 0.0  # per chip, as XLA counts them
-    model_flops: float = 0.0     # analytic, whole step, all chips (exact count, not an estimate)
+    compiler_flops: float = 0.0  # per chip, as XLA counts them (loop bodies once)
+    compiler_s: float = 0.0      # the cost model's time for what it counts
+    model_flops: float = 0.0     # analytic, whole step, all chips
+    executed_flops: float = 0.0  # model FLOPs + the forward recomputed by full remat
     est_step_s: float = 0.0
     peak_tflops: float = 0.0
     compile_s: float = 0.0
@@ -172,7 +177,9 @@ def compile_train_step(config: Config, slice_: Slice, recipe: str = "") -> Compi
         / config.train.grad_accum_steps,
         remat=config.model.remat_policy, grad_accum=config.train.grad_accum_steps,
         hbm_bytes=int(slice_.hbm_gib * GIB), peak_tflops=slice_.peak_tflops)
-    report.model_flops = train_step_flops(config, representative_batch(config))["train_step"]
+    flops = train_step_flops(config, representative_batch(config))
+    report.model_flops = flops["train_step"]
+    report.executed_flops = report.model_flops + recomputed_flops(config, flops)
     start = time.perf_counter()
     optimizer, abstract, shardings = abstract_state(config, mesh)  # as train() does, outside
     dump = tempfile.mkdtemp(prefix="vist2-aot-")
@@ -204,8 +211,22 @@ def compile_train_step(config: Config, slice_: Slice, recipe: str = "") -> Compi
     cost = cost[0] if isinstance(cost, list) else cost
     report.compiler_flops = float(cost.get("flops", 0.0))
     report.kernel_calls = compiled.as_text().count('custom_call_target="tpu_custom_call"')
-    report.est_step_s = float(cost.get("optimal_seconds", 0.0))
+    report.compiler_s = float(cost.get("optimal_seconds", 0.0))
+    if report.compiler_flops > 0:
+        rate = report.compiler_flops / report.compiler_s  # per chip, FLOP/s
+        report.est_step_s = report.executed_flops / slice_.chips / rate
     return report
+
+
+def recomputed_flops(config: Config, flops: dict) -> float:
+    """Forward FLOPs ``full`` remat runs again in the backward pass: the decoder always (a
+    gradient passes through it in every stage), the ViT when it is trainable."""
+    if config.model.remat_policy != "full":
+        return 0.0  # the dots policies save every matmul output
+    extra = flops["forward_decoder"]
+    if "vision" in config.train.trainable:
+        extra += flops["forward_vision"]
+    return extra
 
 
 def _read_report(folder: str) -> str:

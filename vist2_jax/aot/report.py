@@ -31,8 +31,10 @@ def describe(r: CompileReport, config) -> str:
                   f"FLOPs per step: compiler {r.compiler_flops:.3g} per chip (a scanned layer body "
                   "counted once, Pallas calls not at all); analytic model "
                   f"{r.model_flops / r.chips:.3g} per chip",
-                  f"step time (compiler cost-model estimate): {r.est_step_s:.3g} s -> "
-                  f"implied MFU (estimate) {100 * r.est_mfu:.1f}%"]
+                  f"cost model: {r.compiler_s:.3g} s for those FLOPs, "
+                  f"{r.compiler_flops / max(r.compiler_s, 1e-12) / 1e12:.0f} TFLOP/s per chip",
+                  f"step time (estimate: {r.executed_flops / r.chips:.3g} executed FLOPs per chip at "
+                  f"that rate): {r.est_step_s:.3g} s -> MFU (estimate) {100 * r.est_mfu:.1f}%"]
     lines.append(f"compile time {r.compile_s:.0f} s; Pallas TPU kernel calls in the program: {r.kernel_calls}")
     if not r.fits:
         lines.append(f"DOES NOT FIT: {r.error or 'total exceeds HBM'}")

@@ -28,6 +28,8 @@ def register(subparsers) -> None:
                         help="with --sweep: the file whose recipe table is rewritten")
     parser.add_argument("--resume", action="store_true",
                         help="with --sweep --json: keep runs already in FILE, compile the rest")
+    parser.add_argument("--table-only", action="store_true",
+                        help="with --sweep --json: rewrite the table from FILE, compile nothing")
     parser.set_defaults(func=run)
 
 
@@ -64,10 +66,10 @@ def run_sweep(args) -> int:
                                         else len(STAGE_RISK), -float(r["size"].rstrip("b"))))
     out = Path(args.json) if args.json else None
     done = {}
-    if args.resume and out and out.exists():
+    if (args.resume or args.table_only) and out and out.exists():
         done = {(r["size"], r["stage"]): r for r in json.loads(out.read_text())}
     for r in order:
-        if (r["size"], r["stage"]) in done:
+        if (r["size"], r["stage"]) in done or args.table_only:
             continue
         if not r["accelerator"]:
             raise UsageError(f"{args.sweep}: run {r['size']} has no accelerator (a slice name)")

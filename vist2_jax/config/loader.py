@@ -6,9 +6,10 @@ the recipe chain (a recipe may name a ``base:`` recipe, relative to itself), the
 and value is checked against the schema; a mistake raises :class:`ConfigError` naming the
 dotted key.
 
-One stage file serves every size: ``{preset}`` in a ``base:`` path or a string value is
-replaced by the preset (from ``preset=NAME`` on the command line or the recipe), so
-``recipes/stage3_olm.yaml preset=8b`` chains to ``recipes/sizes/8b.yaml``; a size file's
+One stage file serves every size: ``{size}`` in a ``base:`` path or a string value is
+replaced by the size named on the command line (``size=NAME``, a loader key, not a config
+field; ``preset=NAME`` also selects), so ``recipes/stage3_olm.yaml size=8b`` chains to
+``recipes/sizes/8b.yaml`` and ``size=8b-h100x8`` to its GPU variant; a size file's
 ``stages: {olm: {...}}`` holds what that size tunes per stage (remat, accumulation).
 """
 
@@ -48,20 +49,20 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     return tree
 
 
-def _substitute(tree: Any, preset: str | None, where: Path) -> Any:
-    """``{preset}`` in every string of ``tree`` -> the preset name."""
+def _substitute(tree: Any, size: str | None, where: Path) -> Any:
+    """``{size}`` in every string of ``tree`` -> the size name."""
     if isinstance(tree, dict):
-        return {k: _substitute(v, preset, where) for k, v in tree.items()}
+        return {k: _substitute(v, size, where) for k, v in tree.items()}
     if isinstance(tree, list):
-        return [_substitute(v, preset, where) for v in tree]
-    if isinstance(tree, str) and "{preset}" in tree:
-        if not preset:
-            raise ConfigError(f"preset: {where} is shared by every size; name one, e.g. preset=0.6b")
-        return tree.replace("{preset}", preset)
+        return [_substitute(v, size, where) for v in tree]
+    if isinstance(tree, str) and "{size}" in tree:
+        if not size:
+            raise ConfigError(f"size: {where} is shared by every size; name one, e.g. size=0.6b")
+        return tree.replace("{size}", size)
     return tree
 
 
-def _read_recipe(path: Path, seen: tuple[Path, ...] = (), preset: str | None = None) -> dict[str, Any]:
+def _read_recipe(path: Path, seen: tuple[Path, ...] = (), size: str | None = None) -> dict[str, Any]:
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"base: recipe chain loops back to {path}")
@@ -73,12 +74,12 @@ def _read_recipe(path: Path, seen: tuple[Path, ...] = (), preset: str | None = N
         raise ConfigError(f"recipe: {path} is not valid YAML: {err}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"recipe: {path} must hold a mapping at the top level")
-    preset = preset or (tree.get("preset") if isinstance(tree.get("preset"), str) else None)
-    tree = _substitute(tree, preset, path)
+    size = size or (tree.get("preset") if isinstance(tree.get("preset"), str) else None)
+    tree = _substitute(tree, size, path)
     base = tree.pop("base", None)
     if base is None:
         return tree
-    return _merge(_read_recipe(path.parent / base, seen + (path,), preset), tree)
+    return _merge(_read_recipe(path.parent / base, seen + (path,), size), tree)
 
 
 def _apply_stage_tuning(tree: dict[str, Any], stage: Any = None) -> dict[str, Any]:
@@ -91,7 +92,8 @@ def _apply_stage_tuning(tree: dict[str, Any], stage: Any = None) -> dict[str, An
     for name in tuning:
         if name not in stages:
             raise ConfigError(f"stages.{name}: unknown stage; choose from {', '.join(stages)}")
-    stage = stage or tree.get("data", {}).get("stage", DataConfig.stage)
+    data = tree.get("data")
+    stage = stage or (data.get("stage") if isinstance(data, Mapping) else None) or DataConfig.stage
     return _merge(tree, tuning.get(stage) or {})
 
 
@@ -187,9 +189,13 @@ def load_config(recipe: str | Path | None = None, overrides: Sequence[str] = (),
                 preset: str | None = None) -> Config:
     """Resolve preset -> recipe chain -> overrides into a validated :class:`Config`."""
     cli = parse_overrides(overrides)
-    named = preset or (cli.get("preset") if isinstance(cli.get("preset"), str) else None)
-    tree: dict[str, Any] = _read_recipe(Path(recipe), preset=named) if recipe else {}
-    tree = _merge(_apply_stage_tuning(tree, cli.get("data", {}).get("stage")), cli)
+    size = cli.pop("size", None)
+    if size is not None and not isinstance(size, str):
+        size = str(size)
+    named = size or preset or (cli.get("preset") if isinstance(cli.get("preset"), str) else None)
+    tree: dict[str, Any] = _read_recipe(Path(recipe), size=named) if recipe else {}
+    data = cli.get("data")
+    tree = _merge(_apply_stage_tuning(tree, data.get("stage") if isinstance(data, dict) else None), cli)
     if preset is not None:
         tree["preset"] = preset
     name = tree.get("preset", Config.preset)
