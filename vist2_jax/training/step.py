@@ -85,8 +85,12 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation):
         if accum == 1:
             grads, sums = grads_of(params, batch)
         else:
+            # micro-batch i takes rows i, i + accum, ...: every data shard keeps its own rows
+            # in every micro-batch (a leading [accum, B/accum] split would put each
+            # micro-batch on a fraction of the shards and gather it everywhere)
             micro = jax.tree_util.tree_map(
-                lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+                lambda x: jnp.swapaxes(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1),
+                batch)
 
             def body(carry, mb):
                 grads, sums = grads_of(params, mb)
