@@ -33,6 +33,7 @@ from vist2_jax.row_contract import CHUNK_ID, IMAGE_FIELDS, ROW_FIELDS
 from vist2_jax.training.distributed import batch_sharding
 
 GIB = 2 ** 30
+CAPTION_TOKENS = 48  # a typical short caption, for the FLOPs of a representative caption row
 
 
 @dataclasses.dataclass
@@ -87,8 +88,9 @@ class CompileReport:
 
 def representative_batch(config: Config) -> dict[str, np.ndarray]:
     """One full row (repeated to the global batch) in the stage's final curriculum layout:
-    documents of ``max_chunks`` chunks of ``text_len`` tokens packed until the row or its
-    image slots are full. Only metadata counts for FLOPs; images are 1x1 placeholders."""
+    documents of ``max_chunks`` chunks of ``text_len`` tokens (captions: one image and a
+    caption of :data:`CAPTION_TOKENS`) packed until the row or its image slots are full.
+    Only metadata counts for FLOPs; images are 1x1 placeholders."""
     from data_pipelines.row_contract import RowBuilder, RowOverflow
 
     layout, data = config.model.layout, config.data
@@ -99,6 +101,10 @@ def representative_batch(config: Config) -> dict[str, np.ndarray]:
     try:
         while True:
             row.start_document()
+            if data.stage == "caption":  # [V_img][T caption]: the caption reads image 1
+                row.add_image(image, chunk_id=1)
+                row.add_text([5] * CAPTION_TOKENS, chunk_id=2)
+                continue
             for index in range(1, max_chunks + 1):
                 row.add_text([5] * text_len, chunk_id=index)
                 if index < max_chunks:
