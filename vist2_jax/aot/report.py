@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from vist2_jax.aot.compile import GIB, CompileReport
+from vist2_jax.aot.compile import GIB, CompileReport, shrinking_knobs
 
 TABLE_BEGIN, TABLE_END = "<!-- aot-table:begin -->", "<!-- aot-table:end -->"
 
@@ -39,7 +39,6 @@ def describe(r: CompileReport, config) -> str:
     if not r.fits:
         lines.append(f"DOES NOT FIT: {r.error or 'total exceeds HBM'}")
         lines.append("largest buffers and the knobs that shrink them:")
-        from vist2_jax.aot.compile import shrinking_knobs
         for size, shape in r.largest:
             lines.append(f"  {size:>11}  {shape}: {shrinking_knobs(shape, config)}")
     return "\n".join(lines)
