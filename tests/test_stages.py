@@ -150,13 +150,15 @@ def test_sweep_and_launchers_dry_run():
     assert {r["size"] for r in runs} == {"0.6b", "1.7b", "4b", "8b"} and len(runs) == 16
     assert all(r["command"].startswith("launch/tpu_pod.sh") for r in runs)
     tpu = subprocess.run(["bash", "launch/tpu_pod.sh", "--tpu", "t1", "--zone", "z1", "--dry-run", "--",
-                          "recipes/8b/stage3_olm.yaml"], capture_output=True, text=True, cwd=ROOT)
-    assert tpu.returncode == 0 and "--worker=all" in tpu.stdout and "vist2 train recipes/8b/stage3_olm.yaml" in tpu.stdout
-    slurm = subprocess.run(["bash", "launch/slurm.sbatch", "--dry-run", "recipes/8b/stage3_olm.yaml"],
+                          "recipes/stage3_olm.yaml", "size=8b"], capture_output=True, text=True, cwd=ROOT)
+    assert tpu.returncode == 0 and "--worker=all" in tpu.stdout
+    assert "vist2 train recipes/stage3_olm.yaml size=8b" in tpu.stdout
+    slurm = subprocess.run(["bash", "launch/slurm.sbatch", "--dry-run", "recipes/stage3_olm.yaml", "size=8b"],
                            capture_output=True, text=True, cwd=ROOT)
     assert slurm.returncode == 0 and slurm.stdout.startswith("srun")
     gke = subprocess.run(["bash", "launch/gke.sh", "--name", "n", "--image", "img", "--accelerator", "tpu-v5p-slice",
-                          "--topology", "4x4x4", "--workers", "16", "--dry-run", "--", "recipes/8b/stage3_olm.yaml"],
+                          "--topology", "4x4x4", "--workers", "16", "--dry-run", "--", "recipes/stage3_olm.yaml",
+                          "size=8b"],
                          capture_output=True, text=True, cwd=ROOT)
     assert gke.returncode == 0 and "kind: JobSet" in gke.stdout and "parallelism: 16" in gke.stdout
     local = subprocess.run([sys.executable, "launch/local.py", "--processes", "2", "--dry-run", "--", "vist2", "train",

@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "vist2_jax.cli.train",
     "vist2_jax.cli.demo",
     "vist2_jax.cli.sweep",
+    "vist2_jax.cli.aot",
     "vist2_jax.cli.generate",
     "vist2_jax.cli.export",
     "vist2_jax.cli.eval",

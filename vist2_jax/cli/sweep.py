@@ -1,5 +1,7 @@
 """``vist2 sweep FILE [--launcher tpu|slurm|gke]``: expand a sweep file into its runs and
-the exact launch command of each (every stage of every size), validating every recipe."""
+the exact launch command of each (every stage of every size), validating every recipe.
+A run is ``recipes/STAGE.yaml size=SIZE``; with ``--launcher slurm`` the size's 8xH100
+variant (``sizes/SIZE-h100x8.yaml``) where there is one."""
 
 from __future__ import annotations
 
@@ -34,19 +36,23 @@ def expand(sweep_file: str | Path, launcher: str = "tpu") -> list[dict]:
     runs = []
     for entry in spec.get("runs", []):
         for stage in spec.get("stages", []):
-            recipe = recipes / entry["size"] / f"{stage}.yaml"
-            config = load_config(recipe)  # every expanded recipe must validate
-            rel = recipe.as_posix()
+            recipe = recipes / f"{stage}.yaml"  # one file per stage; the size picks sizes/SIZE.yaml
+            size = entry["size"]
+            if launcher == "slurm" and (recipes / "sizes" / f"{size}-h100x8.yaml").exists():
+                size = f"{size}-h100x8"  # the GPU node variant of the size
+            args = [recipe.as_posix(), f"size={size}"]
+            config = load_config(recipe, args[1:])  # every expanded recipe must validate
             if launcher == "tpu":
-                command = ["launch/tpu_pod.sh", "--tpu", entry["tpu"], "--zone", entry["zone"], "--", rel]
+                command = ["launch/tpu_pod.sh", "--tpu", entry["tpu"], "--zone", entry["zone"], "--", *args]
             elif launcher == "slurm":
-                command = ["sbatch", f"--nodes={entry.get('nodes', 1)}", "launch/slurm.sbatch", rel]
+                command = ["sbatch", f"--nodes={entry.get('nodes', 1)}", "launch/slurm.sbatch", *args]
             else:
                 command = ["launch/gke.sh", "--name", f"{entry['tpu']}-{stage.replace('_', '-')}",
                            "--image", entry.get("image", "IMAGE"), "--accelerator", "tpu-v5p-slice",
                            "--topology", entry.get("topology", "TOPOLOGY"), "--workers",
-                           str(entry.get("workers", 1)), "--", rel]
-            runs.append({"size": entry["size"], "stage": stage, "recipe": rel, "workdir": config.run.workdir,
+                           str(entry.get("workers", 1)), "--", *args]
+            runs.append({"size": entry["size"], "stage": stage, "recipe": args[0], "overrides": args[1:],
+                         "accelerator": entry.get("accelerator", ""), "workdir": config.run.workdir,
                          "steps": config.train.steps, "global_batch_size": config.data.global_batch_size,
                          "command": shlex.join(command)})
     return runs

@@ -1,9 +1,16 @@
 """Load a :class:`Config` from a YAML recipe plus ``key=value`` overrides.
 
 Resolution order (later wins): the model preset named by ``preset`` (default ``tiny``),
-the recipe chain (a recipe may name a ``base:`` recipe, relative to itself), then the
-command-line overrides. Every key and value is checked against the schema; a mistake
-raises :class:`ConfigError` naming the dotted key.
+the recipe chain (a recipe may name a ``base:`` recipe, relative to itself), the chain's
+``stages:`` entry for the run's ``data.stage``, then the command-line overrides. Every key
+and value is checked against the schema; a mistake raises :class:`ConfigError` naming the
+dotted key.
+
+One stage file serves every size: ``{size}`` in a ``base:`` path or a string value is
+replaced by the size named on the command line (``size=NAME``, a loader key, not a config
+field; ``preset=NAME`` also selects), so ``recipes/stage3_olm.yaml size=8b`` chains to
+``recipes/sizes/8b.yaml`` and ``size=8b-h100x8`` to its GPU variant; a size file's
+``stages: {olm: {...}}`` holds what that size tunes per stage (remat, accumulation).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from typing import Any, Literal, Mapping, Sequence
 import yaml
 
 from vist2_jax.config.presets import preset_model
-from vist2_jax.config.schema import Config, ConfigError
+from vist2_jax.config.schema import Config, ConfigError, DataConfig
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
@@ -42,7 +49,20 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     return tree
 
 
-def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def _substitute(tree: Any, size: str | None, where: Path) -> Any:
+    """``{size}`` in every string of ``tree`` -> the size name."""
+    if isinstance(tree, dict):
+        return {k: _substitute(v, size, where) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_substitute(v, size, where) for v in tree]
+    if isinstance(tree, str) and "{size}" in tree:
+        if not size:
+            raise ConfigError(f"size: {where} is shared by every size; name one, e.g. size=0.6b")
+        return tree.replace("{size}", size)
+    return tree
+
+
+def _read_recipe(path: Path, seen: tuple[Path, ...] = (), size: str | None = None) -> dict[str, Any]:
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"base: recipe chain loops back to {path}")
@@ -54,10 +74,27 @@ def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"recipe: {path} is not valid YAML: {err}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"recipe: {path} must hold a mapping at the top level")
+    size = size or (tree.get("preset") if isinstance(tree.get("preset"), str) else None)
+    tree = _substitute(tree, size, path)
     base = tree.pop("base", None)
     if base is None:
         return tree
-    return _merge(_read_recipe(path.parent / base, seen + (path,)), tree)
+    return _merge(_read_recipe(path.parent / base, seen + (path,), size), tree)
+
+
+def _apply_stage_tuning(tree: dict[str, Any], stage: Any = None) -> dict[str, Any]:
+    """Merge the ``stages:`` entry of the run's ``data.stage`` (a size's per-stage tuning);
+    ``stage`` set on the command line wins over the recipe's."""
+    tuning = tree.pop("stages", None) or {}
+    if not isinstance(tuning, Mapping):
+        raise ConfigError(f"stages: expected a mapping of stage name to settings, got {tuning!r}")
+    stages = typing.get_args(typing.get_type_hints(DataConfig)["stage"])
+    for name in tuning:
+        if name not in stages:
+            raise ConfigError(f"stages.{name}: unknown stage; choose from {', '.join(stages)}")
+    data = tree.get("data")
+    stage = stage or (data.get("stage") if isinstance(data, Mapping) else None) or DataConfig.stage
+    return _merge(tree, tuning.get(stage) or {})
 
 
 def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
@@ -151,8 +188,14 @@ def to_dict(config: Any) -> dict[str, Any]:
 def load_config(recipe: str | Path | None = None, overrides: Sequence[str] = (),
                 preset: str | None = None) -> Config:
     """Resolve preset -> recipe chain -> overrides into a validated :class:`Config`."""
-    tree: dict[str, Any] = _read_recipe(Path(recipe)) if recipe else {}
-    tree = _merge(tree, parse_overrides(overrides))
+    cli = parse_overrides(overrides)
+    size = cli.pop("size", None)
+    if size is not None and not isinstance(size, str):
+        size = str(size)
+    named = size or preset or (cli.get("preset") if isinstance(cli.get("preset"), str) else None)
+    tree: dict[str, Any] = _read_recipe(Path(recipe), size=named) if recipe else {}
+    data = cli.get("data")
+    tree = _merge(_apply_stage_tuning(tree, data.get("stage") if isinstance(data, dict) else None), cli)
     if preset is not None:
         tree["preset"] = preset
     name = tree.get("preset", Config.preset)

@@ -122,8 +122,10 @@ class ModelConfig:
     scan_layers: bool = True
     remat_policy: Literal["none", "full", "dots", "dots_no_batch"] = "none"
     attention_impl: Literal["auto", "dense", "xla_chunked", "pallas_tpu", "pallas_gpu"] = "auto"
+    loss_chunk: int = 512  # sequence positions per block of the training loss; 0: whole row
 
     def validate(self, prefix: str) -> None:
+        _require(self.loss_chunk >= 0, f"{prefix}.loss_chunk", "must be >= 0 (0: whole row)")
         self.decoder.validate(f"{prefix}.decoder")
         self.vision.validate(f"{prefix}.vision")
         self.layout.validate(f"{prefix}.layout")

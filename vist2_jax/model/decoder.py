@@ -159,6 +159,15 @@ class Qwen3Decoder(nn.Module):
         x, (k, v) = self.blocks(x, meta, (kv_meta, slots), per_layer=(cache.k, cache.v))
         return self.final_norm(x), KVCache(k, v, kv_meta)
 
+    def head_weight(self) -> jax.Array:
+        """The LM head matrix: the tied [V, D] embedding, or the untied [D, V] kernel (for
+        :func:`vist2_jax.model.loss.head_logits`, which matches :meth:`logits`)."""
+        if self.config.decoder.tie_embeddings:
+            return self.embedding
+        if self.is_initializing():
+            self.lm_head(jnp.zeros((1, self.config.decoder.hidden_size), DTYPES[self.config.dtype]))
+        return nn.unbox(self.lm_head.variables["params"]["kernel"])
+
     def logits(self, hidden: jax.Array) -> jax.Array:
         if self.config.decoder.tie_embeddings:
             dtype = DTYPES[self.config.dtype]

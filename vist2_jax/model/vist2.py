@@ -14,7 +14,8 @@ from vist2_jax.config.schema import ModelConfig
 from vist2_jax.kernels.mask import RowMeta
 from vist2_jax.row_contract import IMAGE_FIELDS, ROW_FIELDS, TEXT, VISUAL
 from vist2_jax.model.decoder import BSE, Qwen3Decoder
-from vist2_jax.model.layers import constrain
+from vist2_jax.model.layers import DTYPES, constrain
+from vist2_jax.model.loss import blockwise_next_token_loss
 from vist2_jax.model.vision import Aligner, VisionTower
 
 
@@ -64,7 +65,8 @@ def next_token_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array
 class Vist2Model(nn.Module):
     """ViT + aligner + Qwen3 decoder over rows of the docs/design.md §2 contract.
 
-    ``__call__(batch)`` returns ``{"logits": fp32 [B, S, V], "loss": scalar, ...metrics}``.
+    ``__call__(batch)`` returns ``{"logits": fp32 [B, S, V], "loss": scalar, ...metrics}``
+    (``with_logits=False``: the same metrics from the blockwise loss, no logits).
     Padded image slots (``image_mask`` false) are still encoded (shapes stay static) but no
     visual span reads them.
     """
@@ -93,8 +95,16 @@ class Vist2Model(nn.Module):
         visual = self.encode_images(batch["images"])
         return constrain(place_visual_tokens(text, visual, modality), BSE)
 
-    def __call__(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    def __call__(self, batch: Mapping[str, jax.Array], with_logits: bool = True) -> dict[str, jax.Array]:
+        """Loss and metrics; with ``with_logits`` also the full fp32 logits (the loss then
+        comes from them), else the loss is blockwise (:mod:`vist2_jax.model.loss`, what
+        training uses) and no [B, S, V] array exists."""
         hidden = self.decoder(self.embed_row(batch), RowMeta.from_batch(batch))
+        if not with_logits:
+            return blockwise_next_token_loss(
+                hidden, self.decoder.head_weight(), batch["targets"], batch["loss_mask"],
+                tied=self.config.decoder.tie_embeddings, dtype=DTYPES[self.config.dtype],
+                chunk=self.config.loss_chunk)[1]
         logits = self.decoder.logits(hidden)
         loss, metrics = next_token_loss(logits, batch["targets"], batch["loss_mask"])
         return {"logits": logits, **metrics}

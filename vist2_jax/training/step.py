@@ -42,7 +42,7 @@ def task_of_rows(config: Config, modality: jax.Array) -> dict[str, jax.Array]:
 
 def loss_and_metrics(model: Vist2Model, config: Config, params: Any, batch: Mapping[str, jax.Array]):
     """(objective, sums): the objective to differentiate and token-weighted metric sums."""
-    out = model.apply(params, batch)
+    out = model.apply(params, batch, with_logits=False)  # blockwise loss, no [B, S, V] logits
     loss = out["loss"]
     if config.train.z_loss_weight > 0:
         loss = loss + config.train.z_loss_weight * out["z_loss"]
@@ -85,8 +85,12 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation):
         if accum == 1:
             grads, sums = grads_of(params, batch)
         else:
+            # micro-batch i takes rows i, i + accum, ...: every data shard keeps its own rows
+            # in every micro-batch (a leading [accum, B/accum] split would put each
+            # micro-batch on a fraction of the shards and gather it everywhere)
             micro = jax.tree_util.tree_map(
-                lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+                lambda x: jnp.swapaxes(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1),
+                batch)
 
             def body(carry, mb):
                 grads, sums = grads_of(params, mb)
@@ -122,3 +126,17 @@ def make_eval_step(config: Config):
         return finish_metrics(sums)
 
     return eval_step
+
+
+def jitted_steps(config: Config, optimizer, shardings, mesh):
+    """The jitted train step (state donated) and eval step with the run's shardings; used by
+    the trainer and by ``vist2 aot`` (which lowers them on abstract inputs)."""
+    from vist2_jax.parallel.sharding import replicated
+    from vist2_jax.training.distributed import batch_sharding
+
+    data_sharding = batch_sharding(mesh)
+    train_step = jax.jit(make_train_step(config, optimizer), in_shardings=(shardings, data_sharding),
+                         out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(config), in_shardings=(shardings["params"], data_sharding),
+                        out_shardings=replicated(mesh))
+    return train_step, eval_step

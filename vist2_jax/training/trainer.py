@@ -29,13 +29,13 @@ from vist2_jax.checkpointing.checkpoints import RunCheckpoints, tokenizer_asset
 from vist2_jax.config.loader import to_dict
 from vist2_jax.config.schema import Config, ConfigError
 from vist2_jax.evaluation.during_training import TrainingEval
-from vist2_jax.parallel.sharding import LOGICAL_AXIS_RULES, make_mesh, replicated
-from vist2_jax.training.distributed import batch_sharding, global_batch
+from vist2_jax.parallel.sharding import LOGICAL_AXIS_RULES, make_mesh
+from vist2_jax.training.distributed import global_batch
 from vist2_jax.training.flops import step_record
 from vist2_jax.training.metrics import MetricsLogger
 from vist2_jax.training.optimizer import learning_rate_schedule
 from vist2_jax.training.state import abstract_state, initial_state
-from vist2_jax.training.step import make_eval_step, make_train_step
+from vist2_jax.training.step import jitted_steps
 
 log = logging.getLogger(__name__)
 
@@ -127,15 +127,11 @@ def train(config: Config, restart: bool = False) -> TrainResult:
     logger.status("building the data pipeline")
     pipeline = build_pipeline(config, workdir, jax.process_index(), jax.process_count())
     optimizer, abstract, shardings = abstract_state(config, mesh)
-    data_sharding = batch_sharding(mesh)
     checkpoints = RunCheckpoints(workdir, keep=config.train.keep_checkpoints)
     schedule = learning_rate_schedule(config.train)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-        train_step = jax.jit(make_train_step(config, optimizer), in_shardings=(shardings, data_sharding),
-                             out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
-        eval_step = jax.jit(make_eval_step(config), in_shardings=(shardings["params"], data_sharding),
-                            out_shardings=replicated(mesh))
+        train_step, eval_step = jitted_steps(config, optimizer, shardings, mesh)
         iterator = iter(pipeline.train_dataset())
         restored = _restore_or_refuse(checkpoints, abstract, iterator, workdir, restart)
         if restored is not None:

@@ -1,0 +1,42 @@
+"""Recipes without per-size copies: one file per stage, ``size=`` picks ``sizes/SIZE.yaml``,
+a size's ``stages:`` entry tunes only its stage, and every size keeps its global batch."""
+
+import pytest
+
+from vist2_jax.config import ConfigError, load_config
+
+STAGES = ("stage1_caption", "stage2_ocr", "stage3_olm", "stage4_sft")
+SIZES = ("0.6b", "1.7b", "4b", "8b")
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_one_stage_file_serves_every_size_and_gpu_variant(size):
+    for stage in STAGES:
+        tpu = load_config(f"recipes/{stage}.yaml", [f"size={size}"])
+        gpu = load_config(f"recipes/{stage}.yaml", [f"size={size}-h100x8"])
+        assert tpu.preset == gpu.preset == size
+        assert tpu.run.workdir == f"runs/{size}/{stage}"
+        assert gpu.run.workdir == f"runs/{size}-h100x8/{stage}"
+        # same global batch in tokens on one 8xH100 node, reached by accumulation
+        assert gpu.data.global_batch_size * gpu.data.seq_len == tpu.data.global_batch_size * tpu.data.seq_len
+        assert gpu.mesh.fsdp * gpu.mesh.data * gpu.mesh.tensor == 8
+    assert load_config("recipes/stage4_sft.yaml", [f"size={size}"]).train.init_from == f"runs/{size}/stage3_olm"
+
+
+def test_size_is_required_and_named(tmp_path):
+    with pytest.raises(ConfigError, match="^size: .*size=0.6b"):
+        load_config("recipes/stage3_olm.yaml")
+
+
+def test_stage_tuning_applies_to_its_stage_only(tmp_path):
+    (tmp_path / "sizes").mkdir()
+    (tmp_path / "sizes" / "s.yaml").write_text(
+        "preset: tiny\nstages: {olm: {train: {grad_accum_steps: 4}}, sft: {model: {remat_policy: full}}}\n")
+    (tmp_path / "olm.yaml").write_text("base: sizes/{size}.yaml\ndata: {stage: olm}\n")
+    config = load_config(tmp_path / "olm.yaml", ["size=s"])
+    assert config.train.grad_accum_steps == 4 and config.model.remat_policy == "none"
+    assert load_config(tmp_path / "olm.yaml", ["size=s", "data.stage=sft"]).model.remat_policy == "full"
+    assert load_config(tmp_path / "olm.yaml", ["size=s", "train.grad_accum_steps=2"]).train.grad_accum_steps == 2
+    (tmp_path / "sizes" / "s.yaml").write_text("preset: tiny\nstages: {olmm: {}}\n")
+    with pytest.raises(ConfigError, match="^stages.olmm: unknown stage"):
+        load_config(tmp_path / "olm.yaml", ["size=s"])
