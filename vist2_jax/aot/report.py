@@ -35,7 +35,8 @@ def describe(r: CompileReport, config) -> str:
                   f"{r.compiler_flops / max(r.compiler_s, 1e-12) / 1e12:.0f} TFLOP/s per chip",
                   f"step time (estimate: {r.executed_flops / r.chips:.3g} executed FLOPs per chip at "
                   f"that rate): {r.est_step_s:.3g} s -> MFU (estimate) {100 * r.est_mfu:.1f}%"]
-    lines.append(f"compile time {r.compile_s:.0f} s; Pallas TPU kernel calls in the program: {r.kernel_calls}")
+    kernels = "" if r.error else f"; Pallas TPU kernel calls in the program: {r.kernel_calls}"
+    lines.append(f"compile time {r.compile_s:.0f} s{kernels}")
     if not r.fits:
         lines.append(f"DOES NOT FIT: {r.error or 'total exceeds HBM'}")
         lines.append("largest buffers and the knobs that shrink them:")
