@@ -91,7 +91,7 @@ def representative_batch(config: Config) -> dict[str, np.ndarray]:
     documents of ``max_chunks`` chunks of ``text_len`` tokens (captions: one image and a
     caption of :data:`CAPTION_TOKENS`) packed until the row or its image slots are full.
     Only metadata counts for FLOPs; images are 1x1 placeholders."""
-    from data_pipelines.row_contract import RowBuilder, RowOverflow
+    from data_pipelines.rows import RowBuilder, RowOverflow
 
     layout, data = config.model.layout, config.data
     last = data.curriculum[-1] if data.curriculum else None
