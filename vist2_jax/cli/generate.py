@@ -90,6 +90,33 @@ def load_checkpoint(directory: str, preset: str, overrides, font: str | None = N
     return config.model, tree, renderer, None
 
 
+def sampling_from_args(args, stop_tokens):
+    """The sampling flags as a SamplingConfig (JAX-free; shared by ``--torch``); a bad value
+    is one line naming its flag."""
+    from vist2_jax.inference.sampling_config import SamplingConfig
+
+    try:
+        return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              repetition_penalty=args.repetition_penalty,
+                              no_repeat_ngram=args.no_repeat_ngram, stop_tokens=tuple(stop_tokens))
+    except ValueError as err:
+        raise UsageError(f"--{str(err).replace('_', '-')}") from None
+
+
+def streaming_printer(detokenize):
+    """``on_token(row, token)`` that writes each new piece of the decoded text to stdout."""
+    generated, shown = [], [""]
+
+    def on_token(_row, tok):
+        generated.append(tok)
+        text = detokenize(generated)
+        sys.stdout.write(text[len(shown[0]):])
+        sys.stdout.flush()
+        shown[0] = text
+    on_token.generated = generated
+    return on_token
+
+
 def run(args) -> int:
     if args.torch:  # the PyTorch runtime of a `vist2 export` folder; imports no JAX
         from vist2_jax.export.torch_generate import run_torch
@@ -98,7 +125,6 @@ def run(args) -> int:
 
     from data_pipelines.tokenizer import load_tokenizer
     from vist2_jax.inference.generate import Generator
-    from vist2_jax.inference.sampling import SamplingConfig
 
     prompt_path = Path(args.prompt_file)
     if not prompt_path.is_file():
@@ -135,20 +161,8 @@ def run(args) -> int:
     gen = Generator(config, variables, render_fn=render, detokenize=detokenize,
                     chunk_token=tokenizer.special_ids["chunk"])
     stop = tuple(i for name, i in tokenizer.special_ids.items() if name in ("eos", "end"))
-    try:
-        sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                  repetition_penalty=args.repetition_penalty,
-                                  no_repeat_ngram=args.no_repeat_ngram, stop_tokens=stop)
-    except ValueError as err:
-        raise UsageError(f"--{str(err).replace('_', '-')}") from None
-    generated, shown = [], [""]
-
-    def on_token(_row, tok):
-        generated.append(tok)
-        text = detokenize(generated)
-        sys.stdout.write(text[len(shown[0]):])
-        sys.stdout.flush()
-        shown[0] = text
+    sampling = sampling_from_args(args, stop)
+    on_token = streaming_printer(detokenize)
 
     result = gen.generate([ids], args.mode, args.max_new_tokens, sampling=sampling, seed=args.seed,
                           on_token=on_token)

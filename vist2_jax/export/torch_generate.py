@@ -12,7 +12,7 @@ from vist2_jax.cli.errors import UsageError
 
 
 def run_torch(args) -> int:
-    from vist2_jax.export.torch_sampling import SamplingConfig
+    from vist2_jax.cli.generate import sampling_from_args, streaming_printer
     from vist2_jax.export.torch_vist2 import TorchVist2
 
     prompt_path, folder = Path(args.prompt_file), Path(args.torch)
@@ -32,25 +32,13 @@ def run_torch(args) -> int:
     if not ids:
         raise UsageError(f"--prompt-file: {prompt_path} encodes to no tokens")
     stop = tuple(i for name, i in model.tokenizer.special_ids.items() if name in ("eos", "end"))
-    try:
-        sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                  repetition_penalty=args.repetition_penalty,
-                                  no_repeat_ngram=args.no_repeat_ngram, stop_tokens=stop)
-    except ValueError as err:
-        raise UsageError(f"--{str(err).replace('_', '-')}") from None
-    generated, shown = [], [""]
-
-    def on_token(_row, tok):
-        generated.append(tok)
-        text = model.detokenize(generated)
-        sys.stdout.write(text[len(shown[0]):])
-        sys.stdout.flush()
-        shown[0] = text
+    sampling = sampling_from_args(args, stop)
+    on_token = streaming_printer(model.detokenize)
 
     start = time.perf_counter()
     model.generate([ids], args.mode, args.max_new_tokens, sampling=sampling, seed=args.seed, on_token=on_token)
     sys.stdout.write("\n")
     elapsed = time.perf_counter() - start
-    print(f"[{args.mode}, torch] {len(ids)} prompt tokens, {len(generated)} generated in {elapsed:.2f} s",
+    print(f"[{args.mode}, torch] {len(ids)} prompt tokens, {len(on_token.generated)} generated in {elapsed:.2f} s",
           file=sys.stderr)
     return 0
