@@ -82,29 +82,25 @@ def check_renderer(ctx: EvalContext, drawn: dict) -> None:
 
 
 class RunRenderer:
-    """The run's sketch renderer for generation: checked against the saved renderer config;
-    a chunk it cannot draw becomes a blank sketch and is counted in ``rejected``."""
+    """The run's sketch renderer for generation, rebuilt from the renderer config saved with
+    the checkpoint (its font hash checked). A text it cannot draw raises RenderRejected,
+    counted in ``rejected``, so the generator closes the chunk early by the chunk rule."""
 
     def __init__(self, ctx: EvalContext):
-        from data_pipelines.render import RenderConfig, SketchRenderer
+        from data_pipelines.render import renderer_for_config, renderer_from_saved
 
-        data, size = ctx.config.data, ctx.config.model.layout.image_size
-        self.renderer = SketchRenderer(RenderConfig(image_size=size, font_path=data.font_path or None,
-                                                    font_sizes=tuple(data.font_sizes)))
+        self.renderer = (renderer_from_saved(ctx.renderer) if ctx.renderer else
+                         renderer_for_config(ctx.config.data, ctx.config.model.layout.image_size))
         check_renderer(ctx, self.renderer.renderer_config())
-        self.background = self.renderer.config.background
         self.rejected = self.drawn = 0
 
     def __call__(self, text: str):
-        import numpy as np
-
         from data_pipelines.render import RenderRejected
 
         try:
-            image = self.renderer.render(text)
+            image = self.renderer.render(text, where="evaluation")
         except RenderRejected:
             self.rejected += 1
-            size = self.renderer.config.image_size
-            return np.full((size, size, 3), self.background, np.uint8)
+            raise
         self.drawn += 1
         return image
