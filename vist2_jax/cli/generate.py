@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from vist2_jax.cli.errors import UsageError
+from vist2_jax.cli.generation_io import sampling_from_args, streaming_printer
 
 
 def register(subparsers) -> None:
@@ -90,36 +91,9 @@ def load_checkpoint(directory: str, preset: str, overrides, font: str | None = N
     return config.model, tree, renderer, None
 
 
-def sampling_from_args(args, stop_tokens):
-    """The sampling flags as a SamplingConfig (JAX-free; shared by ``--torch``); a bad value
-    is one line naming its flag."""
-    from vist2_jax.inference.sampling_config import SamplingConfig
-
-    try:
-        return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              repetition_penalty=args.repetition_penalty,
-                              no_repeat_ngram=args.no_repeat_ngram, stop_tokens=tuple(stop_tokens))
-    except ValueError as err:
-        raise UsageError(f"--{str(err).replace('_', '-')}") from None
-
-
-def streaming_printer(detokenize):
-    """``on_token(row, token)`` that writes each new piece of the decoded text to stdout."""
-    generated, shown = [], [""]
-
-    def on_token(_row, tok):
-        generated.append(tok)
-        text = detokenize(generated)
-        sys.stdout.write(text[len(shown[0]):])
-        sys.stdout.flush()
-        shown[0] = text
-    on_token.generated = generated
-    return on_token
-
-
 def run(args) -> int:
     if args.torch:  # the PyTorch runtime of a `vist2 export` folder; imports no JAX
-        from vist2_jax.export.torch_generate import run_torch
+        from vist2_jax.cli.generate_torch import run_torch
         return run_torch(args)
     import numpy as np
 

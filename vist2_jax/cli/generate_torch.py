@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 from vist2_jax.cli.errors import UsageError
+from vist2_jax.cli.generation_io import sampling_from_args, streaming_printer
 
 
 def run_torch(args) -> int:
-    from vist2_jax.cli.generate import sampling_from_args, streaming_printer
     from vist2_jax.export.torch_vist2 import TorchVist2
 
     prompt_path, folder = Path(args.prompt_file), Path(args.torch)
