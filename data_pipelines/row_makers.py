@@ -28,7 +28,7 @@ import numpy as np
 
 from data_pipelines.images import ImageUnreadable, fit_image
 from data_pipelines.records import BadInput, Sample
-from data_pipelines.render import RenderRejected, SketchRenderer, renderer_for_config
+from data_pipelines.render import SketchRenderer, renderer_for_config
 from data_pipelines.render_stats import RenderStats, sum_stats
 from data_pipelines.rows import RowBuilder
 from data_pipelines.shapes import captioned_shapes
@@ -123,21 +123,18 @@ class RowMaker:
                 break
         return row.finish()
 
-    def _try_render(self, tokens, sample: Sample) -> np.ndarray | None:
-        try:
-            return self.renderer.render(self.tokenizer.decode(tokens), where=sample.location)
-        except RenderRejected:
-            return None
-
     def _rule_chunks(self, tokens, text_len: int, count: int, sample: Sample):
         """Up to ``count`` chunks from the start of ``tokens`` by the chunk rule (row_contract
         ``close_chunk``: at most L tokens, closed before a token the sketch cannot take), with
         their sketches; None (skipped and counted) when not even one token can be drawn."""
+        def try_render(ids):
+            return self.renderer.try_render(self.tokenizer.decode(ids), where=sample.location)
+
         chunks, images, start = [], [], 0
         while len(chunks) < count and start < len(tokens):
             window = tokens[start:start + text_len]
             try:
-                k, image = close_chunk(window, lambda ids: self._try_render(ids, sample))
+                k, image = close_chunk(window, try_render)
             except ValueError as err:
                 if self.data.bad_input == "fail":
                     raise BadInput(f"{sample.location}: chunk cannot be rendered: {err}") from None

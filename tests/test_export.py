@@ -159,6 +159,14 @@ class CappedRenderer:
             raise RenderRejected(f"more than {self.cap} tokens")
         return self.inner.render(text, **kwargs)
 
+    def try_render(self, text, **kwargs):
+        from data_pipelines.render import RenderRejected
+
+        try:
+            return self.render(text, **kwargs)
+        except RenderRejected:
+            return None
+
 
 def test_chunks_closed_early_generate_the_same_in_jax_and_pytorch(run, monkeypatch, record_property):
     """With a renderer that takes fewer than L tokens, both runtimes close chunks by the chunk

@@ -84,8 +84,8 @@ class RunCheckpoints:
                 restored = self.manager.restore(step, args=ocp.args.Composite(**items))
             except Exception as err:  # orbax/tensorstore raise many kinds for damaged files
                 log.error("checkpoint step %d at %s is unreadable (%s); trying the previous one",
-                          step, self.directory, _one_line(err))
-                self.unreadable[step] = _one_line(err)
+                          step, self.directory, one_line_reason(err))
+                self.unreadable[step] = one_line_reason(err)
                 continue
             state = {"params": restored["params"]}
             if not params_only:
@@ -101,10 +101,10 @@ class RunCheckpoints:
         self.manager.close()
 
 
-def _one_line(err: BaseException) -> str:
+def one_line_reason(err: BaseException) -> str:
     """``Type: first line of the message`` (orbax wraps some errors around bound-method reprs)."""
     text = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
     cause = err.__cause__ or err.__context__
     if (not text or "<bound method" in text) and cause is not None:
-        return _one_line(cause)
+        return one_line_reason(cause)
     return f"{type(err).__name__}: {text[:200]}"

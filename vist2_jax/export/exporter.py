@@ -31,7 +31,7 @@ from vist2_jax.export.metadata import copy_font, decoder_hf_config, git_commit, 
 from vist2_jax.export.orbax_reader import OrbaxParams, UnreadableCheckpoint
 from vist2_jax.export.readme import export_readme
 from vist2_jax.export.safetensors_stream import ShardedWriter
-from vist2_jax.checkpointing.checkpoints import RunCheckpoints, write_tokenizer_asset
+from vist2_jax.checkpointing.checkpoints import RunCheckpoints, one_line_reason, write_tokenizer_asset
 from vist2_jax.checkpointing.runs import load_config_of, resolve_run_dir
 from vist2_jax.convert.hf_weights import vision_format
 
@@ -119,8 +119,7 @@ def read_item(checkpoints: RunCheckpoints, step: int, name: str) -> dict:
     try:
         return checkpoints.read_json(step, name)
     except Exception as err:  # orbax raises many kinds for missing or damaged items
-        first_line = str(err).splitlines()[0] if str(err) else ""
-        raise UnreadableCheckpoint(f"step {step} item {name!r}: {type(err).__name__}: {first_line}") from None
+        raise UnreadableCheckpoint(f"step {step} item {name!r}: {one_line_reason(err)}") from None
 
 
 def _export_step(run_dir, checkpoints, step, out, dtype, max_shard_bytes, font, vision):

@@ -17,6 +17,8 @@ from typing import Iterator
 import numpy as np
 import tensorstore as ts
 
+from vist2_jax.checkpointing.checkpoints import one_line_reason
+
 
 class UnreadableCheckpoint(Exception):
     """Stored data that cannot be read (missing, truncated or corrupted files)."""
@@ -64,8 +66,7 @@ class OrbaxParams:
         try:
             return future.result()
         except ValueError as err:  # TensorStore reports missing and damaged data as ValueError
-            first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise UnreadableCheckpoint(f"{self.directory}: {'/'.join(path)}: {first_line}") from None
+            raise UnreadableCheckpoint(f"{self.directory}: {'/'.join(path)}: {one_line_reason(err)}") from None
 
     def shape(self, path: tuple[str, ...]) -> tuple[int, ...]:
         return tuple(self.array(path).shape)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from data_pipelines.render import RenderRejected, SketchRenderer, renderer_from_saved
+from data_pipelines.render import SketchRenderer, renderer_from_saved
 from data_pipelines.tokenizer import load_tokenizer
 from vist2_jax.export.torch_mask import Meta, additive, vision_memory_mask
 from vist2_jax.export.torch_sampling import SamplingConfig, sample
@@ -109,10 +109,7 @@ class TorchVist2:
 
     def try_render(self, ids: Sequence[int]) -> np.ndarray | None:
         """The sketch of ``ids``, or None when the renderer rejects it (does not fit)."""
-        try:
-            return self.renderer.render(self.detokenize(ids))
-        except RenderRejected:
-            return None
+        return self.renderer.try_render(self.detokenize(ids))
 
     # ---- encoders -------------------------------------------------------------------------
     @torch.no_grad()

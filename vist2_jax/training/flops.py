@@ -47,15 +47,22 @@ def mask_attended_pairs(modality: np.ndarray, chunk_id: np.ndarray, segment_id: 
     return total
 
 
-def step_record(config: Config, local_batch: Mapping[str, np.ndarray], elapsed: float) -> dict[str, float]:
-    """Throughput of one step: text and decoder tokens/s, analytic model FLOPs and MFU
-    (the chip peak from ``train.peak_tflops_per_device``; the compiler's count is not used,
-    it misses scanned layers and Pallas calls)."""
+def global_text_tokens(local_batch: Mapping[str, np.ndarray]) -> float:
+    """Text tokens of the global batch, from this host's slice (every host holds as many)."""
     import jax
 
-    hosts = jax.process_count()
-    text_tokens = float((np.asarray(local_batch["modality"]) == TEXT).sum()) * hosts
-    step_flops = train_step_flops(config, local_batch)["train_step"] * hosts
+    return float((np.asarray(local_batch["modality"]) == TEXT).sum()) * jax.process_count()
+
+
+def step_record(config: Config, local_batch: Mapping[str, np.ndarray], elapsed: float) -> dict[str, float]:
+    """Throughput of one logged step: text and decoder tokens/s, analytic model FLOPs and MFU
+    (the chip peak from ``train.peak_tflops_per_device``; the compiler's count is not used,
+    it misses scanned layers and Pallas calls). Counts the mask's pairs on the host: call it
+    on logged steps only."""
+    import jax
+
+    text_tokens = global_text_tokens(local_batch)
+    step_flops = train_step_flops(config, local_batch)["train_step"] * jax.process_count()
     record = {"step_time_s": elapsed, "text_tokens_per_s": text_tokens / elapsed,
               "decoder_tokens_per_s": config.data.global_batch_size * config.data.seq_len / elapsed,
               "model_flops_per_step": step_flops, "model_tflops_per_s": step_flops / elapsed / 1e12}

@@ -31,7 +31,7 @@ from vist2_jax.config.schema import Config, ConfigError
 from vist2_jax.evaluation.during_training import TrainingEval
 from vist2_jax.parallel.sharding import LOGICAL_AXIS_RULES, make_mesh
 from vist2_jax.training.distributed import global_batch
-from vist2_jax.training.flops import step_record
+from vist2_jax.training.flops import global_text_tokens, step_record
 from vist2_jax.training.metrics import MetricsLogger
 from vist2_jax.training.optimizer import learning_rate_schedule
 from vist2_jax.training.state import abstract_state, initial_state
@@ -189,13 +189,12 @@ def train(config: Config, restart: bool = False) -> TrainResult:
                                                f"last checkpoint: {checkpoints.steps()[-1:] or 'none'}")
                     log.warning("step %d: non-finite loss, update skipped", done)
                 losses.append(metrics["loss"])
-                throughput = step_record(config, local, elapsed)
                 if step > start:  # the first step of a process includes compilation
                     step_times.append(elapsed)
-                    text_rates.append(throughput["text_tokens_per_s"])
+                    text_rates.append(global_text_tokens(local) / elapsed)
                 last = done == config.train.steps
                 if done % config.run.log_every == 0 or last or done == start + 1:
-                    record = {**metrics, "learning_rate": float(schedule(step)), **throughput,
+                    record = {**metrics, "learning_rate": float(schedule(step)), **step_record(config, local, elapsed),
                               **pipeline.counters()}
                     if done % config.train.eval_every == 0 or last:
                         record["eval_loss"] = summary["eval_loss_end"] = evaluate()
