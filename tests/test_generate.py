@@ -68,6 +68,18 @@ def predicting_rows(chunks, start, count, L, m):
     return np.array(out)
 
 
+def max_error_vs_training(setup, render, chunks, stream, prompt_len, result):
+    """Max abs difference between the generated tokens' recorded logits and the logits of one
+    training forward over the row of ``chunks``, at the rows that predict the same tokens
+    (checked to be the generated stream)."""
+    config, model, params, _, _ = setup
+    L, m = config.layout.text_len, config.layout.visual_len
+    logits, batch = training_logits(config, model, params, render, chunks)
+    rows = predicting_rows(chunks, prompt_len, len(stream) - prompt_len, L, m)
+    np.testing.assert_array_equal(batch["targets"][0, rows], stream[prompt_len:])
+    return float(np.abs(result.logits[0] - logits[rows]).max())
+
+
 def _stream(config, n, seed):
     rng = np.random.default_rng(seed)
     return [int(t) for t in rng.integers(4, config.decoder.vocab_size, n)]
@@ -85,10 +97,7 @@ def test_teacher_forced_generation_matches_training_forward(setup, mode, prompt_
     else:
         k = prompt_len // L
         chunks = [stream[i * L:(i + 1) * L] for i in range(k)] + [stream[k * L:]]
-    logits, batch = training_logits(config, model, params, render, chunks)
-    rows = predicting_rows(chunks, prompt_len, new, L, m)
-    np.testing.assert_array_equal(batch["targets"][0, rows], stream[prompt_len:])
-    err = float(np.abs(result.logits[0] - logits[rows]).max())
+    err = max_error_vs_training(setup, render, chunks, stream, prompt_len, result)
     record_property(f"gen_vs_train_max_abs_{mode}_{prompt_len}_{new}", err)
     assert err < 1e-4
     assert result.peak_entries == peak_entries(mode, prompt_len, new, L, m)
@@ -184,8 +193,8 @@ def test_chunks_close_early_where_the_renderer_stops_and_carry_the_rest(setup, m
     is predicted again by the next chunk's marker. Teacher-forced logits equal one training
     forward over the row with those variable-length chunks: nothing dropped, positions and
     chunk ids as in training."""
-    config, model, params, _, _ = setup
-    L, m, cap = config.layout.text_len, config.layout.visual_len, 5
+    config, _, params, _, _ = setup
+    L, cap = config.layout.text_len, 5
     render = capped_render(config.layout.image_size, cap)
     gen = Generator(config, params, render_fn=render, detokenize=detokenize, prefill_chunk=16)
     stream = _stream(config, prompt_len + new, seed=prompt_len + 1)
@@ -197,10 +206,7 @@ def test_chunks_close_early_where_the_renderer_stops_and_carry_the_rest(setup, m
     chunks = [walked[i:i + cap] for i in range(0, len(walked), cap)]
     chunks[-1] = chunks[-1] + stream[len(walked):]
     assert max(len(c) for c in chunks[:-1]) < L
-    logits, batch = training_logits(config, model, params, render, chunks)
-    rows = predicting_rows(chunks, prompt_len, new, L, m)
-    np.testing.assert_array_equal(batch["targets"][0, rows], stream[prompt_len:])
-    err = float(np.abs(result.logits[0] - logits[rows]).max())
+    err = max_error_vs_training(setup, render, chunks, stream, prompt_len, result)
     record_property(f"gen_early_close_vs_train_max_abs_{mode}", err)
     assert err < 1e-4
     assert result.tokens[0] == stream[prompt_len:]
