@@ -18,6 +18,8 @@ from importlib import resources
 
 import numpy as np
 
+from vist2_jax import storage
+
 # family -> (file under data_pipelines/font_files, sha256 of its bytes)
 BUNDLED = {
     "DejaVu Sans Mono": ("DejaVuSansMono.ttf", "0f5db4f1749979d961019838b160bec74abdf7f9eca69553fe1aa856bbff49a4"),
@@ -62,8 +64,7 @@ def bundled_font(family: str = DEFAULT_FAMILY) -> FontSource:
 def font_file(path: str, index: int = 0) -> FontSource:
     """A configured font file (.ttf / .otf / .ttc face ``index``), hashed."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = storage.as_path(path).read_bytes()
     except OSError as err:
         raise FontError(f"font file {path}: {err.strerror or err}") from None
     if data[:4] not in _MAGIC:
@@ -71,7 +72,7 @@ def font_file(path: str, index: int = 0) -> FontSource:
     faces = _u32(data, 8) if data[:4] == b"ttcf" and len(data) >= 12 else 1
     if not 0 <= index < faces:
         raise FontError(f"font file {path} has {faces} face(s); index {index} does not exist")
-    return FontSource(os.path.abspath(path), data, hashlib.sha256(data).hexdigest(), index)
+    return FontSource(os.fspath(storage.absolute(path)), data, hashlib.sha256(data).hexdigest(), index)
 
 
 def bundled_with_hash(sha256: str) -> FontSource | None:

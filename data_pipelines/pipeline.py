@@ -13,6 +13,7 @@ tokenized lazily inside the workers (``prepared.py``); with ``data.sources`` a
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from pathlib import Path
 
 import grain
@@ -21,6 +22,7 @@ import numpy as np
 from data_pipelines.row_makers import MixtureMaker, RowMaker
 from data_pipelines.sources import open_samples, tokenizer_texts
 from data_pipelines.tokenizer import TokenizerError, load_tokenizer, train_tokenizer
+from vist2_jax import storage
 from vist2_jax.config.schema import Config, ConfigError, DataConfig, SourceConfig
 from vist2_jax.row_contract import stack_rows
 
@@ -37,9 +39,12 @@ def source_parts(data: DataConfig) -> list[tuple[DataConfig, float]]:
 
 
 def resolve_tokenizer(config: Config, workdir: str | Path):
-    """The configured tokenizer, or one trained on the source into ``workdir`` (cached)."""
+    """The configured tokenizer, or one trained on the source into ``workdir`` (cached).
+
+    Either may be local or on an object store; SentencePiece trains on local files, so a
+    tokenizer for a remote ``workdir`` is trained in a temporary folder and uploaded."""
     if config.data.tokenizer:
-        path = Path(config.data.tokenizer)
+        path = storage.as_path(config.data.tokenizer)
         if not path.exists():
             raise ConfigError(f"data.tokenizer: no such file {path}")
         try:
@@ -47,27 +52,35 @@ def resolve_tokenizer(config: Config, workdir: str | Path):
         except TokenizerError as err:
             raise ConfigError(f"data.tokenizer: {err}") from None
     else:
-        prefix = Path(workdir) / "tokenizer"
-        model = prefix.with_suffix(".model")
+        model = storage.as_path(workdir) / "tokenizer.model"
         if model.is_file():
             tokenizer = load_tokenizer(model)
         else:
-            corpus = Path(workdir) / "tokenizer_corpus.txt"
-            corpus.parent.mkdir(parents=True, exist_ok=True)
-            with corpus.open("w", encoding="utf-8") as f:
-                for part, _ in source_parts(config.data):
-                    f.writelines(tokenizer_texts(part.source, part.stage, part.data_dir, part.manual_dir,
-                                                 TOKENIZER_CHARS_PER_SOURCE))
-            try:
-                tokenizer = train_tokenizer([corpus], config.model.decoder.vocab_size, prefix)
-            except TokenizerError as err:
-                raise ConfigError(f"data.tokenizer is empty, so a tokenizer is trained on data.source="
-                                  f"{config.data.source!r}, and {err}: set data.tokenizer to a SentencePiece "
-                                  ".model or tokenizer.json, or lower model.decoder.vocab_size") from None
+            with tempfile.TemporaryDirectory(prefix="vist2-tokenizer-") as scratch:
+                local = _train_run_tokenizer(config, Path(scratch))
+                for suffix in (".model", ".vocab"):
+                    storage.upload(local.with_suffix(suffix), model.with_suffix(suffix))
+            tokenizer = load_tokenizer(model)
     if tokenizer.vocab_size > config.model.decoder.vocab_size:
         raise ConfigError(f"data.tokenizer: vocabulary of {tokenizer.vocab_size} exceeds "
                           f"model.decoder.vocab_size={config.model.decoder.vocab_size}")
     return tokenizer
+
+
+def _train_run_tokenizer(config: Config, folder: Path) -> Path:
+    """Train a SentencePiece model on the sources' text in ``folder``; its ``.model`` path."""
+    corpus = folder / "tokenizer_corpus.txt"
+    with corpus.open("w", encoding="utf-8") as f:
+        for part, _ in source_parts(config.data):
+            f.writelines(tokenizer_texts(part.source, part.stage, part.data_dir, part.manual_dir,
+                                         TOKENIZER_CHARS_PER_SOURCE))
+    try:
+        train_tokenizer([corpus], config.model.decoder.vocab_size, folder / "tokenizer")
+    except TokenizerError as err:
+        raise ConfigError(f"data.tokenizer is empty, so a tokenizer is trained on data.source="
+                          f"{config.data.source!r}, and {err}: set data.tokenizer to a SentencePiece "
+                          ".model or tokenizer.json, or lower model.decoder.vocab_size") from None
+    return folder / "tokenizer.model"
 
 
 @dataclasses.dataclass

@@ -32,6 +32,7 @@ import numpy as np
 from etils import epath
 
 from data_pipelines.records import BadInput, Record, Sample, caption_lines
+from vist2_jax import storage
 
 FORMAT = 1
 MANIFEST, PLAN, BAD_RECORDS = "manifest.json", "plan.json", "bad_records.jsonl"
@@ -75,13 +76,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(epath.Path(tokenizer.path).read_bytes()).hexdigest()
 
 
-def is_local(path: str) -> bool:
-    return "://" not in str(path)
-
-
 def load_array(path: epath.Path) -> np.ndarray:
     """An index array: memory-mapped when local, read whole from object stores."""
-    if is_local(str(path)):
+    if not storage.is_remote(path):
         return np.load(str(path), mmap_mode="r")
     return np.load(io.BytesIO(path.read_bytes()))
 
@@ -120,7 +117,7 @@ class _Shards:
             handle = self.open_files.get(shard)
             if handle is None:
                 path = self.root / "shards" / f"{shard:05d}.bin"
-                handle = os.open(str(path), os.O_RDONLY) if is_local(str(path)) else path.open("rb")
+                handle = os.open(str(path), os.O_RDONLY) if not storage.is_remote(path) else path.open("rb")
                 self.open_files[shard] = handle
                 if len(self.open_files) > OPEN_SHARDS:
                     self._close(self.open_files.popitem(last=False)[1])

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Mapping, Protocol, Sequence
 
+from vist2_jax import storage
 from vist2_jax.row_contract import BOS_ID, CHUNK_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS
 
 UNK_ID = len(SPECIAL_TOKENS)  # SentencePiece needs an unk; byte fallback means it never appears
@@ -44,8 +45,8 @@ class SentencePieceTokenizer:
     def __init__(self, model_file: str | os.PathLike):
         import sentencepiece as spm
 
-        self.path = str(model_file)
-        self._sp = spm.SentencePieceProcessor(model_file=self.path)
+        self.path = os.fspath(model_file)  # as given (may be gs://); the bytes are read through storage
+        self._sp = spm.SentencePieceProcessor(model_file=storage.local_copy(self.path))
         self.vocab_size = int(self._sp.get_piece_size())
         self.special_ids = {name: i for i, name in enumerate(SPECIAL_TOKENS)}
         for name, i in self.special_ids.items():
@@ -128,13 +129,13 @@ class HFTokenizer:
         from tokenizers import AddedToken
         from tokenizers import Tokenizer as _HF
 
-        path = Path(path)
+        path = storage.as_path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer.json at {path}")
-        self.path = str(path)
-        self._tok = _HF.from_file(self.path)
+        self.path = os.fspath(path)
+        self._tok = _HF.from_file(storage.local_copy(path))
         self._tok.encode_special_tokens = True
         self.special_ids: dict[str, int] = {}
         self.added_ids: list[int] = []
@@ -159,7 +160,7 @@ class HFTokenizer:
 
 def load_tokenizer(path: str | os.PathLike) -> SentencePieceTokenizer | HFTokenizer:
     """``*.model`` -> SentencePiece; ``tokenizer.json`` or a folder holding one -> HF adapter."""
-    p = Path(path)
+    p = storage.as_path(path)
     if not p.exists():
         raise TokenizerNotFound(f"{p}: no such file")
     try:

@@ -256,3 +256,52 @@ def test_progress_says_what_it_does_before_the_first_step(tmp_path, tokenizer_fi
     assert "eta nan" not in proc.stderr and "this one compiled" in lines[first_step]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["data"]["rows"] > 0 and "missing_glyphs" in summary["data_problems"]
+
+
+def test_run_directory_on_a_bucket_trains_checkpoints_and_resumes(tmp_path, gcs_bucket, uninterrupted,
+                                                                  tokenizer_file):
+    """``run.workdir`` and ``data.tokenizer`` on ``gs://`` (a Cloud Storage emulator): the
+    config copy, checkpoints, metrics, TensorBoard, sketches and summary land in the bucket;
+    a run stopped by SIGTERM resumes from the bucket with the uninterrupted run's losses, bit
+    for bit; generation loads the run from the bucket; nothing is written to local disk."""
+    from vist2_jax import storage
+
+    reference, _ = uninterrupted
+    run_dir = storage.as_path(f"{gcs_bucket}/runs/{tmp_path.name}")
+    tokenizer = storage.upload(tokenizer_file, f"{gcs_bucket}/tokenizers/{tmp_path.name}/tokenizer.model")
+    recipe = write_recipe(tmp_path, data={"tokenizer": str(tokenizer)},
+                          run={"workdir": str(run_dir), "progress": True})
+    command, env = vist2("train", recipe, devices=1)
+    proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    for line in proc.stderr:  # the progress line of step 3, then a preemption
+        if " 3/8 " in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0, rest[-3000:]
+    first_steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert first_steps and first_steps[-1] < 8
+
+    resumed = run("train", recipe, devices=1)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {run_dir}/checkpoints at step {first_steps[-1]}" in resumed.stderr
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records]
+    assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == 8
+    assert {r["step"]: r["loss"] for r in records if "loss" in r} == losses(reference)
+    scalars = {}
+    for events in sorted((run_dir / "tensorboard").iterdir()):  # one file per process, later ones win
+        local = tmp_path / events.name
+        local.write_bytes(events.read_bytes())
+        scalars.update({step: values["loss"] for step, values in read_scalar_events(local) if "loss" in values})
+    assert scalars == pytest.approx(losses(reference), rel=1e-6)
+    assert json.loads((run_dir / "summary.json").read_text())["steps_done"] == 8
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["run"]["workdir"] == str(run_dir)
+    assert (run_dir / "sketches" / "sketch_0.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("The river ran past the old mill and")
+    generated = run("generate", "--checkpoint", run_dir, "--prompt-file", prompt, "--max-new-tokens", 4, devices=1)
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    assert "gs:" not in os.listdir(tmp_path) and not (ROOT / "gs:").exists()  # no local 'gs:' folder

@@ -1,5 +1,6 @@
 """Orbax checkpoints of a run (``WORKDIR/checkpoints``): train state, Grain iterator state, resolved config, the
-tokenizer and the renderer config, saved asynchronously with a keep-N policy.
+tokenizer and the renderer config, saved asynchronously with a keep-N policy. ``WORKDIR`` may be local or ``gs://`` (Orbax
+writes arrays through TensorStore, the small files through ``etils.epath``).
 
 Restore walks back from the newest step: a checkpoint that cannot be read (truncated or
 corrupted files) is reported in one log line and the previous good one is used.
@@ -10,18 +11,19 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-from pathlib import Path
 from typing import Any
 
 import grain
 import orbax.checkpoint as ocp
+
+from vist2_jax import storage
 
 log = logging.getLogger(__name__)
 
 
 def tokenizer_asset(tokenizer) -> dict:
     """The tokenizer as a JSON-able record (SentencePiece model bytes, base64)."""
-    path = Path(getattr(tokenizer, "path", ""))
+    path = storage.as_path(getattr(tokenizer, "path", "") or "-")
     if not path.is_file():
         return {"kind": type(tokenizer).__name__, "file": str(path)}
     data = path.read_bytes()
@@ -29,21 +31,18 @@ def tokenizer_asset(tokenizer) -> dict:
             "base64": base64.b64encode(data).decode()}
 
 
-def write_tokenizer_asset(asset: dict, directory: str | Path) -> Path:
+def write_tokenizer_asset(asset: dict, directory: storage.PathLike):
     """Recreate the tokenizer file saved by :func:`tokenizer_asset`; returns its path."""
     if "base64" not in asset:
         raise ValueError(f"checkpoint holds no tokenizer bytes (kind {asset.get('kind')}, file {asset.get('file')})")
-    path = Path(directory) / asset["file"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(base64.b64decode(asset["base64"]))
-    return path
+    return storage.write_atomic(storage.as_path(directory) / asset["file"], base64.b64decode(asset["base64"]))
 
 
 class RunCheckpoints:
     """A ``CheckpointManager`` over ``WORKDIR/checkpoints`` with the items of a run."""
 
-    def __init__(self, workdir: str | Path, keep: int, async_save: bool = True):
-        self.directory = Path(workdir).absolute() / "checkpoints"
+    def __init__(self, workdir: storage.PathLike, keep: int, async_save: bool = True):
+        self.directory = storage.absolute(workdir) / "checkpoints"
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)

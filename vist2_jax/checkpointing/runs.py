@@ -5,18 +5,19 @@ A run directory is what ``vist2 train`` writes: ``config.yaml`` + ``checkpoints/
 (Orbax: params, optimizer state, Grain state, config, tokenizer bytes, renderer config).
 ``resolve_run_dir`` also accepts what users point at in practice: a step folder
 (``.../checkpoints/40``) and a ``vist2 demo`` directory (its newest stage that has a
-checkpoint).
+checkpoint). Any of them may be local or on an object store (``gs://``; see ``storage``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
 import yaml
+from etils import epath
 
+from vist2_jax import storage
 from vist2_jax.checkpointing.checkpoints import RunCheckpoints, write_tokenizer_asset
 from vist2_jax.config.loader import build
 from vist2_jax.config.schema import Config, ConfigError
@@ -26,7 +27,7 @@ from vist2_jax.config.schema import Config, ConfigError
 class LoadedRun:
     """A run's resolved config, one checkpoint's params, its tokenizer and renderer config."""
 
-    workdir: Path
+    workdir: epath.Path  # local or gs://
     step: int
     config: Config
     params: Any  # {"params": {"vision", "aligner", "decoder"}} on the default device
@@ -42,14 +43,14 @@ class LoadedRun:
         return renderer_from_saved(self.renderer, font_path)
 
 
-def is_run_dir(path: str | Path) -> bool:
-    path = Path(path)
+def is_run_dir(path: storage.PathLike) -> bool:
+    path = storage.as_path(path)
     return (path / "config.yaml").is_file() and (path / "checkpoints").is_dir()
 
 
-def resolve_run_dir(path: str | Path, what: str = "--checkpoint") -> tuple[Path, int | None]:
+def resolve_run_dir(path: storage.PathLike, what: str = "--checkpoint") -> tuple[epath.Path, int | None]:
     """(run directory, step or None) for a run dir, a step folder or a demo directory."""
-    path = Path(path)
+    path = storage.as_path(path)
     if not path.exists():
         raise ConfigError(f"{what}: no such directory {path}")
     if is_run_dir(path):
@@ -65,15 +66,15 @@ def resolve_run_dir(path: str | Path, what: str = "--checkpoint") -> tuple[Path,
                       "no step folder, no stage directory with checkpoints)")
 
 
-def load_config_of(workdir: str | Path) -> Config:
-    path = Path(workdir) / "config.yaml"
+def load_config_of(workdir: storage.PathLike) -> Config:
+    path = storage.as_path(workdir) / "config.yaml"
     try:
         return build(Config, yaml.safe_load(path.read_text())).validate()
     except (OSError, yaml.YAMLError) as err:
         raise ConfigError(f"{path}: {err}") from None
 
 
-def restore_params(workdir: str | Path, abstract_params: Any, step: int | None = None,
+def restore_params(workdir: storage.PathLike, abstract_params: Any, step: int | None = None,
                    what: str = "train.init_from") -> tuple[int, Any]:
     """(step, params) of the newest readable checkpoint of a run (or of ``step``)."""
     checkpoints = RunCheckpoints(workdir, keep=1000, async_save=False)
@@ -91,7 +92,7 @@ def restore_params(workdir: str | Path, abstract_params: Any, step: int | None =
     return found[0], found[1]["params"]
 
 
-def load_run(path: str | Path, step: int | None = None, what: str = "--checkpoint") -> LoadedRun:
+def load_run(path: storage.PathLike, step: int | None = None, what: str = "--checkpoint") -> LoadedRun:
     """Everything inference, evaluation and export need from a run, in one call."""
     from data_pipelines.tokenizer import load_tokenizer
     from vist2_jax.model.vist2 import abstract_params

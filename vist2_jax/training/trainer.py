@@ -5,26 +5,28 @@ Grain iterator come back from the newest readable checkpoint, and every later st
 same compiled program on the same rows. SIGTERM (preemption) and SIGINT (Ctrl-C) save at
 the next step boundary and return normally. A run directory whose checkpoints are all
 unreadable is refused unless ``restart`` is asked for, which moves them aside (nothing is
-deleted).
+deleted). The run directory may be local or ``gs://`` (every file goes through
+``vist2_jax.storage``), so all hosts of a pod write one run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
-import shutil
 import signal
 import statistics
 import time
-from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import yaml
+from etils import epath
 
 from data_pipelines.pipeline import build_pipeline
+from vist2_jax import storage
 from vist2_jax.checkpointing.checkpoints import RunCheckpoints, tokenizer_asset
 from vist2_jax.config.loader import to_dict
 from vist2_jax.config.schema import Config, ConfigError
@@ -46,7 +48,7 @@ class TrainingDiverged(RuntimeError):
 
 @dataclasses.dataclass
 class TrainResult:
-    workdir: Path
+    workdir: epath.Path
     steps_done: int
     preempted: bool
     summary: dict
@@ -82,17 +84,17 @@ def _host_metrics(metrics: dict) -> dict:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def _set_aside(workdir: Path, checkpoints: RunCheckpoints) -> Path:
+def _set_aside(workdir: epath.Path, checkpoints: RunCheckpoints) -> epath.Path:
     """Move unreadable checkpoints and the metrics of that attempt into ``previous-<time>/``."""
     aside = workdir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
     aside.mkdir()
     for name in ("checkpoints", "metrics.jsonl", "tensorboard", "summary.json"):
         if (workdir / name).exists():
-            shutil.move(str(workdir / name), str(aside / name))
+            storage.move(workdir / name, aside / name)
     return aside
 
 
-def _restore_or_refuse(checkpoints: RunCheckpoints, abstract, iterator, workdir: Path, restart: bool):
+def _restore_or_refuse(checkpoints: RunCheckpoints, abstract, iterator, workdir: epath.Path, restart: bool):
     """(start step, restored state or None). Refuses a directory of only unreadable checkpoints."""
     restored = checkpoints.restore_latest(abstract, iterator)
     if restored is not None or not checkpoints.steps():
@@ -105,24 +107,26 @@ def _restore_or_refuse(checkpoints: RunCheckpoints, abstract, iterator, workdir:
     return None
 
 
-def _save_sample_sketches(pipeline, workdir: Path, count: int = 4) -> None:
+def _save_sample_sketches(pipeline, workdir: epath.Path, count: int = 4) -> None:
     """The first evaluation row's sketches as PNGs: what the ViT of this run reads."""
     from PIL import Image
 
     row = pipeline.eval_maker(0)
     (workdir / "sketches").mkdir(exist_ok=True)
     for slot in range(min(count, int(row["image_mask"].sum()))):
-        Image.fromarray(row["images"][slot]).save(workdir / "sketches" / f"sketch_{slot}.png")
+        png = io.BytesIO()
+        Image.fromarray(row["images"][slot]).save(png, format="PNG")
+        storage.write_atomic(workdir / "sketches" / f"sketch_{slot}.png", png.getvalue())
 
 
 def train(config: Config, restart: bool = False) -> TrainResult:
-    workdir = Path(config.run.workdir)
+    workdir = storage.as_path(config.run.workdir)
     is_chief = jax.process_index() == 0
     logger = MetricsLogger(workdir, config.train.steps, enabled=is_chief, progress=config.run.progress,
                            label=f"{config.data.stage}")
     if is_chief:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        storage.write_atomic(workdir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
     mesh = make_mesh(config.mesh)
     logger.status("building the data pipeline")
     pipeline = build_pipeline(config, workdir, jax.process_index(), jax.process_count())
@@ -148,66 +152,69 @@ def train(config: Config, restart: bool = False) -> TrainResult:
             logger.status(f"fresh start at step 0 (no checkpoint in {checkpoints.directory})")
             state = initial_state(config, optimizer, abstract, shardings)
         logger.start(start)
-        if is_chief:
-            _save_sample_sketches(pipeline, workdir)
-        eval_batches = [global_batch(b, mesh) for b in pipeline.eval_batches()]
+        try:
+            if is_chief:
+                _save_sample_sketches(pipeline, workdir)
+            eval_batches = [global_batch(b, mesh) for b in pipeline.eval_batches()]
 
-        def evaluate() -> float:
-            losses, weights = [], []
-            for batch in eval_batches[:config.train.eval_batches]:
-                m = _host_metrics(eval_step(state["params"], batch))
-                losses.append(m["loss"] * m["target_tokens"])
-                weights.append(m["target_tokens"])
-            return sum(losses) / max(sum(weights), 1.0)
+            def evaluate() -> float:
+                losses, weights = [], []
+                for batch in eval_batches[:config.train.eval_batches]:
+                    m = _host_metrics(eval_step(state["params"], batch))
+                    losses.append(m["loss"] * m["target_tokens"])
+                    weights.append(m["target_tokens"])
+                return sum(losses) / max(sum(weights), 1.0)
 
-        task_eval = TrainingEval(config, pipeline.tokenizer) if config.train.eval_tasks else None
-        summary: dict = {"stage": config.data.stage, "start_step": start}
-        if start == 0:
-            logger.status("compiling the eval step")
-            summary["eval_loss_start"] = evaluate()
-            logger.log(0, {"eval_loss": summary["eval_loss_start"],
-                           **(task_eval(state["params"]) if task_eval else {})})
-        step_times, text_rates, losses = [], [], []
-        stopped_by = None
-        done = start
-        wall_start = time.time()
-        with _StopRequests() as stop:
-            for step in range(start, config.train.steps):
-                local = next(iterator)
-                batch = global_batch(local, mesh)
-                if step == start:
-                    logger.status("compiling the train step (the first step includes it)")
-                t0 = time.perf_counter()
-                state, metrics = train_step(state, batch)
-                metrics = _host_metrics(metrics)
-                elapsed = time.perf_counter() - t0
-                done = step + 1
-                if not metrics["finite"]:
-                    if config.train.nan_policy == "stop":
-                        checkpoints.close()
-                        raise TrainingDiverged(f"non-finite loss {metrics['loss']} at step {done}; "
-                                               f"last checkpoint: {checkpoints.steps()[-1:] or 'none'}")
-                    log.warning("step %d: non-finite loss, update skipped", done)
-                losses.append(metrics["loss"])
-                if step > start:  # the first step of a process includes compilation
-                    step_times.append(elapsed)
-                    text_rates.append(global_text_tokens(local) / elapsed)
-                last = done == config.train.steps
-                if done % config.run.log_every == 0 or last or done == start + 1:
-                    record = {**metrics, "learning_rate": float(schedule(step)), **step_record(config, local, elapsed),
-                              **pipeline.counters()}
-                    if done % config.train.eval_every == 0 or last:
-                        record["eval_loss"] = summary["eval_loss_end"] = evaluate()
-                        record.update(task_eval(state["params"]) if task_eval else {})
-                    logger.log(done, record)
-                if stop.requested or done % config.train.checkpoint_every == 0 or last:
-                    _save(checkpoints, done, state, iterator, config, pipeline, force=bool(stop.requested))
-                if stop.requested:
-                    stopped_by = stop.requested
-                    logger.status(f"{stop.requested}: checkpoint of step {done} saved, exiting")
-                    break
-        checkpoints.close()
-        logger.close()
+            task_eval = TrainingEval(config, pipeline.tokenizer) if config.train.eval_tasks else None
+            summary: dict = {"stage": config.data.stage, "start_step": start}
+            if start == 0:
+                logger.status("compiling the eval step")
+                summary["eval_loss_start"] = evaluate()
+                logger.log(0, {"eval_loss": summary["eval_loss_start"],
+                               **(task_eval(state["params"]) if task_eval else {})})
+            step_times, text_rates, losses = [], [], []
+            stopped_by = None
+            done = start
+            wall_start = time.time()
+            with _StopRequests() as stop:
+                for step in range(start, config.train.steps):
+                    local = next(iterator)
+                    batch = global_batch(local, mesh)
+                    if step == start:
+                        logger.status("compiling the train step (the first step includes it)")
+                    t0 = time.perf_counter()
+                    state, metrics = train_step(state, batch)
+                    metrics = _host_metrics(metrics)
+                    elapsed = time.perf_counter() - t0
+                    done = step + 1
+                    if not metrics["finite"]:
+                        if config.train.nan_policy == "stop":
+                            checkpoints.close()
+                            raise TrainingDiverged(f"non-finite loss {metrics['loss']} at step {done}; "
+                                                   f"last checkpoint: {checkpoints.steps()[-1:] or 'none'}")
+                        log.warning("step %d: non-finite loss, update skipped", done)
+                    losses.append(metrics["loss"])
+                    if step > start:  # the first step of a process includes compilation
+                        step_times.append(elapsed)
+                        text_rates.append(global_text_tokens(local) / elapsed)
+                    last = done == config.train.steps
+                    if done % config.run.log_every == 0 or last or done == start + 1:
+                        record = {**metrics, "learning_rate": float(schedule(step)),
+                                  **step_record(config, local, elapsed), **pipeline.counters()}
+                        if done % config.train.eval_every == 0 or last:
+                            record["eval_loss"] = summary["eval_loss_end"] = evaluate()
+                            record.update(task_eval(state["params"]) if task_eval else {})
+                        logger.log(done, record)
+                    if stop.requested or done % config.train.checkpoint_every == 0 or last:
+                        _save(checkpoints, done, state, iterator, config, pipeline, force=bool(stop.requested))
+                        logger.flush()
+                    if stop.requested:
+                        stopped_by = stop.requested
+                        logger.status(f"{stop.requested}: checkpoint of step {done} saved, exiting")
+                        break
+            checkpoints.close()
+        finally:  # metrics on an object store are uploaded on close
+            logger.close()
     counters = pipeline.counters()
     if any(counters.values()):
         log.info("data counters: %s", json.dumps(counters))
@@ -220,7 +227,7 @@ def train(config: Config, restart: bool = False) -> TrainResult:
         "data": counters, "data_problems": pipeline.problems(),
     })
     if is_chief:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        storage.write_atomic(workdir / "summary.json", json.dumps(summary, indent=2))
     return TrainResult(workdir, done, stopped_by is not None, summary)
 
 

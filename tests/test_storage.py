@@ -1,0 +1,79 @@
+"""The path layer (``vist2_jax.storage``) on local disk and on ``gs://`` (a Cloud Storage
+emulator): atomic writes, appends that survive a reopen, downloads for local-only
+libraries, moves, and TensorBoard event files on a bucket."""
+
+import json
+import os
+
+import pytest
+
+from conftest import read_scalar_events
+from vist2_jax import storage
+
+
+def test_write_atomic_leaves_no_temporary_file(tmp_path):
+    target = tmp_path / "deep" / "config.yaml"
+    storage.write_atomic(target, "a: 1\n")
+    storage.write_atomic(target, b"a: 2\n")
+    assert target.read_text() == "a: 2\n"
+    assert os.listdir(target.parent) == ["config.yaml"]
+
+
+def test_append_file_on_disk_writes_each_line_at_once(tmp_path):
+    log = storage.AppendFile(tmp_path / "metrics.jsonl")
+    log.append('{"step": 1}')
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'  # before any flush or close
+    log.replace_lines(['{"step": 0}'])
+    log.append('{"step": 2}')
+    assert storage.AppendFile(tmp_path / "metrics.jsonl").read_lines() == ['{"step": 0}', '{"step": 2}']
+
+
+def test_append_file_on_a_bucket_uploads_on_flush_interval_and_close(gcs_bucket):
+    path = storage.as_path(f"{gcs_bucket}/append/metrics.jsonl")
+    log = storage.AppendFile(path, flush_s=3600)
+    log.append("first")  # the first append uploads (nothing uploaded yet this hour)
+    assert path.read_text() == "first\n"
+    log.append("second")
+    assert path.read_text() == "first\n"  # within flush_s: kept in memory
+    log.flush()
+    assert path.read_text() == "first\nsecond\n"
+    log.append("third")
+    log.close()
+    reopened = storage.AppendFile(path)
+    assert reopened.read_lines() == ["first", "second", "third"]
+    reopened.replace_lines(["first"])
+    assert path.read_text() == "first\n"
+
+
+def test_local_copy_and_move_on_a_bucket(gcs_bucket, tmp_path):
+    remote = storage.as_path(f"{gcs_bucket}/copy/tokenizer.json")
+    storage.write_atomic(remote, '{"x": 1}')
+    local = storage.local_copy(remote)
+    assert os.path.basename(local) == "tokenizer.json" and json.loads(open(local).read()) == {"x": 1}
+    assert storage.local_copy(remote) == local  # downloaded once per process
+    assert storage.local_copy(tmp_path / "a.model") == str(tmp_path / "a.model")
+    storage.write_atomic(f"{gcs_bucket}/move/src/checkpoints/2/a", "a")
+    storage.write_atomic(f"{gcs_bucket}/move/src/checkpoints/4/b", "b")
+    storage.move(f"{gcs_bucket}/move/src/checkpoints", f"{gcs_bucket}/move/aside/checkpoints")
+    moved = storage.as_path(f"{gcs_bucket}/move/aside/checkpoints")
+    assert sorted(p.name for p in moved.iterdir()) == ["2", "4"] and (moved / "4" / "b").read_text() == "b"
+    assert not storage.as_path(f"{gcs_bucket}/move/src/checkpoints").exists()
+
+
+def test_tensorboard_event_file_on_a_bucket(gcs_bucket, tmp_path):
+    logdir = storage.as_path(f"{gcs_bucket}/tb/run")
+    writer = storage.tensorboard_writer(logdir, flush_secs=3600)
+    for step in range(1, 4):
+        writer.add_scalar("loss", 1.0 / step, global_step=step)
+    writer.close()
+    (event_file,) = [p for p in logdir.iterdir() if p.name.startswith("events.out.tfevents")]
+    local = tmp_path / "events"
+    local.write_bytes(event_file.read_bytes())
+    assert [(s, pytest.approx(v["loss"])) for s, v in read_scalar_events(local)] == \
+        [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
+
+
+def test_remote_paths_are_recognised():
+    assert storage.is_remote("gs://b/x") and not storage.is_remote("/tmp/x") and not storage.is_remote("runs/a")
+    assert storage.absolute("gs://b/x") == storage.as_path("gs://b/x")
+    assert os.path.isabs(os.fspath(storage.absolute("runs/a")))

@@ -1,0 +1,213 @@
+"""The one path layer: every file the project reads or writes goes through here.
+
+A path is an ``etils.epath.Path`` (what Orbax, Grain and TFDS use too), so a run
+directory, a tokenizer or a prepared dataset may live on local disk or in a bucket
+(``gs://bucket/runs/0.6b``; ``gs://`` is served by ``gcsfs``, and Orbax writes arrays
+there through TensorStore's GCS driver). Object stores differ from a disk in three ways,
+handled here and nowhere else:
+
+* no append: :class:`AppendFile` rewrites the whole object, at most every ``flush_s``;
+* no rename of a half-written file: objects appear whole on upload, so :func:`write_atomic`
+  writes them directly and only local files go through a temporary file + ``os.replace``;
+* libraries that only open local files (SentencePiece, the tokenizers library, the
+  SentencePiece trainer): :func:`local_copy` downloads once per process.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import io
+import os
+import shutil
+import tempfile
+import time
+from typing import Union
+
+from etils import epath
+
+PathLike = Union[str, os.PathLike, epath.Path]
+
+
+def as_path(path: PathLike) -> epath.Path:
+    """``path`` as an ``epath.Path``; ``~`` is expanded for local paths."""
+    if isinstance(path, epath.Path):
+        return path
+    text = os.fspath(path)
+    return epath.Path(text if is_remote(text) else os.path.expanduser(text))
+
+
+def is_remote(path: PathLike) -> bool:
+    """True for object-store URLs (``gs://``, ``s3://``, ...), False for local paths."""
+    return "://" in os.fspath(path)
+
+
+def absolute(path: PathLike) -> epath.Path:
+    """Local paths made absolute (a later ``chdir`` must not move a run); URLs unchanged."""
+    path = as_path(path)
+    return path if is_remote(path) else epath.Path(os.path.abspath(os.fspath(path)))
+
+
+def write_atomic(path: PathLike, data: bytes | str) -> epath.Path:
+    """Write ``path`` so that a reader sees the old content or the new, never half of it."""
+    path = as_path(path)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    if is_remote(path):  # an object is visible only once its upload completed
+        path.write_bytes(payload)
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.fspath(path.parent), prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, os.fspath(path))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def move(source: PathLike, destination: PathLike) -> None:
+    """Move a file or a folder (a rename on disk; copy + delete on object stores)."""
+    source, destination = as_path(source), as_path(destination)
+    if not (is_remote(source) or is_remote(destination)):
+        shutil.move(os.fspath(source), os.fspath(destination))
+        return
+    # Object stores have no folders to rename (a "folder" is a name prefix): copy each
+    # object (server-side within a store), then delete the originals.
+    if not source.is_dir():
+        source.copy(destination)
+        source.unlink()
+        return
+    prefix = os.fspath(source).split("://", 1)[-1].rstrip("/")
+    for folder, _, files in source.walk():  # folders come back without the scheme
+        relative = os.fspath(folder).split("://", 1)[-1][len(prefix):].lstrip("/")
+        for name in files:
+            (source / relative / name).copy(destination / relative / name)
+    source.rmtree()
+
+
+_downloads: dict[str, str] = {}
+_download_dir: str | None = None
+
+
+def local_copy(path: PathLike) -> str:
+    """A local file name with the content of ``path``: the path itself when it is local,
+    else a copy downloaded once per process into a temporary folder removed at exit.
+    The copy keeps the file name (``tokenizer.json``, ``x.model``), which loaders use."""
+    path = as_path(path)
+    if not is_remote(path):
+        return os.fspath(path)
+    key = os.fspath(path)
+    if key not in _downloads:
+        global _download_dir
+        if _download_dir is None:
+            _download_dir = tempfile.mkdtemp(prefix="vist2-remote-")
+            atexit.register(shutil.rmtree, _download_dir, ignore_errors=True)
+        folder = os.path.join(_download_dir, hashlib.sha256(key.encode()).hexdigest()[:16])
+        os.makedirs(folder, exist_ok=True)
+        local = os.path.join(folder, path.name)
+        with open(local, "wb") as f:
+            f.write(path.read_bytes())
+        _downloads[key] = local
+    return _downloads[key]
+
+
+def upload(local: PathLike, destination: PathLike) -> epath.Path:
+    """Copy a local file to ``destination`` (which may be remote), atomically."""
+    with open(os.fspath(local), "rb") as f:
+        return write_atomic(destination, f.read())
+
+
+class AppendFile:
+    """A text file written by appending lines (``metrics.jsonl``).
+
+    On disk each ``append`` is written and flushed at once. On an object store the
+    content is kept in memory and the whole object rewritten on ``flush`` when
+    ``flush_s`` passed since the last upload, and always on ``close``; a crash loses at
+    most ``flush_s`` seconds of lines (a resume truncates to the checkpoint anyway).
+    """
+
+    def __init__(self, path: PathLike, flush_s: float = 30.0):
+        self.path, self.flush_s = as_path(path), flush_s
+        self.remote = is_remote(self.path)
+        self._buffer = io.StringIO()
+        self._uploaded_at = 0.0
+        self._dirty = False
+        if self.remote and self.path.exists():
+            self._buffer.write(self.path.read_text())
+
+    def read_lines(self) -> list[str]:
+        if self.remote:
+            return self._buffer.getvalue().splitlines()
+        return self.path.read_text().splitlines() if self.path.exists() else []
+
+    def replace_lines(self, lines: list[str]) -> None:
+        """Rewrite the file with ``lines`` (used to drop records past a resumed step)."""
+        text = "".join(line + "\n" for line in lines)
+        if self.remote:
+            self._buffer = io.StringIO(text)
+            self._buffer.seek(0, io.SEEK_END)
+        write_atomic(self.path, text)
+        self._uploaded_at = time.monotonic()
+
+    def append(self, line: str) -> None:
+        if self.remote:
+            self._buffer.write(line + "\n")
+            self._dirty = True
+            self.flush(force=False)
+            return
+        with open(os.fspath(self.path), "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+    def flush(self, force: bool = True) -> None:
+        if not (self.remote and self._dirty):
+            return
+        if force or time.monotonic() - self._uploaded_at >= self.flush_s:
+            self.path.write_text(self._buffer.getvalue())
+            self._uploaded_at, self._dirty = time.monotonic(), False
+
+    def close(self) -> None:
+        self.flush(force=True)
+
+
+class _ObjectRecordWriter:
+    """A TensorBoard event file on an object store, written through the path layer: the
+    records are kept in memory and the whole object is rewritten on each flush (the
+    SummaryWriter flushes every ``flush_secs``)."""
+
+    def __init__(self, path: str):
+        self.path, self.buffer, self.dirty = as_path(path), io.BytesIO(), False
+
+    def write(self, data: bytes) -> None:
+        self.buffer.write(data)
+        self.dirty = True
+
+    def flush(self) -> None:
+        if self.dirty:
+            self.path.write_bytes(self.buffer.getvalue())
+            self.dirty = False
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _ObjectRecordWriterFactory:
+    def open(self, path: str) -> _ObjectRecordWriter:
+        return _ObjectRecordWriter(path)
+
+    def directory_check(self, path: str) -> None:
+        as_path(path).mkdir(parents=True, exist_ok=True)
+
+
+def tensorboard_writer(logdir: PathLike, **kwargs):
+    """A ``tensorboardX.SummaryWriter`` whose event files go through this path layer
+    (tensorboardX's own ``gs://`` writer would bypass it)."""
+    from tensorboardX import SummaryWriter, record_writer
+
+    logdir = as_path(logdir)
+    if is_remote(logdir):
+        scheme = os.fspath(logdir).split("://", 1)[0]
+        record_writer.register_writer_factory(scheme, _ObjectRecordWriterFactory())
+    return SummaryWriter(os.fspath(logdir), **kwargs)
