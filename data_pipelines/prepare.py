@@ -4,7 +4,7 @@ resumable.
 The inputs (``.txt``, ``.jsonl``, ``.jsonl.gz``, ``.parquet`` below SOURCE, a caption
 folder, or a manual-dir layout of ``readers.LAYOUTS``) are listed in a fixed order and
 grouped into units of about ``shard_mb`` of input; each unit becomes one shard, written
-under a temporary name and renamed, then marked done. An interrupted run leaves finished
+whole (``storage.open_atomic``; OUT may be ``gs://``), then marked done. An interrupted run leaves finished
 units marked, so running it again redoes only the rest; ``plan.json`` pins the inputs
 and options, so a resumed run cannot mix two preparations. Every bad record is counted
 and written with its file:line to ``bad_records.jsonl``, never dropped silently.
@@ -29,6 +29,7 @@ from data_pipelines.prepared import (BAD_RECORDS, CAPTION, CHAT, DOC, FORMAT, MA
                                      encode_record, read_manifest, tokenizer_fingerprint)
 from data_pipelines.readers import LAYOUTS, caption_folder_records, layout_files, text_file_records
 from data_pipelines.records import BadInput, Record, caption_lines, content_problem, problem_kind
+from vist2_jax import storage
 
 log = logging.getLogger(__name__)
 TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
@@ -113,7 +114,7 @@ def prepare_unit(out: str, number: int, files: list[str], layout: str, max_chars
     name = f"{number:05d}"
     rows, bad, offset = [], [], 0
     counts = {"read": 0, "good": 0, "bad": 0, "bad_kinds": {}}
-    with (shards / f"{name}.bin.tmp").open("wb") as f:
+    with storage.open_atomic(shards / f"{name}.bin") as f:
         for path in files:
             for record in _read(Path(path), layout):
                 counts["read"] += 1
@@ -146,13 +147,10 @@ def prepare_unit(out: str, number: int, files: list[str], layout: str, max_chars
                     f.write(payload)
                     rows.append((offset, len(payload), kind, lines))
                     offset += len(payload)
-    with (shards / f"{name}.npy.tmp").open("wb") as f:
+    with storage.open_atomic(shards / f"{name}.npy") as f:
         np.save(f, np.asarray(rows, np.int64).reshape(-1, 4))
-    (shards / f"{name}.bad.jsonl.tmp").write_text("".join(json.dumps(b, ensure_ascii=False) + "\n" for b in bad))
-    for suffix in (".bin", ".npy", ".bad.jsonl"):
-        (shards / f"{name}{suffix}.tmp").replace(shards / f"{name}{suffix}")
-    (shards / f"{name}.done.json.tmp").write_text(json.dumps(counts))
-    (shards / f"{name}.done.json.tmp").replace(shards / f"{name}.done.json")  # the unit is finished
+    storage.write_atomic(shards / f"{name}.bad.jsonl", "".join(json.dumps(b, ensure_ascii=False) + "\n" for b in bad))
+    storage.write_atomic(shards / f"{name}.done.json", json.dumps(counts))  # written last: the unit is finished
     return counts
 
 
@@ -193,7 +191,7 @@ def _finish(out: epath.Path, plan: dict, counts: list[dict]) -> dict:
                  caption=len(tables["caption"]), caption_records=len(captions))
     manifest = {"format": FORMAT, **{k: plan[k] for k in ("source", "layout", "max_chars", "tokenizer_sha256")},
                 "shards": len(plan["units"]), "counts": total}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    storage.write_atomic(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 

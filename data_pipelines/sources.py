@@ -21,6 +21,7 @@ import numpy as np
 
 from data_pipelines.readers import caption_folder_records, text_file_records
 from data_pipelines.records import BadInput, Record, Sample, caption_lines, problem_kind, record_problem
+from vist2_jax import storage
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,9 @@ def iter_records(source: str, stage: str = "olm", data_dir: str = "",
 
         yield from tfds_records(source[len("tfds:"):], data_dir, manual_dir, stage)
         return
+    if storage.is_remote(source):  # is_prepared() said no: raw folders are read from local disk only
+        raise BadInput(f"data.source: {source} is not a prepared folder (no manifest.json); sources on an "
+                       "object store must be prepared: vist2 data prepare FOLDER --out " + source)
     folder = Path(source)
     if not folder.is_dir():
         raise BadInput(f"data.source: {source!r} is neither 'embedded', tfds:NAME nor a folder")

@@ -93,10 +93,18 @@ def read_scalar_events(path):
 
 @pytest.fixture(scope="session")
 def gcs_bucket():
-    """``gs://vist2-test``: a Cloud Storage emulator (``gcp-storage-emulator``, in memory) on a
-    free local port, with this process and its subprocesses pointed at it: gcsfs and
-    google-cloud-storage through ``STORAGE_EMULATOR_HOST``, Orbax's TensorStore GCS driver
-    through ``TENSORSTORE_GCS_HTTP_URL``. The real ``gs://`` code paths run against it."""
+    """``gs://vist2-test`` on a Cloud Storage emulator (see ``start_gcs_emulator``)."""
+    server = start_gcs_emulator()
+    yield "gs://vist2-test"
+    server.stop()
+
+
+def start_gcs_emulator():
+    """A Cloud Storage emulator (``gcp-storage-emulator``, in memory) holding the bucket
+    ``vist2-test`` on a free local port, with this process and its subprocesses pointed at
+    it: gcsfs and google-cloud-storage through ``STORAGE_EMULATOR_HOST``, Orbax's TensorStore
+    GCS driver through ``TENSORSTORE_GCS_HTTP_URL``. The real ``gs://`` code paths run
+    against it."""
     import socket
 
     from gcp_storage_emulator.server import create_server
@@ -112,8 +120,7 @@ def gcs_bucket():
     _report_generation_on_download()
     server = create_server("127.0.0.1", port, in_memory=True, default_bucket="vist2-test")
     server.start()
-    yield "gs://vist2-test"
-    server.stop()
+    return server
 
 
 def _report_generation_on_download():

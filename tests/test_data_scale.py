@@ -100,6 +100,23 @@ def test_lazy_caption_rows_equal_in_memory_rows(tmp_path, tokenizer):
             np.testing.assert_array_equal(a[key], b[key], err_msg=f"caption row {i} {key}")
 
 
+def test_prepared_source_on_a_bucket_gives_the_local_rows(folder, prepared, tokenizer, tmp_path, gcs_bucket):
+    """``data prepare --out gs://...`` (a Cloud Storage emulator) and rows read from it, in a
+    Grain worker process, equal the rows of the same folder prepared on local disk."""
+    out = f"{gcs_bucket}/prepared/{tmp_path.name}"
+    prepare(str(folder), out, tokenizer=tokenizer.path, shard_mb=0.01, progress=False)
+    assert is_prepared(out)
+    overrides = ["data.stage=olm", "data.num_workers=1"]
+    local = _pipeline(tmp_path, tokenizer, f"data.source={prepared / 'ids'}", *overrides)
+    remote = _pipeline(tmp_path, tokenizer, f"data.source={out}", *overrides)
+    assert remote.row_maker.samples.pretokenized and len(remote.row_maker.samples) == len(local.row_maker.samples)
+    for want, got in zip(local.train_dataset(), remote.train_dataset()):
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    with pytest.raises(BadInput, match="prepare"):  # a raw folder on a bucket: say what to do
+        _pipeline(tmp_path, tokenizer, f"data.source={gcs_bucket}/raw-text-folder")
+
+
 def test_two_hosts_read_disjoint_slices_that_cover_all_rows(prepared, tokenizer, tmp_path):
     hosts = [_pipeline(tmp_path, tokenizer, f"data.source={prepared / 'ids'}", "data.num_workers=1",
                        "data.global_batch_size=4", process_index=p, process_count=2) for p in range(2)]

@@ -16,6 +16,7 @@ handled here and nowhere else:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import io
 import os
@@ -66,6 +67,28 @@ def write_atomic(path: PathLike, data: bytes | str) -> epath.Path:
             os.unlink(tmp)
         raise
     return path
+
+
+@contextlib.contextmanager
+def open_atomic(path: PathLike, mode: str = "wb"):
+    """``open`` for writing a file that appears whole or not at all: locally a temporary
+    sibling renamed on success; on an object store the object itself, which is published
+    when the upload completes (a rename there would copy every byte again)."""
+    path = as_path(path)
+    if is_remote(path):
+        with path.open(mode) as f:
+            yield f
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.fspath(path.parent), prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+        os.replace(tmp, os.fspath(path))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def move(source: PathLike, destination: PathLike) -> None:

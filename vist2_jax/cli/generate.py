@@ -20,6 +20,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from vist2_jax import storage
 from vist2_jax.cli.errors import UsageError
 from vist2_jax.cli.generation_io import sampling_from_args, streaming_printer
 
@@ -56,7 +57,7 @@ def load_checkpoint(directory: str, preset: str, overrides, font: str | None = N
     from vist2_jax.checkpointing.runs import load_run, resolve_run_dir
     from vist2_jax.config.schema import ConfigError
 
-    path = Path(directory)
+    path = storage.as_path(directory)
     if not path.is_dir():
         raise UsageError(f"--checkpoint: no such directory {path}")
     if (path / "config.json").is_file():
@@ -83,7 +84,7 @@ def load_checkpoint(directory: str, preset: str, overrides, font: str | None = N
     config = load_config(overrides=[*overrides, *([f"data.font_path={font}"] if font else [])], preset=preset)
     renderer = renderer_for_config(config.data, config.model.layout.image_size)
     try:
-        tree = ocp.StandardCheckpointer().restore(path.resolve())
+        tree = ocp.StandardCheckpointer().restore(storage.absolute(path))
     except Exception as err:  # orbax/tensorstore raise many kinds for damaged files
         raise UsageError(f"--checkpoint: {path}: unreadable Orbax checkpoint ({type(err).__name__})") from None
     if "params" not in tree:

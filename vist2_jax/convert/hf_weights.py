@@ -3,6 +3,7 @@
 ``load_hf_decoder`` reads a Qwen3 folder alone (scoring, text-mode generation);
 ``init_components_from_hf`` puts a Qwen3 decoder and/or a SigLIP(2) vision tower into
 fresh VIST2 params at the start of a stage (``train.init_decoder_hf`` / ``init_vision_hf``).
+Folders may be local or ``gs://`` (safetensors files are downloaded once, then memory-mapped).
 The name/shape mappings themselves are the declarative tables of ``hf_mapping``.
 """
 
@@ -10,11 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import jax
+from etils import epath
 
+from vist2_jax import storage
 from vist2_jax.config.schema import Config, ConfigError, ModelConfig
 from vist2_jax.convert.hf_mapping import (QWEN3_DECODER, SIGLIP2_VISION, SIGLIP_VISION, MappingTable,
                                           decoder_config_from_hf, import_hf)
@@ -23,7 +25,7 @@ from vist2_jax.convert.safetensors_io import read_checkpoint_dir
 log = logging.getLogger(__name__)
 
 
-def _hf_config(directory: Path, what: str) -> dict:
+def _hf_config(directory: epath.Path, what: str) -> dict:
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise ConfigError(f"{what}: {directory} has no config.json")
@@ -43,24 +45,24 @@ def vision_format(config: Config) -> str:
     SigLIP2 folder, else ``siglip``: the HF class whose weight layout an export writes."""
     from vist2_jax.checkpointing.runs import load_config_of
 
-    seen: set[Path] = set()
+    seen: set[str] = set()
     while True:
         folder = config.train.init_vision_hf
         if folder:
-            hf_config = Path(folder) / "config.json"
+            hf_config = storage.as_path(folder) / "config.json"
             kind = json.loads(hf_config.read_text()).get("model_type", "") if hf_config.is_file() else folder
             return "siglip2" if "siglip2" in kind.lower() else "siglip"
-        parent = Path(config.train.init_from) if config.train.init_from else None
-        if parent is None or parent in seen or not (parent / "config.yaml").is_file():
+        parent = storage.as_path(config.train.init_from) if config.train.init_from else None
+        if parent is None or str(parent) in seen or not (parent / "config.yaml").is_file():
             return "siglip"
-        seen.add(parent)
+        seen.add(str(parent))
         config = load_config_of(parent)
 
 
-def load_hf_decoder(directory: str | Path, dtype: str = "float32",
+def load_hf_decoder(directory: storage.PathLike, dtype: str = "float32",
                     what: str = "--hf-decoder") -> tuple[ModelConfig, dict]:
     """A HF Qwen3 folder -> (ModelConfig with that decoder, decoder params ``{"params": ...}``)."""
-    directory = Path(directory)
+    directory = storage.as_path(directory)
     hf = _hf_config(directory, what)
     try:
         decoder = decoder_config_from_hf(hf)
@@ -82,7 +84,7 @@ def init_components_from_hf(config: Config, params: Any, shardings: Any) -> Any:
         if not folder:
             continue
         what = f"train.init_{component}_hf"
-        table = QWEN3_DECODER if component == "decoder" else vision_table(_hf_config(Path(folder), what))
+        table = QWEN3_DECODER if component == "decoder" else vision_table(_hf_config(storage.as_path(folder), what))
         try:
             loaded = import_hf(table, read_checkpoint_dir(folder), config.model)["params"][component]
         except (KeyError, ValueError, OSError) as err:

@@ -15,6 +15,8 @@ from typing import Mapping
 import ml_dtypes
 import numpy as np
 
+from vist2_jax import storage
+
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
@@ -23,9 +25,10 @@ _DTYPES = {
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 
-def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
-    """All tensors of one ``.safetensors`` file, as numpy arrays (memory-mapped)."""
-    path = Path(path)
+def read_safetensors(path: storage.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of one ``.safetensors`` file, as numpy arrays (memory-mapped; a file on an
+    object store is downloaded first, once per process)."""
+    path = Path(storage.local_copy(path))
     with path.open("rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(header_len))
@@ -42,9 +45,9 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def read_checkpoint_dir(directory: str | Path) -> dict[str, np.ndarray]:
-    """Every tensor of a HF checkpoint folder: one file, or the shards of an index."""
-    directory = Path(directory)
+def read_checkpoint_dir(directory: storage.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor of a HF checkpoint folder (local or ``gs://``): one file, or the shards of an index."""
+    directory = storage.as_path(directory)
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
