@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 
+from vist2_jax import storage
 from vist2_jax.config.schema import Config, ConfigError, ModelConfig
 from vist2_jax.convert.hf_mapping import (QWEN3_DECODER, SIGLIP2_VISION, SIGLIP_VISION, MappingTable,
                                           decoder_config_from_hf, import_hf)
@@ -43,17 +44,17 @@ def vision_format(config: Config) -> str:
     SigLIP2 folder, else ``siglip``: the HF class whose weight layout an export writes."""
     from vist2_jax.checkpointing.runs import load_config_of
 
-    seen: set[Path] = set()
-    while True:
+    seen: set[str] = set()
+    while True:  # the folders may be local or gs:// (a run read from a bucket): the path layer
         folder = config.train.init_vision_hf
         if folder:
-            hf_config = Path(folder) / "config.json"
+            hf_config = storage.as_path(folder) / "config.json"
             kind = json.loads(hf_config.read_text()).get("model_type", "") if hf_config.is_file() else folder
             return "siglip2" if "siglip2" in kind.lower() else "siglip"
-        parent = Path(config.train.init_from) if config.train.init_from else None
-        if parent is None or parent in seen or not (parent / "config.yaml").is_file():
+        parent = storage.as_path(config.train.init_from) if config.train.init_from else None
+        if parent is None or str(parent) in seen or not (parent / "config.yaml").is_file():
             return "siglip"
-        seen.add(parent)
+        seen.add(str(parent))
         config = load_config_of(parent)
 
 
