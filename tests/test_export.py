@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import flax.linen as nn
@@ -253,6 +254,92 @@ def test_export_cli_step_dtype_and_fallback(run, tmp_path, caplog):
     proc = subprocess.run([sys.executable, "-m", "vist2_jax.cli.main", "export", str(damaged), "--out", str(out)],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 2 and "not an empty folder" in proc.stderr
+
+
+def upload_folder(local: Path, remote: str) -> None:
+    """An object-store copy of a local folder (a run dir): every file uploaded by its path."""
+    from vist2_jax import storage
+
+    for file in sorted(p for p in local.rglob("*") if p.is_file()):
+        storage.upload(file, f"{remote}/{file.relative_to(local).as_posix()}")
+
+
+def download_folder(remote, local: Path) -> list[str]:
+    """A local copy of a remote folder; returns the relative file names."""
+    prefix, names = os.fspath(remote).split("://", 1)[-1].rstrip("/"), []
+    for folder, _, files in remote.walk():  # folders come back without the scheme
+        for name in files:
+            names.append(f"{os.fspath(folder).split('://', 1)[-1][len(prefix):].strip('/')}/{name}".lstrip("/"))
+    for name in names:
+        (local / name).parent.mkdir(parents=True, exist_ok=True)
+        (local / name).write_bytes((remote / name).read_bytes())
+    return sorted(names)
+
+
+def test_export_from_and_to_a_bucket(run, tmp_path, gcs_bucket, monkeypatch, capsys):
+    """A run on gs:// (a Cloud Storage emulator) exported to a gs:// --out holds the same files
+    as the local export of that run (tensors, configs, tokenizer, font), which the PyTorch
+    runtime loads; the local staging folder is removed; a non-empty gs:// --out is refused."""
+    from safetensors.numpy import load_file
+
+    from vist2_jax import storage
+    from vist2_jax.cli.main import main
+
+    run_url = f"{gcs_bucket}/export/{tmp_path.name}/run"
+    upload_folder(run["tmp"] / "run", run_url)
+    out = storage.as_path(f"{gcs_bucket}/export/{tmp_path.name}/out")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the export is staged
+    result = export_run(run_url, out, max_shard_bytes=400_000)
+    assert result.step == 4 and str(result.out) == str(out)
+    assert list(tmp_path.iterdir()) == []  # staging folder removed
+
+    local, reference = tmp_path / "downloaded", run["out"]
+    names = download_folder(out, local)
+    assert names == sorted(p.relative_to(reference).as_posix() for p in reference.rglob("*") if p.is_file())
+    for name in names:
+        if name.endswith(".safetensors"):
+            ours, want = load_file(local / name), load_file(reference / name)
+            assert list(ours) == list(want)
+            for key in want:
+                np.testing.assert_array_equal(ours[key], want[key])
+        elif name == "vist2_config.json":  # equal but for where and when it was exported
+            ours, want = json.loads((local / name).read_text()), json.loads((reference / name).read_text())
+            assert ours.pop("source")["run_dir"] == run_url
+            want.pop("source")
+            assert ours == want
+        elif name.endswith(".json"):
+            assert json.loads((local / name).read_text()) == json.loads((reference / name).read_text())
+        elif name != "README.md":  # tokenizer, font and its licence
+            assert (local / name).read_bytes() == (reference / name).read_bytes()
+    assert run_url in (local / "README.md").read_text()
+    prompt = run["tokenizer"].encode(PROMPT)[:13]
+    assert TorchVist2.load(local).generate([prompt], "gcc", 12) == run["torch"].generate([prompt], "gcc", 12)
+
+    # a non-empty gs:// --out: one line, exit code 2, nothing written
+    capsys.readouterr()
+    assert main(["export", run_url, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"vist2 export: error: --out: {out} exists and is not an empty folder\n"
+    assert download_folder(out, tmp_path / "after") == names
+
+    # an upload failing half-way: the objects already uploaded are deleted, staging removed
+    failing = storage.as_path(f"{gcs_bucket}/export/{tmp_path.name}/failing")
+    calls, real_upload = [], storage.upload
+
+    def upload(local_file, destination):
+        if len(calls) == 3:
+            raise OSError("connection reset")
+        calls.append(real_upload(local_file, destination))
+        assert calls[-1].exists()
+        return calls[-1]
+
+    monkeypatch.setattr("vist2_jax.export.exporter.storage.upload", upload)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "staging"))
+    (tmp_path / "staging").mkdir()
+    with pytest.raises(OSError, match="connection reset"):
+        export_run(f"{run_url}/checkpoints/2", failing)  # a step folder on the bucket
+    assert len(calls) == 3 and not any(target.exists() for target in calls)
+    assert not failing.exists() and list((tmp_path / "staging").iterdir()) == []
 
 
 def test_demo_dir_resolves_to_its_last_stage(run, tmp_path):

@@ -45,6 +45,29 @@ def test_append_file_on_a_bucket_uploads_on_flush_interval_and_close(gcs_bucket)
     assert path.read_text() == "first\n"
 
 
+def test_upload_streams_in_blocks_and_a_failed_upload_publishes_nothing(gcs_bucket, tmp_path, monkeypatch):
+    """A file larger than one block (a resumable upload on GCS) arrives whole, locally and on
+    the bucket; an upload failing half-way leaves no object (nor a local temporary file)."""
+    import shutil
+
+    data = os.urandom(2 * storage._UPLOAD_BLOCK + 12345)
+    (tmp_path / "shard").write_bytes(data)
+    remote = storage.upload(tmp_path / "shard", f"{gcs_bucket}/upload/shard")
+    assert remote.read_bytes() == data
+    assert storage.upload(tmp_path / "shard", tmp_path / "copy" / "shard").read_bytes() == data
+
+    def copy_then_fail(source, target, length):
+        target.write(source.read(length))
+        raise OSError("disk read error")
+
+    monkeypatch.setattr(shutil, "copyfileobj", copy_then_fail)
+    for destination in (f"{gcs_bucket}/upload/failed", tmp_path / "failed" / "shard"):
+        with pytest.raises(OSError, match="disk read error"):
+            storage.upload(tmp_path / "shard", destination)
+        assert not storage.as_path(destination).exists()
+    assert os.listdir(tmp_path / "failed") == []
+
+
 def test_local_copy_and_move_on_a_bucket(gcs_bucket, tmp_path):
     remote = storage.as_path(f"{gcs_bucket}/copy/tokenizer.json")
     storage.write_atomic(remote, '{"x": 1}')

@@ -56,17 +56,22 @@ def write_atomic(path: PathLike, data: bytes | str) -> epath.Path:
     if is_remote(path):  # an object is visible only once its upload completed
         path.write_bytes(payload)
         return path
+    _replace_local(path, lambda f: f.write(payload))
+    return path
+
+
+def _replace_local(path: epath.Path, write) -> None:
+    """``write(file)`` into a temporary file next to the local ``path``, then ``os.replace``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.fspath(path.parent), prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(payload)
+            write(f)
         os.replace(tmp, os.fspath(path))
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
 
 
 @contextlib.contextmanager
@@ -137,10 +142,33 @@ def local_copy(path: PathLike) -> str:
     return _downloads[key]
 
 
+_UPLOAD_BLOCK = 16 * 2**20
+
+
 def upload(local: PathLike, destination: PathLike) -> epath.Path:
-    """Copy a local file to ``destination`` (which may be remote), atomically."""
-    with open(os.fspath(local), "rb") as f:
-        return write_atomic(destination, f.read())
+    """Copy a local file to ``destination`` (which may be remote), atomically, 16 MiB at a
+    time: a multi-GB file (a safetensors shard) is never held in memory whole."""
+    destination = as_path(destination)
+    with open(os.fspath(local), "rb") as source:
+        if not is_remote(destination):
+            _replace_local(destination, lambda f: shutil.copyfileobj(source, f, _UPLOAD_BLOCK))
+            return destination
+        # fsspec (gcsfs) uploads in blocks; the object appears once close() finalises it
+        target = destination.open("wb")
+        try:
+            shutil.copyfileobj(source, target, _UPLOAD_BLOCK)
+        except BaseException:
+            # close() (also on leaving a with-block) would publish a truncated object: mark
+            # the file closed so nothing is committed, and cancel a started resumable upload
+            # (best effort: an unfinalised upload never becomes an object, and expires)
+            target.closed = True
+            try:
+                getattr(target, "discard", lambda: None)()
+            except Exception:
+                pass
+            raise
+        target.close()
+    return destination
 
 
 class AppendFile:

@@ -8,6 +8,14 @@ plus the array it returns, or a leaf plus its converted copy), not the model. Th
 holds ``decoder/`` (Qwen3), ``vision/`` (SigLIP or SigLIP2), ``aligner.safetensors``,
 ``vist2_config.json``, the tokenizer, the renderer config with its font, all from the
 checkpoint itself, and a README listing them.
+
+The run may be local or on an object store (``gs://``: small files through
+``vist2_jax.storage``, arrays through TensorStore's GCS driver), and so may ``--out``. The
+export is always written to a LOCAL folder first (safetensors shards are written by seeking
+into local files): for a local ``--out`` a hidden sibling renamed at the end, for a remote
+one a temporary folder (under ``TMPDIR``) that holds the whole export, is uploaded file by
+file once complete, and is removed afterwards, so a remote export needs local disk for
+its full size; host memory stays bounded as above either way.
 """
 
 from __future__ import annotations
@@ -17,13 +25,16 @@ import dataclasses
 import datetime
 import json
 import logging
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import jax
 import ml_dtypes
 import numpy as np
 
+from vist2_jax import storage
 from vist2_jax.config.loader import build, to_dict
 from vist2_jax.config.schema import Config, ConfigError, ModelConfig
 from vist2_jax.convert.hf_mapping import QWEN3_DECODER, SIGLIP2_VISION, SIGLIP_VISION, tensor_rows
@@ -46,8 +57,8 @@ VISION_TABLES = {"siglip": SIGLIP_VISION, "siglip2": SIGLIP2_VISION}
 
 @dataclasses.dataclass
 class ExportResult:
-    out: Path
-    run_dir: Path
+    out: storage.PathLike  # local or remote (gs://)
+    run_dir: storage.PathLike
     step: int
     checkpoint_bytes: int  # all parameter leaves as stored
     largest_tensor_bytes: int  # the largest stored leaf
@@ -64,16 +75,20 @@ def release_freed_buffers() -> None:
         pass
 
 
-def export_run(run_dir: str | Path, out: str | Path, *, step: int | None = None,
+def export_run(run_dir: storage.PathLike, out: storage.PathLike, *, step: int | None = None,
                dtype: str = "float32", max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                font: str | None = None, vision: str = "auto") -> ExportResult:
     """Export ``step`` (default: the newest readable checkpoint) of a run into ``out``,
-    which must not exist or be empty. Written to a sibling temporary folder, renamed at
-    the end, so a failed export leaves nothing behind."""
+    which must not exist or be empty; either may be local or ``gs://...``. A failed export
+    leaves nothing behind: a local ``out`` is written to a sibling temporary folder renamed
+    at the end; a remote ``out`` is written to a local temporary folder (holding the whole
+    export, so it needs that much local disk) and uploaded once complete (see
+    :func:`upload_export`)."""
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype: {dtype!r}; choose one of {', '.join(DTYPES)}")
     release_freed_buffers()
-    out = Path(out).absolute()
+    remote = storage.is_remote(out)
+    out = storage.absolute(out) if remote else Path(storage.as_path(out)).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out: {out} exists and is not an empty folder")
     if vision not in ("auto", *VISION_TABLES):
@@ -81,6 +96,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, step: int | None = None,
     run_dir, step_in_path = resolve_run_dir(run_dir, "RUN_DIR")
     step = step if step is not None else step_in_path
     checkpoints = RunCheckpoints(run_dir, keep=1000, async_save=False)
+    staging = Path(tempfile.mkdtemp(prefix="vist2-export-")) if remote else None
     try:
         steps = checkpoints.steps()
         if step is not None and step not in steps:
@@ -88,7 +104,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, step: int | None = None,
         candidates = [step] if step is not None else list(reversed(steps))
         if not candidates:
             raise ConfigError(f"RUN_DIR: {run_dir} has no checkpoint")
-        partial = out.with_name(f".{out.name}.partial")
+        partial = staging / "export" if remote else out.with_name(f".{out.name}.partial")
         for candidate in candidates:
             shutil.rmtree(partial, ignore_errors=True)
             try:
@@ -104,14 +120,46 @@ def export_run(run_dir: str | Path, out: str | Path, *, step: int | None = None,
             except BaseException:
                 shutil.rmtree(partial, ignore_errors=True)
                 raise
-            if out.exists():
-                out.rmdir()
-            partial.rename(out)
+            if remote:
+                upload_export(partial, out)
+            else:
+                if out.exists():
+                    out.rmdir()
+                partial.rename(out)
             result.out = out
             return result
         raise ConfigError(f"RUN_DIR: no readable checkpoint under {checkpoints.directory}")
     finally:
         checkpoints.close()
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def upload_export(folder: Path, out) -> None:
+    """Upload a finished local export ``folder`` to the remote folder ``out``.
+
+    An object store has no atomic folder rename, so the export cannot appear all at once.
+    Chosen: upload every file with README.md last, and on any failure delete every object
+    uploaded so far. README.md last makes it the completion marker (a folder with a README
+    is a whole export, even if this process is killed mid-upload, when no clean-up can run);
+    deleting on failure keeps the local guarantee that a failed export leaves nothing
+    behind (``out`` was checked empty, so everything under it is ours)."""
+    files = sorted(Path(root, name).relative_to(folder)
+                   for root, _, names in os.walk(folder) for name in names)
+    files.sort(key=lambda relative: relative == Path("README.md"))  # stable: README.md last
+    uploaded = []
+    try:
+        for relative in files:
+            target = out / relative.as_posix()
+            storage.upload(folder / relative, target)
+            uploaded.append(target)
+    except BaseException:
+        for target in uploaded:
+            try:
+                target.unlink()
+            except OSError as err:
+                log.error("could not remove %s after a failed upload: %s", target, err)
+        raise
 
 
 def read_item(checkpoints: RunCheckpoints, step: int, name: str) -> dict:
@@ -148,7 +196,7 @@ def _export_step(run_dir, checkpoints, step, out, dtype, max_shard_bytes, font, 
     font_file, font_sha = copy_font(renderer, out / "font", font)
     (out / "renderer.json").write_text(json.dumps(renderer, indent=2))
     sizes = {path: reader.nbytes(path) for path in reader.paths}
-    source = {"run_dir": str(run_dir.absolute()), "step": step, "git_commit": git_commit(),
+    source = {"run_dir": str(storage.absolute(run_dir)), "step": step, "git_commit": git_commit(),
               "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     layout = model.layout
     vist2 = {

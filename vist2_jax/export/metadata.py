@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+from vist2_jax import storage
 from vist2_jax.config.schema import ConfigError, ModelConfig
 from vist2_jax.convert.hf_mapping import export_decoder_config
 
@@ -53,7 +54,7 @@ def copy_font(renderer: dict, directory: Path, override: str | None) -> tuple[st
         folder = resources.files("data_pipelines").joinpath("font_files")
         licences = [(p.name, p.read_bytes()) for p in folder.iterdir() if "LICENSE" in p.name.upper()]
     else:
-        path = Path(source.file)
+        path = storage.as_path(source.file)  # a configured font may live on gs:// too
         name = path.name
         licences = [(p.name, p.read_bytes()) for p in path.parent.iterdir() if p.is_file() and
                     any(word in p.name.upper() for word in ("LICENSE", "LICENCE", "COPYING"))]

@@ -6,17 +6,22 @@ named by its dotted key path (``params.decoder.embedding``), inside an OCDBT key
 store (or plain files when OCDBT is off), as ``_METADATA`` records. Opening an array with
 TensorStore reads only its metadata; a read fetches (and decompresses) only the chunks it
 touches, so an exporter holds one leaf, or one block of layers of a stacked leaf, at a time.
+
+The item may be local (TensorStore's ``file`` driver) or on Cloud Storage (``gs://``: its
+``gcs`` driver, the kvstore Orbax itself writes there with); ``_METADATA`` is read through
+the path layer (``vist2_jax.storage``).
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Iterator
+from urllib import parse
 
 import numpy as np
 import tensorstore as ts
 
+from vist2_jax import storage
 from vist2_jax.checkpointing.checkpoints import one_line_reason
 
 
@@ -27,8 +32,9 @@ class UnreadableCheckpoint(Exception):
 class OrbaxParams:
     """The arrays of one PyTree checkpoint item (e.g. ``checkpoints/<step>/params``)."""
 
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory).absolute()
+    def __init__(self, directory: storage.PathLike):
+        self.directory = storage.absolute(directory)
+        self._base = _kvstore(self.directory)
         meta_file = self.directory / "_METADATA"
         if not meta_file.is_file():
             raise UnreadableCheckpoint(f"{self.directory}: no _METADATA (not an Orbax PyTree item)")
@@ -48,9 +54,9 @@ class OrbaxParams:
 
     def _spec(self, name: str) -> dict:
         if self.use_ocdbt:
-            kvstore = {"driver": "ocdbt", "base": f"file://{self.directory}/", "path": name}
+            kvstore = {"driver": "ocdbt", "base": self._base, "path": name}
         else:
-            kvstore = {"driver": "file", "path": f"{self.directory}/{name}"}
+            kvstore = {**self._base, "path": self._base["path"] + name}
         return {"driver": self.driver, "kvstore": kvstore}
 
     def array(self, path: tuple[str, ...]) -> ts.TensorStore:
@@ -89,3 +95,16 @@ class OrbaxParams:
         step = max(1, min(layers, int(array.chunk_layout.read_chunk.shape[0] or layers)))
         for start in range(0, layers, step):
             yield start, self._result(array[start:start + step].read(), path)
+
+
+def _kvstore(directory) -> dict:
+    """The TensorStore kvstore of a checkpoint item folder, its path ending in ``/``: the
+    ``file`` driver for a local folder, the ``gcs`` driver (bucket + object prefix, as Orbax's
+    ``gcs_utils.get_kvstore_for_gcs`` builds it) for ``gs://bucket/prefix``."""
+    text = str(directory).rstrip("/")
+    if not storage.is_remote(text):
+        return {"driver": "file", "path": text + "/"}
+    url = parse.urlparse(text)
+    if url.scheme != "gs" or not url.netloc:
+        raise UnreadableCheckpoint(f"{text}: only local folders and gs://bucket/... checkpoints can be read")
+    return {"driver": "gcs", "bucket": url.netloc, "path": url.path.lstrip("/") + "/"}
