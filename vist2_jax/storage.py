@@ -7,8 +7,9 @@ there through TensorStore's GCS driver). Object stores differ from a disk in thr
 handled here and nowhere else:
 
 * no append: :class:`AppendFile` rewrites the whole object, at most every ``flush_s``;
-* no rename of a half-written file: objects appear whole on upload, so :func:`write_atomic`
-  writes them directly and only local files go through a temporary file + ``os.replace``;
+* no cheap rename: objects appear whole once their upload is finalised, so
+  :func:`open_atomic` / :func:`write_atomic` write them in place (discarding the upload on
+  an error) and only local files go through a temporary file + ``os.replace``;
 * libraries that only open local files (SentencePiece, the tokenizers library, the
   SentencePiece trainer): :func:`local_copy` downloads once per process.
 """
@@ -51,43 +52,35 @@ def absolute(path: PathLike) -> epath.Path:
 
 def write_atomic(path: PathLike, data: bytes | str) -> epath.Path:
     """Write ``path`` so that a reader sees the old content or the new, never half of it."""
-    path = as_path(path)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    if is_remote(path):  # an object is visible only once its upload completed
-        path.write_bytes(payload)
-        return path
-    _replace_local(path, lambda f: f.write(payload))
-    return path
-
-
-def _replace_local(path: epath.Path, write) -> None:
-    """``write(file)`` into a temporary file next to the local ``path``, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.fspath(path.parent), prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, os.fspath(path))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with open_atomic(path) as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+    return as_path(path)
 
 
 @contextlib.contextmanager
-def open_atomic(path: PathLike, mode: str = "wb"):
-    """``open`` for writing a file that appears whole or not at all: locally a temporary
-    sibling renamed on success; on an object store the object itself, which is published
-    when the upload completes (a rename there would copy every byte again)."""
+def open_atomic(path: PathLike):
+    """``open(path, "wb")`` for a file that appears whole or not at all: locally a temporary
+    sibling renamed on success; on an object store the object itself, published when the
+    upload is finalised (a rename there would copy every byte again) and discarded when the
+    writer raises (closing it would publish a truncated object)."""
     path = as_path(path)
     if is_remote(path):
-        with path.open(mode) as f:
-            yield f
+        target = path.open("wb")
+        try:
+            yield target
+        except BaseException:
+            target.closed = True  # fsspec: close() now commits nothing
+            try:  # cancel a started resumable upload (best effort: unfinalised ones expire)
+                getattr(target, "discard", lambda: None)()
+            except Exception:
+                pass
+            raise
+        target.close()
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.fspath(path.parent), prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, mode) as f:
+        with os.fdopen(fd, "wb") as f:
             yield f
         os.replace(tmp, os.fspath(path))
     except BaseException:
@@ -136,8 +129,8 @@ def local_copy(path: PathLike) -> str:
         folder = os.path.join(_download_dir, hashlib.sha256(key.encode()).hexdigest()[:16])
         os.makedirs(folder, exist_ok=True)
         local = os.path.join(folder, path.name)
-        with open(local, "wb") as f:
-            f.write(path.read_bytes())
+        with path.open("rb") as source, open(local, "wb") as f:
+            shutil.copyfileobj(source, f, _UPLOAD_BLOCK)
         _downloads[key] = local
     return _downloads[key]
 
@@ -148,27 +141,9 @@ _UPLOAD_BLOCK = 16 * 2**20
 def upload(local: PathLike, destination: PathLike) -> epath.Path:
     """Copy a local file to ``destination`` (which may be remote), atomically, 16 MiB at a
     time: a multi-GB file (a safetensors shard) is never held in memory whole."""
-    destination = as_path(destination)
-    with open(os.fspath(local), "rb") as source:
-        if not is_remote(destination):
-            _replace_local(destination, lambda f: shutil.copyfileobj(source, f, _UPLOAD_BLOCK))
-            return destination
-        # fsspec (gcsfs) uploads in blocks; the object appears once close() finalises it
-        target = destination.open("wb")
-        try:
-            shutil.copyfileobj(source, target, _UPLOAD_BLOCK)
-        except BaseException:
-            # close() (also on leaving a with-block) would publish a truncated object: mark
-            # the file closed so nothing is committed, and cancel a started resumable upload
-            # (best effort: an unfinalised upload never becomes an object, and expires)
-            target.closed = True
-            try:
-                getattr(target, "discard", lambda: None)()
-            except Exception:
-                pass
-            raise
-        target.close()
-    return destination
+    with open(os.fspath(local), "rb") as source, open_atomic(destination) as target:
+        shutil.copyfileobj(source, target, _UPLOAD_BLOCK)
+    return as_path(destination)
 
 
 class AppendFile:
