@@ -23,6 +23,17 @@ def test_one_stage_file_serves_every_size_and_gpu_variant(size):
     assert load_config("recipes/stage4_sft.yaml", [f"size={size}"]).train.init_from == f"runs/{size}/stage3_olm"
 
 
+def test_root_puts_runs_and_data_in_a_bucket_for_pods():
+    """``root=`` moves every stage's run, its ``init_from`` and its data together; without it
+    they stay relative to the working directory."""
+    for stage in STAGES:
+        local = load_config(f"recipes/{stage}.yaml", ["size=8b"])
+        pod = load_config(f"recipes/{stage}.yaml", ["size=8b", "root=gs://b/vist2/"])
+        assert pod.run.workdir == f"gs://b/vist2/{local.run.workdir}"
+        assert pod.data.source == f"gs://b/vist2/{local.data.source}" and local.data.source.startswith("data/")
+        assert pod.train.init_from == (f"gs://b/vist2/{local.train.init_from}" if local.train.init_from else "")
+
+
 def test_size_is_required_and_named(tmp_path):
     with pytest.raises(ConfigError, match="^size: .*size=0.6b"):
         load_config("recipes/stage3_olm.yaml")

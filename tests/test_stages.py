@@ -149,6 +149,7 @@ def test_sweep_and_launchers_dry_run():
     runs = json.loads(proc.stdout)
     assert {r["size"] for r in runs} == {"0.6b", "1.7b", "4b", "8b"} and len(runs) == 16
     assert all(r["command"].startswith("launch/tpu_pod.sh") for r in runs)
+    assert all(r["workdir"].startswith("gs://") and "root=gs://" in r["command"] for r in runs)  # pods share no disk
     tpu = subprocess.run(["bash", "launch/tpu_pod.sh", "--tpu", "t1", "--zone", "z1", "--dry-run", "--",
                           "recipes/stage3_olm.yaml", "size=8b"], capture_output=True, text=True, cwd=ROOT)
     assert tpu.returncode == 0 and "--worker=all" in tpu.stdout

@@ -1,7 +1,8 @@
 """``vist2 sweep FILE [--launcher tpu|slurm|gke]``: expand a sweep file into its runs and
 the exact launch command of each (every stage of every size), validating every recipe.
-A run is ``recipes/STAGE.yaml size=SIZE``; with ``--launcher slurm`` the size's 8xH100
-variant (``sizes/SIZE-h100x8.yaml``) where there is one."""
+A run is ``recipes/STAGE.yaml size=SIZE root=ROOT``; with ``--launcher slurm`` the size's
+8xH100 variant (``sizes/SIZE-h100x8.yaml``) where there is one. ``root:`` in the sweep file
+is where runs and prepared data live (a bucket for TPU pods, whose hosts share no disk)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def expand(sweep_file: str | Path, launcher: str = "tpu") -> list[dict]:
             size = entry["size"]
             if launcher == "slurm" and (recipes / "sizes" / f"{size}-h100x8.yaml").exists():
                 size = f"{size}-h100x8"  # the GPU node variant of the size
-            args = [recipe.as_posix(), f"size={size}"]
+            args = [recipe.as_posix(), f"size={size}", *([f"root={spec['root']}"] if spec.get("root") else [])]
             config = load_config(recipe, args[1:])  # every expanded recipe must validate
             if launcher == "tpu":
                 command = ["launch/tpu_pod.sh", "--tpu", entry["tpu"], "--zone", entry["zone"], "--", *args]

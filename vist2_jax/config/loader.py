@@ -11,6 +11,8 @@ replaced by the size named on the command line (``size=NAME``, a loader key, not
 field; ``preset=NAME`` also selects), so ``recipes/stage3_olm.yaml size=8b`` chains to
 ``recipes/sizes/8b.yaml`` and ``size=8b-h100x8`` to its GPU variant; a size file's
 ``stages: {olm: {...}}`` holds what that size tunes per stage (remat, accumulation).
+``{root}`` likewise becomes ``root=PATH`` (default ``.``): where a sweep keeps its runs and
+prepared data, e.g. ``root=gs://my-bucket/vist2`` on a pod, whose hosts share no disk.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import yaml
 
 from vist2_jax.config.presets import preset_model
 from vist2_jax.config.schema import Config, ConfigError, DataConfig
+
+DEFAULT_ROOT = "."  # {root} in recipes when root= is not given
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
@@ -49,20 +53,23 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     return tree
 
 
-def _substitute(tree: Any, size: str | None, where: Path) -> Any:
-    """``{size}`` in every string of ``tree`` -> the size name."""
+def _substitute(tree: Any, size: str | None, root: str, where: Path) -> Any:
+    """``{size}`` and ``{root}`` in every string of ``tree`` -> the size name and the root."""
     if isinstance(tree, dict):
-        return {k: _substitute(v, size, where) for k, v in tree.items()}
+        return {k: _substitute(v, size, root, where) for k, v in tree.items()}
     if isinstance(tree, list):
-        return [_substitute(v, size, where) for v in tree]
+        return [_substitute(v, size, root, where) for v in tree]
     if isinstance(tree, str) and "{size}" in tree:
         if not size:
             raise ConfigError(f"size: {where} is shared by every size; name one, e.g. size=0.6b")
-        return tree.replace("{size}", size)
+        tree = tree.replace("{size}", size)
+    if isinstance(tree, str) and "{root}" in tree:  # no root: paths stay relative ("runs/...")
+        tree = tree.replace("{root}/", "") if root == DEFAULT_ROOT else tree.replace("{root}", root)
     return tree
 
 
-def _read_recipe(path: Path, seen: tuple[Path, ...] = (), size: str | None = None) -> dict[str, Any]:
+def _read_recipe(path: Path, seen: tuple[Path, ...] = (), size: str | None = None,
+                 root: str = DEFAULT_ROOT) -> dict[str, Any]:
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"base: recipe chain loops back to {path}")
@@ -75,11 +82,11 @@ def _read_recipe(path: Path, seen: tuple[Path, ...] = (), size: str | None = Non
     if not isinstance(tree, dict):
         raise ConfigError(f"recipe: {path} must hold a mapping at the top level")
     size = size or (tree.get("preset") if isinstance(tree.get("preset"), str) else None)
-    tree = _substitute(tree, size, path)
+    tree = _substitute(tree, size, root, path)
     base = tree.pop("base", None)
     if base is None:
         return tree
-    return _merge(_read_recipe(path.parent / base, seen + (path,), size), tree)
+    return _merge(_read_recipe(path.parent / base, seen + (path,), size, root), tree)
 
 
 def _apply_stage_tuning(tree: dict[str, Any], stage: Any = None) -> dict[str, Any]:
@@ -192,8 +199,9 @@ def load_config(recipe: str | Path | None = None, overrides: Sequence[str] = (),
     size = cli.pop("size", None)
     if size is not None and not isinstance(size, str):
         size = str(size)
+    root = str(cli.pop("root", DEFAULT_ROOT)).rstrip("/") or DEFAULT_ROOT
     named = size or preset or (cli.get("preset") if isinstance(cli.get("preset"), str) else None)
-    tree: dict[str, Any] = _read_recipe(Path(recipe), size=named) if recipe else {}
+    tree: dict[str, Any] = _read_recipe(Path(recipe), size=named, root=root) if recipe else {}
     data = cli.get("data")
     tree = _merge(_apply_stage_tuning(tree, data.get("stage") if isinstance(data, dict) else None), cli)
     if preset is not None:

@@ -124,6 +124,10 @@ def train(config: Config, restart: bool = False) -> TrainResult:
     is_chief = jax.process_index() == 0
     logger = MetricsLogger(workdir, config.train.steps, enabled=is_chief, progress=config.run.progress,
                            label=f"{config.data.stage}")
+    if jax.process_count() > 1 and not storage.is_remote(workdir):
+        log.warning("run.workdir=%s is on local disk and %d hosts write it: unless that is a shared "
+                    "filesystem, checkpoints and metrics split across hosts and are lost with the slice; "
+                    "use a bucket (gs://BUCKET/...)", workdir, jax.process_count())
     if is_chief:
         workdir.mkdir(parents=True, exist_ok=True)
         storage.write_atomic(workdir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
