@@ -10,9 +10,9 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 from data_pipelines.render import RenderConfig, RenderRejected, SketchRenderer
+from vist2_jax import storage
 from vist2_jax.cli.errors import UsageError
 
 
@@ -36,8 +36,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--scale-mb must be positive, --workers >= 0, --batches positive")
     result = bench_scale(args)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        storage.write_atomic(args.json, json.dumps(result, indent=2) + "\n")
     return 0
 
 
@@ -123,8 +122,7 @@ def bench_data(args: argparse.Namespace) -> int:
     if args.workers:
         result["pipeline"] = bench_pipeline(args)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        storage.write_atomic(args.json, json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
+from vist2_jax import storage
 from vist2_jax.cli.errors import UsageError
 
 
@@ -76,7 +76,7 @@ def run(args) -> int:
         print(f"  TTFT text/gcc = {timed['ttft_speedup_text_over_gcc']:.2f}x, "
               f"pcc/gcc = {timed['ttft_speedup_pcc_over_gcc']:.2f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        storage.write_atomic(args.json, json.dumps(report, indent=1))
     if args.plot:
         from vist2_jax.bench.efficiency import plot_scaling
         plot_scaling(preset_model(presets[-1]), presets[-1], args.new_tokens, args.plot)

@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from vist2_jax import storage
 from vist2_jax.cli.errors import UsageError
 
 STAGE_RISK = ("stage3_olm", "stage4_sft", "stage2_ocr", "stage1_caption")
@@ -53,7 +54,7 @@ def run(args) -> int:
     config, report = _compile(args.recipe, args.overrides, args.topology)
     print(describe(report, config))
     if args.json:
-        Path(args.json).write_text(json.dumps(report.as_dict(), indent=2))
+        storage.write_atomic(args.json, json.dumps(report.as_dict(), indent=2))
     return 0 if report.fits else 1
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
+from vist2_jax import storage
 from vist2_jax.cli.errors import UsageError
 
 TASKS = ("ocr", "memory", "longbench", "loogle", "gsm8k")
@@ -69,5 +69,5 @@ def run(args) -> int:
     for sample in result.get("samples", []) + result.get("predictions", [])[:3]:
         print(json.dumps(sample, ensure_ascii=False)[:300], file=sys.stderr)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2, ensure_ascii=False))
+        storage.write_atomic(args.json, json.dumps(result, indent=2, ensure_ascii=False))
     return 0

@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from vist2_jax import storage
 from vist2_jax.cli.errors import UsageError
 from vist2_jax.evaluation import metrics
 
@@ -133,7 +134,7 @@ def score(example: Example, prediction: str) -> float:
     return max(scorer(prediction, answer, **extra) for answer in example.answers)
 
 
-def _jsonl(path: Path) -> list[dict]:
+def _jsonl(path) -> list[dict]:
     files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
     if not path.exists() or not files:
         raise UsageError(f"--data: no JSONL file at {path}")
@@ -156,7 +157,7 @@ def _need(record: dict, keys, where: str) -> None:
 
 def load_longbench(path: str | Path) -> list[Example]:
     examples = []
-    for record in _jsonl(Path(path)):
+    for record in _jsonl(storage.as_path(path)):
         _need(record, ("input", "context", "answers"), f"{record['__file']}.jsonl")
         name = record.get("dataset") or record["__file"].removesuffix("_e")
         if name not in LONGBENCH:
@@ -171,7 +172,7 @@ def load_longbench(path: str | Path) -> list[Example]:
 
 def load_loogle(path: str | Path) -> list[Example]:
     examples = []
-    for record in _jsonl(Path(path)):
+    for record in _jsonl(storage.as_path(path)):
         _need(record, ("input", "qa_pairs", "output"), f"{record['__file']}.jsonl")
         task = record["__file"]
         if record["qa_pairs"] == "none":
@@ -189,7 +190,7 @@ def load_loogle(path: str | Path) -> list[Example]:
 
 def load_gsm8k(path: str | Path) -> list[Example]:
     examples = []
-    for record in _jsonl(Path(path)):
+    for record in _jsonl(storage.as_path(path)):
         _need(record, ("question", "answer"), f"{record['__file']}.jsonl")
         if "####" not in record["answer"]:
             raise UsageError(f"--data: a GSM8K answer lacks its '#### <number>' line: {record['answer'][:60]!r}")

@@ -8,6 +8,7 @@ import functools
 import logging
 from pathlib import Path
 
+from vist2_jax import storage
 from vist2_jax.config.schema import Config, ConfigError, CurriculumPoint
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def row_maker(ctx: EvalContext, stage: str, point: CurriculumPoint, data: str | 
 
     config = ctx.config
     source = data or config.data.source
-    if data and not Path(data).exists():
+    if data and not storage.as_path(data).exists():
         raise ConfigError(f"--data: no such file or folder {data}")
     samples = _samples(source, config.data.data_dir, config.data.manual_dir, ctx.tokenizer)
     if not samples:
