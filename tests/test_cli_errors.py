@@ -52,6 +52,9 @@ def test_generate_sampling_flags_name_the_flag(tmp_path):
         SamplingConfig(top_p=2.0)
     with pytest.raises(ValueError, match="temperature must be >= 0"):
         SamplingConfig(temperature=-1.0)
+    # checked before the checkpoint is looked at: the flag is named, not the missing folder
+    assert_one_line(vist2("generate", "--checkpoint", tmp_path / "missing", "--prompt-file", prompt, "--top-p", "2"),
+                    "--top-p must be in (0, 1], got 2.0")
 
 
 def test_a_file_that_is_not_a_tokenizer(tmp_path, not_a_tokenizer):

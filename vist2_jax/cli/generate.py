@@ -93,6 +93,7 @@ def load_checkpoint(directory: str, preset: str, overrides, font: str | None = N
 
 
 def run(args) -> int:
+    sampling_from_args(args, ())  # a bad sampling flag fails before the (slow) model load
     if args.torch:  # the PyTorch runtime of a `vist2 export` folder; imports no JAX
         from vist2_jax.cli.generate_torch import run_torch
         return run_torch(args)
