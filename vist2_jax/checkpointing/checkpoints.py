@@ -23,9 +23,10 @@ log = logging.getLogger(__name__)
 
 def tokenizer_asset(tokenizer) -> dict:
     """The tokenizer as a JSON-able record (SentencePiece model bytes, base64)."""
-    path = storage.as_path(getattr(tokenizer, "path", "") or "-")
-    if not path.is_file():
-        return {"kind": type(tokenizer).__name__, "file": str(path)}
+    name = getattr(tokenizer, "path", "")
+    path = storage.as_path(name) if name else None
+    if path is None or not path.is_file():
+        return {"kind": type(tokenizer).__name__, "file": name}
     data = path.read_bytes()
     return {"kind": type(tokenizer).__name__, "file": path.name, "sha256": hashlib.sha256(data).hexdigest(),
             "base64": base64.b64encode(data).decode()}
