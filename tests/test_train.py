@@ -302,6 +302,8 @@ def test_run_directory_on_a_bucket_trains_checkpoints_and_resumes(tmp_path, gcs_
 
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("The river ran past the old mill and")
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     generated = run("generate", "--checkpoint", run_dir, "--prompt-file", prompt, "--max-new-tokens", 4, devices=1)
     assert generated.returncode == 0, generated.stderr[-3000:]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before  # reading a run writes nothing
     assert "gs:" not in os.listdir(tmp_path) and not (ROOT / "gs:").exists()  # no local 'gs:' folder

@@ -11,7 +11,8 @@ handled here and nowhere else:
   :func:`open_atomic` / :func:`write_atomic` write them in place (discarding the upload on
   an error) and only local files go through a temporary file + ``os.replace``;
 * libraries that only open local files (SentencePiece, the tokenizers library, the
-  SentencePiece trainer): :func:`local_copy` downloads once per process.
+  SentencePiece trainer): :func:`local_copy` downloads once per process, and
+  :func:`scratch_folder` holds files a command makes for itself (never in a run it reads).
 """
 
 from __future__ import annotations
@@ -110,25 +111,31 @@ def move(source: PathLike, destination: PathLike) -> None:
 
 
 _downloads: dict[str, str] = {}
-_download_dir: str | None = None
+_scratch_root: str | None = None
+
+
+def scratch_folder(key: str) -> str:
+    """A local folder of this process for ``key`` (the same folder for the same key),
+    under one temporary folder removed at exit."""
+    global _scratch_root
+    if _scratch_root is None:
+        _scratch_root = tempfile.mkdtemp(prefix="vist2-")
+        atexit.register(shutil.rmtree, _scratch_root, ignore_errors=True)
+    folder = os.path.join(_scratch_root, hashlib.sha256(key.encode()).hexdigest()[:16])
+    os.makedirs(folder, exist_ok=True)
+    return folder
 
 
 def local_copy(path: PathLike) -> str:
     """A local file name with the content of ``path``: the path itself when it is local,
-    else a copy downloaded once per process into a temporary folder removed at exit.
+    else a copy downloaded once per process into a :func:`scratch_folder`.
     The copy keeps the file name (``tokenizer.json``, ``x.model``), which loaders use."""
     path = as_path(path)
     if not is_remote(path):
         return os.fspath(path)
     key = os.fspath(path)
     if key not in _downloads:
-        global _download_dir
-        if _download_dir is None:
-            _download_dir = tempfile.mkdtemp(prefix="vist2-remote-")
-            atexit.register(shutil.rmtree, _download_dir, ignore_errors=True)
-        folder = os.path.join(_download_dir, hashlib.sha256(key.encode()).hexdigest()[:16])
-        os.makedirs(folder, exist_ok=True)
-        local = os.path.join(folder, path.name)
+        local = os.path.join(scratch_folder(key), path.name)
         with path.open("rb") as source, open(local, "wb") as f:
             shutil.copyfileobj(source, f, _UPLOAD_BLOCK)
         _downloads[key] = local

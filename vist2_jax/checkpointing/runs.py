@@ -107,5 +107,7 @@ def load_run(path: storage.PathLike, step: int | None = None, what: str = "--che
         renderer = checkpoints.read_json(step, "renderer")
     finally:
         checkpoints.close()
-    tokenizer = load_tokenizer(write_tokenizer_asset(asset, workdir / "checkpoints" / f"tokenizer_step_{step}"))
+    # reading a run writes nothing into it (a bucket may be read-only): the tokenizer file
+    # goes to a local folder of this process
+    tokenizer = load_tokenizer(write_tokenizer_asset(asset, storage.scratch_folder(f"{workdir}@{step}/tokenizer")))
     return LoadedRun(workdir, step, config, params, tokenizer, renderer)
