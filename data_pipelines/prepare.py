@@ -109,7 +109,7 @@ def _token_ids(piece: Record, kind: int, tokenizer) -> list[list[int]]:
 def prepare_unit(out: str, number: int, files: list[str], layout: str, max_chars: int,
                  tokenizer: str = "") -> dict:
     """Write shard ``number`` from ``files``; returns its counts (also saved as the done mark)."""
-    shards = epath.Path(out) / "shards"
+    shards = storage.as_path(out) / "shards"
     tok = _tokenizer(tokenizer) if tokenizer else None
     name = f"{number:05d}"
     rows, bad, offset = [], [], 0
@@ -209,7 +209,7 @@ def prepare(source: str, out: str, *, workers: int = 1, layout: str = "text", ma
     plan = {"format": FORMAT, "source": str(Path(source).resolve()), "layout": layout, "max_chars": max_chars,
             "tokenizer": tokenizer, "tokenizer_sha256": sha,
             "units": [[[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in unit] for unit in units]}
-    root = epath.Path(out)
+    root = storage.as_path(out)
     (root / "shards").mkdir(parents=True, exist_ok=True)
     if (root / PLAN).exists():
         if json.loads((root / PLAN).read_text()) != plan:
@@ -247,7 +247,7 @@ def _run(todo, workers, counts, sizes, progress, total, initial) -> None:
         bar.update(sizes[number])
         bar.set_postfix(good=sum(c["good"] for c in counts.values()), bad=sum(c["bad"] for c in counts.values()))
         if unit["bad"] and logged < LOGGED_BAD:
-            for line in (epath.Path(todo[0][0]) / "shards" / f"{number:05d}.bad.jsonl").read_text().splitlines():
+            for line in (storage.as_path(todo[0][0]) / "shards" / f"{number:05d}.bad.jsonl").read_text().splitlines():
                 if logged < LOGGED_BAD:
                     bad = json.loads(line)
                     log.warning("bad record %s: %s", bad["location"], bad["problem"])

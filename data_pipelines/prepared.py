@@ -73,7 +73,7 @@ def decode_record(payload: bytes) -> tuple[Record, list[np.ndarray]]:
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """sha256 of the tokenizer's file: which ids a prepared folder stores."""
-    return hashlib.sha256(epath.Path(tokenizer.path).read_bytes()).hexdigest()
+    return hashlib.sha256(storage.as_path(tokenizer.path).read_bytes()).hexdigest()
 
 
 def load_array(path: epath.Path) -> np.ndarray:
@@ -86,7 +86,7 @@ def load_array(path: epath.Path) -> np.ndarray:
 def read_manifest(root) -> dict | None:
     """The manifest of a prepared folder; None when ``root`` is not one. BadInput when the
     folder holds an unfinished preparation."""
-    root = epath.Path(root)
+    root = storage.as_path(root)
     if (root / MANIFEST).exists():
         manifest = json.loads((root / MANIFEST).read_text())
         if manifest.get("format") != FORMAT:
@@ -110,7 +110,7 @@ class _Shards:
     a lock since Grain's read-ahead threads share them; at most ``OPEN_SHARDS`` stay open."""
 
     def __init__(self, root: str):
-        self.root, self.open_files, self.lock = epath.Path(root), OrderedDict(), threading.Lock()
+        self.root, self.open_files, self.lock = storage.as_path(root), OrderedDict(), threading.Lock()
 
     def read(self, shard: int, offset: int, length: int) -> bytes:
         with self.lock:
@@ -159,7 +159,7 @@ class PreparedSamples:
 
     def _open(self):
         if self._tables is None:
-            root = epath.Path(self.root)
+            root = storage.as_path(self.root)
             self._tables = (load_array(root / "records.npy"), load_array(root / f"{self.index_name}.npy"),
                             _Shards(self.root))
         return self._tables
@@ -206,7 +206,7 @@ class PreparedSamples:
 
     def first_bad(self) -> str:
         """``location: problem`` of the first bad record ('' when there is none)."""
-        path = epath.Path(self.root) / BAD_RECORDS
+        path = storage.as_path(self.root) / BAD_RECORDS
         if not path.exists():
             return ""
         with path.open("r") as f:

@@ -30,6 +30,7 @@ from typing import Union
 from etils import epath
 
 PathLike = Union[str, os.PathLike, epath.Path]
+_UPLOAD_BLOCK = 16 * 2**20  # bytes per read/write when copying files to or from a store
 
 
 def as_path(path: PathLike) -> epath.Path:
@@ -141,8 +142,6 @@ def local_copy(path: PathLike) -> str:
         _downloads[key] = local
     return _downloads[key]
 
-
-_UPLOAD_BLOCK = 16 * 2**20
 
 
 def upload(local: PathLike, destination: PathLike) -> epath.Path:
