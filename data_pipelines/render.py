@@ -263,6 +263,34 @@ class SketchRenderer:
         self.stats.by_size[size.size] += 1
         return image
 
+    def glyph_map(self, text: str, cell: int) -> np.ndarray:
+        """uint8 [S/cell, S/cell]: the glyph class (``row_contract.glyph_class``) of the
+        character whose box holds each ``cell``-pixel square's centre, on the same layout
+        ``render`` draws (line ``r`` at ``margin + r * pitch``, characters advancing by their
+        widths); blank where no character is. The dense target of the vision objective."""
+        from vist2_jax.row_contract import GLYPH_BLANK, glyph_class
+
+        size, lines, _ = self.layout(text)
+        grid = self.config.image_size // cell
+        out = np.full((grid, grid), GLYPH_BLANK, np.uint8)
+        centres = np.arange(grid) * cell + cell / 2
+        margin = self.config.margin
+        for row, line in enumerate(lines):
+            top = margin + row * size.pitch
+            ys = np.flatnonzero((centres >= top) & (centres < top + size.pitch))
+            if not len(ys):
+                continue
+            x = float(margin)
+            edges = [x]
+            for ch in line:
+                x += size.advance(ch)
+                edges.append(x)
+            which = np.searchsorted(np.asarray(edges), centres, side="right") - 1
+            inside = (which >= 0) & (which < len(line))
+            classes = np.asarray([glyph_class(ch) for ch in line] or [GLYPH_BLANK], np.uint8)
+            out[ys[:, None], np.flatnonzero(inside)[None, :]] = classes[which[inside]][None, :]
+        return out
+
     def try_render(self, text: str, where: str = "") -> np.ndarray | None:
         """Like ``render`` but returns None for a rejected chunk (still counted)."""
         try:

@@ -33,7 +33,7 @@ from data_pipelines.render_stats import RenderStats, sum_stats
 from data_pipelines.rows import RowBuilder
 from data_pipelines.shapes import captioned_shapes
 from vist2_jax.config.schema import CurriculumPoint, DataConfig, LayoutConfig
-from vist2_jax.row_contract import close_chunk, reader_chunk_id
+from vist2_jax.row_contract import GLYPH_CELL, close_chunk, reader_chunk_id
 
 log = logging.getLogger(__name__)
 MAX_DOCS_PER_ROW = 16
@@ -126,11 +126,12 @@ class RowMaker:
     def _rule_chunks(self, tokens, text_len: int, count: int, sample: Sample):
         """Up to ``count`` chunks from the start of ``tokens`` by the chunk rule (row_contract
         ``close_chunk``: at most L tokens, closed before a token the sketch cannot take), with
-        their sketches; None (skipped and counted) when not even one token can be drawn."""
+        their sketches and glyph maps (None each unless ``data.glyph_targets``); None (skipped
+        and counted) when not even one token can be drawn."""
         def try_render(ids):
             return self.renderer.try_render(self.tokenizer.decode(ids), where=sample.location)
 
-        chunks, images, start = [], [], 0
+        chunks, images, glyphs, start = [], [], [], 0
         while len(chunks) < count and start < len(tokens):
             window = tokens[start:start + text_len]
             try:
@@ -147,9 +148,11 @@ class RowMaker:
                 self.counters["closed_early"] += 1
             chunks.append(window[:k])
             images.append(image)
+            glyphs.append(self.renderer.glyph_map(self.tokenizer.decode(window[:k]), GLYPH_CELL)
+                          if self.data.glyph_targets else None)
             start += k
         self.counters["images"] += len(images)
-        return chunks, images
+        return chunks, images, glyphs
 
     def _window(self, rng, sample: Sample, text_len: int, max_chunks: int):
         tokens = sample.tokens
@@ -198,8 +201,8 @@ class RowMaker:
         if made is None:
             return True
         row.start_document()
-        for c, (chunk, image) in enumerate(zip(*made)):
-            row.add_image(image, chunk_id=2 * c + 1)
+        for c, (chunk, image, glyphs) in enumerate(zip(*made)):
+            row.add_image(image, chunk_id=2 * c + 1, glyphs=glyphs)
             row.add_text(chunk, chunk_id=reader_chunk_id(2 * c + 1))
         self.counters["documents"] += 1
         return True
@@ -211,7 +214,7 @@ class RowMaker:
         response_made = self._rule_chunks(sample.tokens, L, point.max_chunks, sample)
         if query_made is None or response_made is None:
             return True
-        (query, query_images), (response, response_images) = query_made, response_made
+        (query, query_images, query_glyphs), (response, response_images, response_glyphs) = query_made, response_made
         # Keep the most recent query chunks that leave room for one response chunk (left
         # truncation of an over-long context, counted).
         room = min((row.free() - row.text_cost(len(response[0]) if response else 0)) // m,
@@ -220,20 +223,20 @@ class RowMaker:
             return False
         if len(query) > room:
             self.counters["query_truncated"] = self.counters.get("query_truncated", 0) + 1
-            query, query_images = query[-room:], query_images[-room:]
+            query, query_images, query_glyphs = query[-room:], query_images[-room:], query_glyphs[-room:]
         n_resp = self._chunks_that_fit(row, L, len(response), with_last_image=False,
                                        reserve_positions=len(query) * m, reserve_slots=len(query))
         if n_resp == 0:
             return False
         response = response[:n_resp]
         row.start_document()
-        for q, image in enumerate(query_images):
-            row.add_image(image, chunk_id=q + 1)
+        for q, (image, glyphs) in enumerate(zip(query_images, query_glyphs)):
+            row.add_image(image, chunk_id=q + 1, glyphs=glyphs)
         for r, chunk in enumerate(response):
             chunk_id = len(query) + r + 1
             row.add_text(chunk, chunk_id=chunk_id)
             if r < len(response) - 1:
-                row.add_image(response_images[r], chunk_id=chunk_id)
+                row.add_image(response_images[r], chunk_id=chunk_id, glyphs=response_glyphs[r])
         self.counters["documents"] += 1
         return True
 

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from vist2_jax.row_contract import ROW_FIELDS, TEXT, VISUAL, text_span_cost
+from vist2_jax.row_contract import GLYPH_CELL, GLYPH_UNKNOWN, ROW_FIELDS, TEXT, VISUAL, text_span_cost
 
 
 class RowOverflow(ValueError):
@@ -30,6 +30,8 @@ class RowBuilder:
         self.fields = {name: np.zeros((seq_len,), dtype) for name, dtype in ROW_FIELDS.items()}
         self.images = np.zeros((num_slots, *image_shape, 3), np.uint8)
         self.image_mask = np.zeros((num_slots,), bool)
+        glyph_shape = tuple(max(1, side // GLYPH_CELL) for side in image_shape)
+        self.glyphs = np.full((num_slots, *glyph_shape), GLYPH_UNKNOWN, np.uint8)
         self.cursor = self.slot = self.segment = self.position = 0
 
     def free(self) -> int:
@@ -65,15 +67,20 @@ class RowBuilder:
             self.fields["targets"][span.start:span.stop - 1] = tokens
             self.fields["loss_mask"][span.start:span.stop - 1] = 1.0 if loss else 0.0
 
-    def add_image(self, image: np.ndarray, chunk_id: int) -> None:
+    def add_image(self, image: np.ndarray, chunk_id: int, glyphs: np.ndarray | None = None) -> None:
+        """An image span; ``glyphs`` is the sketch's glyph map (``SketchRenderer.glyph_map``),
+        left GLYPH_UNKNOWN when not given."""
         if self.slot >= len(self.image_mask):
             raise RowOverflow(f"all {len(self.image_mask)} image slots are used")
         self._claim(self.visual_len, VISUAL, chunk_id)
         self.images[self.slot] = image
         self.image_mask[self.slot] = True
+        if glyphs is not None:
+            self.glyphs[self.slot] = glyphs
         self.slot += 1
 
-    def add_olm_document(self, chunks: Sequence[Sequence[int]], images: Sequence[np.ndarray]) -> None:
+    def add_olm_document(self, chunks: Sequence[Sequence[int]], images: Sequence[np.ndarray],
+                         glyphs: Sequence[np.ndarray | None] | None = None) -> None:
         """One document ``[T1][V1][T2]...``: chunk c's text and image share chunk id c; the
         last chunk gets no image (no later chunk would read it), so ``images[c]`` is used
         for every chunk but the last."""
@@ -81,13 +88,13 @@ class RowBuilder:
         for index, chunk in enumerate(chunks):
             self.add_text(chunk, chunk_id=index + 1)
             if index < len(chunks) - 1:
-                self.add_image(images[index], chunk_id=index + 1)
+                self.add_image(images[index], chunk_id=index + 1, glyphs=glyphs[index] if glyphs else None)
 
     def finish(self) -> dict[str, np.ndarray]:
         rest = slice(self.cursor, self.seq_len)
         self.fields["segment_id"][rest] = self.segment + 1
         self.fields["positions"][rest] = np.arange(self.seq_len - self.cursor)
-        return {**self.fields, "images": self.images, "image_mask": self.image_mask}
+        return {**self.fields, "images": self.images, "image_mask": self.image_mask, "glyphs": self.glyphs}
 
 
 def pack_olm_row(documents: Sequence[Sequence[Sequence[int]]],

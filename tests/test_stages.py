@@ -48,6 +48,45 @@ def test_frozen_components_have_no_optimizer_state():
     assert state_size - 2 * aligner_size < 8  # Adam's mu and nu for the aligner, plus step counts
 
 
+def test_component_learning_rates_reach_the_optimizer(tmp_path, tokenizer_path):
+    """Frozen, slow and fast components in one real step: the decoder does not move, the
+    vision tower moves by at most its own small rate per weight, the aligner by its large
+    one, and the step reports each component's norms and rate."""
+    from vist2_jax.training.step import make_train_step
+
+    config = load_config(overrides=[
+        *SMALL, f"data.tokenizer={tokenizer_path}", "data.stage=ocr", "train.steps=4", "train.warmup_steps=0",
+        "train.weight_decay=0", "train.trainable=[vision,aligner]", "train.component_learning_rate.vision=1e-5",
+        "train.component_learning_rate.aligner=1e-2", "mesh.fsdp=1", "mesh.tensor=1"])
+    batch = next(iter(build_pipeline(config, tmp_path).train_dataset()))
+    params = nn.unbox(jax.jit(Vist2Model(config.model).init)(jax.random.key(0), batch))
+    optimizer = make_optimizer(config.train, params)
+    state = {"step": np.int32(0), "params": params, "opt_state": optimizer.init(params)}
+    new, metrics = jax.jit(make_train_step(config, optimizer))(state, batch)
+    moved = {name: max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(
+        jax.tree_util.tree_leaves(new["params"]["params"][name]),
+        jax.tree_util.tree_leaves(params["params"][name]))) for name in ("vision", "aligner", "decoder")}
+    assert moved["decoder"] == 0.0
+    assert 0.5e-5 < moved["vision"] <= 1.01e-5  # Adam's first step: about the rate per weight
+    assert 0.5e-2 < moved["aligner"] <= 1.01e-2
+    metrics = jax.device_get(metrics)
+    assert np.isclose(metrics["learning_rate_vision"], 1e-5) and np.isclose(metrics["learning_rate_aligner"], 1e-2)
+    assert "grad_norm_decoder" not in metrics and metrics["grad_norm_vision"] > 0
+    ratio = metrics["update_norm_aligner"] / metrics["update_norm_vision"]
+    assert ratio > 100  # 1000x the rate over fewer weights
+
+
+def test_a_component_starts_its_schedule_late():
+    from vist2_jax.training.optimizer import learning_rate_schedule
+
+    config = load_config(overrides=["train.steps=100", "train.warmup_steps=10",
+                                    "train.component_start_step.vision=40",
+                                    "train.component_learning_rate.vision=1e-4"])
+    vision, aligner = (learning_rate_schedule(config.train, c) for c in ("vision", "aligner"))
+    assert float(vision(39)) == 0.0 and float(vision(45)) > 0 and np.isclose(float(vision(50)), 1e-4)
+    assert np.isclose(float(aligner(10)), config.train.learning_rate)
+
+
 @pytest.mark.parametrize("stage", ["caption", "ocr", "olm", "sft"])
 def test_every_stage_meets_the_row_contract(stage, tmp_path, tokenizer_path):
     config = load_config(overrides=[*SMALL, f"data.stage={stage}", f"data.tokenizer={tokenizer_path}",

@@ -26,8 +26,23 @@ ROW_FIELDS: Mapping[str, type] = {
     "tokens": np.int32, "modality": np.int8, "chunk_id": np.int32, "segment_id": np.int32,
     "positions": np.int32, "targets": np.int32, "loss_mask": np.float32,
 }
-# Per-image fields: ``images`` uint8 [B, N, H, W, 3], ``image_mask`` bool [B, N].
-IMAGE_FIELDS: Mapping[str, type] = {"images": np.uint8, "image_mask": np.bool_}
+# Per-image fields: ``images`` uint8 [B, N, H, W, 3], ``image_mask`` bool [B, N], and
+# ``glyphs`` uint8 [B, N, H/GLYPH_CELL, W/GLYPH_CELL]: which character each GLYPH_CELL-pixel
+# cell of a sketch shows (the renderer knows; the dense target of the text-oriented vision
+# objective, docs/design.md §4), GLYPH_UNKNOWN where nobody knows (photos, empty slots).
+IMAGE_FIELDS: Mapping[str, type] = {"images": np.uint8, "image_mask": np.bool_, "glyphs": np.uint8}
+GLYPH_CELL = 4  # pixels per side of one glyph-target cell (narrower than any glyph: none is skipped)
+GLYPH_BLANK, GLYPH_OTHER, GLYPH_UNKNOWN = 0, 95, 255  # 1..94: printable ASCII '!'..'~'
+GLYPH_CLASSES = 96
+
+
+def glyph_class(ch: str) -> int:
+    """The glyph-target class of one character: blank for whitespace, 1..94 for printable
+    ASCII, GLYPH_OTHER for anything else."""
+    code = ord(ch)
+    if ch.isspace():
+        return GLYPH_BLANK
+    return code - 0x20 if 0x21 <= code <= 0x7E else GLYPH_OTHER
 ALL_FIELDS = (*ROW_FIELDS, *IMAGE_FIELDS)
 
 # Special tokens: name -> piece, in id order starting at 0. The order is the on-disk

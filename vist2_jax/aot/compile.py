@@ -29,7 +29,7 @@ import numpy as np
 from vist2_jax.aot.topology import Slice, slice_devices
 from vist2_jax.config.schema import Config
 from vist2_jax.parallel.sharding import LOGICAL_AXIS_RULES, make_mesh
-from vist2_jax.row_contract import CHUNK_ID, IMAGE_FIELDS, ROW_FIELDS
+from vist2_jax.row_contract import CHUNK_ID, GLYPH_CELL, IMAGE_FIELDS, ROW_FIELDS
 from vist2_jax.training.distributed import batch_sharding
 
 GIB = 2 ** 30
@@ -123,6 +123,8 @@ def abstract_batch(config: Config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
     shapes["images"] = ((data.global_batch_size, data.images_per_row, layout.image_size,
                          layout.image_size, 3), IMAGE_FIELDS["images"])
     shapes["image_mask"] = ((data.global_batch_size, data.images_per_row), IMAGE_FIELDS["image_mask"])
+    cells = layout.image_size // GLYPH_CELL
+    shapes["glyphs"] = ((data.global_batch_size, data.images_per_row, cells, cells), IMAGE_FIELDS["glyphs"])
     return {k: jax.ShapeDtypeStruct(s, d, sharding=sharding) for k, (s, d) in shapes.items()}
 
 

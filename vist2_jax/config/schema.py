@@ -54,6 +54,7 @@ class VisionConfig:
     num_heads: int = 4
     mlp_dim: int = 512
     layer_norm_eps: float = 1e-6
+    glyph_head: bool = False  # a per-patch glyph classifier (param ``glyph_head``, trained with the tower)
 
     def validate(self, prefix: str) -> None:
         for name in ("hidden_size", "num_layers", "num_heads", "mlp_dim"):
@@ -186,6 +187,7 @@ class DataConfig:
     font_sha256: str = ""
     font_sizes: tuple[int, ...] = (10, 9, 8, 7)
     eval_rows: int = 16
+    glyph_targets: bool = False  # fill each sketch's glyph map (row field ``glyphs``) for train.glyph_loss_weight
     data_dir: str = ""
     manual_dir: str = ""
     sources: tuple[SourceConfig, ...] = ()
@@ -223,6 +225,36 @@ class DataConfig:
 
 
 COMPONENTS = ("vision", "aligner", "decoder")
+AUXILIARY_HEADS = {"glyph_head": "vision"}  # parameters outside the three components -> the one they train with
+
+
+def component_of(param_group: str) -> str:
+    """The component a top-level parameter group trains and freezes with."""
+    return AUXILIARY_HEADS.get(param_group, param_group)
+
+
+@dataclasses.dataclass(frozen=True)
+class ComponentRates:
+    """Peak learning rate per component; 0 means ``train.learning_rate``. VLM trainers give a
+    pretrained tower a much smaller rate than a fresh aligner: Adam moves every weight by up
+    to the rate per step, so one shared rate erases a tower's features within a few dozen
+    steps (docs/design.md §1)."""
+
+    vision: float = 0.0
+    aligner: float = 0.0
+    decoder: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ComponentSteps:
+    """Step at which a component's learning-rate schedule starts (its warm-up begins then;
+    before it the component is held still), e.g. the aligner settles before the tower moves."""
+
+    vision: int = 0
+    aligner: int = 0
+    decoder: int = 0
+
+
 TRAINING_EVAL_TASKS = ("ocr", "memory")  # cheap enough to run inside training (vist2_jax/evaluation)
 
 
@@ -246,6 +278,9 @@ class TrainConfig:
     z_loss_weight: float = 0.0
     grad_accum_steps: int = 1
     trainable: tuple[str, ...] = COMPONENTS
+    component_learning_rate: ComponentRates = ComponentRates()
+    component_start_step: ComponentSteps = ComponentSteps()
+    glyph_loss_weight: float = 0.0
     init_from: str = ""
     init_decoder_hf: str = ""
     init_vision_hf: str = ""
@@ -263,6 +298,13 @@ class TrainConfig:
                      "keep_checkpoints"):
             _require(getattr(self, name) > 0, f"{prefix}.{name}", "must be positive")
         _require(self.learning_rate > 0, f"{prefix}.learning_rate", "must be positive")
+        for name in COMPONENTS:
+            _require(getattr(self.component_learning_rate, name) >= 0,
+                     f"{prefix}.component_learning_rate.{name}", "must be >= 0 (0: train.learning_rate)")
+            start = getattr(self.component_start_step, name)
+            _require(0 <= start < self.steps, f"{prefix}.component_start_step.{name}",
+                     f"must lie in [0, train.steps={self.steps})")
+        _require(self.glyph_loss_weight >= 0, f"{prefix}.glyph_loss_weight", "must be >= 0")
         _require(0 <= self.warmup_steps <= self.steps, f"{prefix}.warmup_steps",
                  f"must lie in [0, train.steps={self.steps}]")
         _require(0 <= self.end_learning_rate_fraction <= 1, f"{prefix}.end_learning_rate_fraction",
@@ -331,6 +373,13 @@ class Config:
         self.train.validate("train")
         self.mesh.validate("mesh")
         self.run.validate("run")
+        if self.train.glyph_loss_weight > 0:
+            _require(self.model.vision.glyph_head, "train.glyph_loss_weight",
+                     "needs model.vision.glyph_head=true (the classifier the glyph loss trains)")
+            _require(self.data.glyph_targets, "train.glyph_loss_weight",
+                     "needs data.glyph_targets=true (the rows must carry each sketch's glyph map)")
+            _require("vision" in self.train.trainable, "train.glyph_loss_weight",
+                     "trains the vision tower, which train.trainable leaves frozen")
         m = self.model.layout.visual_len
         for i, point in enumerate(self.data.curriculum):
             _require(point.text_len % m == 0, f"data.curriculum[{i}].text_len",

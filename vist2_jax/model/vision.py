@@ -106,3 +106,26 @@ class Aligner(nn.Module):
         y = DenseGeneral((hidden,), (hidden,), ("mlp",), ("embed",), use_bias=True,
                          dtype=dtype, param_dtype=pdtype, name="fc2")(h)
         return constrain(y, IMAGE_AXES)
+
+
+class GlyphHead(nn.Module):
+    """Per-patch glyph classifier: each ViT patch feature -> logits over ``GLYPH_CLASSES``
+    for each of its (patch / GLYPH_CELL)^2 cells, laid out as the renderer's glyph map
+    [B, H/GLYPH_CELL, W/GLYPH_CELL, classes]. A dense, local target that makes the tower
+    text-oriented (which glyph sits where) without any decoder in the loop."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, features: jax.Array) -> jax.Array:
+        from vist2_jax.row_contract import GLYPH_CELL, GLYPH_CLASSES
+
+        layout = self.config.layout
+        dtype, pdtype = DTYPES[self.config.dtype], DTYPES[self.config.param_dtype]
+        cells = layout.patch_size // GLYPH_CELL
+        hidden = self.config.vision.hidden_size
+        logits = DenseGeneral((hidden,), (cells * cells * GLYPH_CLASSES,), ("embed",), ("glyph_out",),
+                              use_bias=True, dtype=dtype, param_dtype=pdtype, name="proj")(features)
+        batch, grid = features.shape[0], layout.patch_grid
+        logits = logits.reshape(batch, grid, grid, cells, cells, GLYPH_CLASSES).transpose(0, 1, 3, 2, 4, 5)
+        return logits.reshape(batch, grid * cells, grid * cells, GLYPH_CLASSES)

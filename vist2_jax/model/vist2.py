@@ -12,11 +12,11 @@ import jax.numpy as jnp
 
 from vist2_jax.config.schema import ModelConfig
 from vist2_jax.kernels.mask import RowMeta
-from vist2_jax.row_contract import IMAGE_FIELDS, ROW_FIELDS, TEXT, VISUAL
+from vist2_jax.row_contract import GLYPH_CELL, GLYPH_UNKNOWN, IMAGE_FIELDS, ROW_FIELDS, TEXT, VISUAL
 from vist2_jax.model.decoder import BSE, Qwen3Decoder
 from vist2_jax.model.layers import DTYPES, constrain
 from vist2_jax.model.loss import blockwise_next_token_loss
-from vist2_jax.model.vision import Aligner, VisionTower
+from vist2_jax.model.vision import Aligner, GlyphHead, VisionTower
 
 
 def normalize_pixels(images: jax.Array) -> jax.Array:
@@ -62,6 +62,24 @@ def next_token_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array
     return loss, metrics
 
 
+def glyph_loss(logits: jax.Array, glyphs: jax.Array) -> dict[str, jax.Array]:
+    """Cross-entropy of the glyph head over known cells (``GLYPH_UNKNOWN`` ignored), blank
+    cells weighted 0.1 so the few inked ones dominate; accuracy over inked cells. Sums and
+    counts are returned too, so gradient accumulation stays exact."""
+    from vist2_jax.row_contract import GLYPH_BLANK, GLYPH_UNKNOWN
+
+    logits = logits.astype(jnp.float32)
+    known = glyphs != GLYPH_UNKNOWN
+    labels = jnp.where(known, glyphs, 0).astype(jnp.int32)
+    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    inked = known & (glyphs != GLYPH_BLANK)
+    weight = jnp.where(inked, 1.0, jnp.where(known, 0.1, 0.0))
+    correct = (jnp.argmax(logits, axis=-1) == labels) & inked
+    return {"glyph_loss": (nll * weight).sum() / jnp.maximum(weight.sum(), 1e-6),
+            "glyph_accuracy": correct.sum() / jnp.maximum(inked.sum(), 1),
+            "glyph_cells": inked.sum().astype(jnp.float32)}
+
+
 class Vist2Model(nn.Module):
     """ViT + aligner + Qwen3 decoder over rows of the docs/design.md §2 contract.
 
@@ -77,37 +95,49 @@ class Vist2Model(nn.Module):
         self.vision = VisionTower(self.config)
         self.aligner = Aligner(self.config)
         self.decoder = Qwen3Decoder(self.config)
+        if self.config.vision.glyph_head:
+            self.glyph_head = GlyphHead(self.config)
+
+    def _features(self, images: jax.Array) -> jax.Array:
+        batch, num_images = images.shape[:2]
+        return self.vision(normalize_pixels(images.reshape((batch * num_images,) + images.shape[2:])))
 
     def encode_images(self, images: jax.Array) -> jax.Array:
         """uint8 [B, N, H, W, 3] -> visual tokens [B, N, m, D]."""
-        batch, num_images = images.shape[:2]
-        flat = normalize_pixels(images.reshape((batch * num_images,) + images.shape[2:]))
-        tokens = self.aligner(self.vision(flat))
-        return tokens.reshape(batch, num_images, *tokens.shape[1:])
+        tokens = self.aligner(self._features(images))
+        return tokens.reshape(images.shape[0], images.shape[1], *tokens.shape[1:])
 
-    def embed_row(self, batch: Mapping[str, jax.Array]) -> jax.Array:
-        """The decoder input: token embeddings at text positions, image tokens at visual ones."""
+    def embed_row(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(decoder input, glyph metrics): token embeddings at text positions, image tokens at
+        visual ones; with a glyph head and ``glyphs`` in the batch, also the glyph loss of the
+        row's sketches (from the same tower features)."""
         modality = batch["modality"]
         text = self.decoder.embed(batch["tokens"])
         text = jnp.where((modality == TEXT)[..., None], text, jnp.zeros_like(text))
         if batch["images"].shape[1] == 0:
-            return text
-        visual = self.encode_images(batch["images"])
-        return constrain(place_visual_tokens(text, visual, modality), BSE)
+            return text, {}
+        images = batch["images"]
+        features = self._features(images)
+        visual = self.aligner(features).reshape(images.shape[0], images.shape[1], -1, text.shape[-1])
+        glyph = {}
+        if self.config.vision.glyph_head and "glyphs" in batch:
+            glyph = glyph_loss(self.glyph_head(features), batch["glyphs"].reshape(-1, *batch["glyphs"].shape[2:]))
+        return constrain(place_visual_tokens(text, visual, modality), BSE), glyph
 
     def __call__(self, batch: Mapping[str, jax.Array], with_logits: bool = True) -> dict[str, jax.Array]:
         """Loss and metrics; with ``with_logits`` also the full fp32 logits (the loss then
         comes from them), else the loss is blockwise (:mod:`vist2_jax.model.loss`, what
         training uses) and no [B, S, V] array exists."""
-        hidden = self.decoder(self.embed_row(batch), RowMeta.from_batch(batch))
+        embedded, glyph = self.embed_row(batch)
+        hidden = self.decoder(embedded, RowMeta.from_batch(batch))
         if not with_logits:
-            return blockwise_next_token_loss(
+            return {**blockwise_next_token_loss(
                 hidden, self.decoder.head_weight(), batch["targets"], batch["loss_mask"],
                 tied=self.config.decoder.tie_embeddings, dtype=DTYPES[self.config.dtype],
-                chunk=self.config.loss_chunk)[1]
+                chunk=self.config.loss_chunk)[1], **glyph}
         logits = self.decoder.logits(hidden)
         loss, metrics = next_token_loss(logits, batch["targets"], batch["loss_mask"])
-        return {"logits": logits, **metrics}
+        return {"logits": logits, **metrics, **glyph}
 
 
 def example_batch(config: ModelConfig, batch_size: int = 1, seq_len: int = 32,
@@ -117,6 +147,8 @@ def example_batch(config: ModelConfig, batch_size: int = 1, seq_len: int = 32,
     batch = {name: jnp.zeros((batch_size, seq_len), dtype) for name, dtype in ROW_FIELDS.items()}
     batch["images"] = jnp.zeros((batch_size, num_images, size, size, 3), IMAGE_FIELDS["images"])
     batch["image_mask"] = jnp.zeros((batch_size, num_images), IMAGE_FIELDS["image_mask"])
+    cells = size // GLYPH_CELL
+    batch["glyphs"] = jnp.full((batch_size, num_images, cells, cells), GLYPH_UNKNOWN, IMAGE_FIELDS["glyphs"])
     return batch
 
 

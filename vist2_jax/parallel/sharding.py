@@ -42,6 +42,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("norm", None),
     ("vit_patches", None),
     ("aligner_in", "tensor"),
+    ("glyph_out", "tensor"),
 )
 
 def resolve_mesh_shape(mesh_config: MeshConfig, num_devices: int) -> dict[str, int]:

@@ -15,15 +15,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vist2_jax.config.schema import Config
+from vist2_jax.config.schema import Config, component_of
 from vist2_jax.model.vist2 import Vist2Model
 from vist2_jax.row_contract import TEXT, VISUAL
+from vist2_jax.training.optimizer import learning_rate_schedule
 
 STATE_KEYS = ("step", "params", "opt_state")
 
 
 def _freeze(params: Any, trainable: tuple[str, ...]) -> Any:
-    return {"params": {name: sub if name in trainable else jax.lax.stop_gradient(sub)
+    return {"params": {name: sub if component_of(name) in trainable else jax.lax.stop_gradient(sub)
                        for name, sub in params["params"].items()}}
 
 
@@ -49,6 +50,12 @@ def loss_and_metrics(model: Vist2Model, config: Config, params: Any, batch: Mapp
     tokens = out["target_tokens"]
     sums = {k: out[k] * tokens for k in SUMMED}
     sums["target_tokens"] = tokens
+    if "glyph_loss" in out:  # the text-oriented vision objective (docs/design.md §4)
+        if config.train.glyph_loss_weight > 0:
+            loss = loss + config.train.glyph_loss_weight * out["glyph_loss"]
+        cells = out["glyph_cells"]
+        sums.update(glyph_loss_sum=out["glyph_loss"] * cells, glyph_accuracy_sum=out["glyph_accuracy"] * cells,
+                    glyph_cells=cells)
     for task, rows in task_of_rows(config, batch["modality"]).items():
         sums[f"loss_sum_{task}"] = jnp.sum(jnp.where(rows, out["row_nll"], 0.0))
         sums[f"tokens_{task}"] = jnp.sum(jnp.where(rows, out["row_tokens"], 0.0))
@@ -60,12 +67,31 @@ def finish_metrics(sums: dict) -> dict:
     total = jnp.maximum(sums["target_tokens"], 1.0)
     metrics = {k: sums[k] / total for k in SUMMED}
     metrics["target_tokens"] = sums["target_tokens"]
+    if "glyph_cells" in sums:
+        cells = jnp.maximum(sums["glyph_cells"], 1.0)
+        metrics["glyph_loss"] = sums["glyph_loss_sum"] / cells
+        metrics["glyph_accuracy"] = sums["glyph_accuracy_sum"] / cells
     for key in sums:
         if key.startswith("loss_sum_"):
             task = key[len("loss_sum_"):]
             metrics[f"loss_{task}"] = sums[key] / jnp.maximum(sums[f"tokens_{task}"], 1.0)
             metrics[f"tokens_{task}"] = sums[f"tokens_{task}"]
     return metrics
+
+
+def component_norms(grads, updates, params, trainable, config: Config, step) -> dict:
+    """Per trainable component: gradient, update and parameter L2 norms and the learning
+    rate in force, the figures that show which component moves and how far (a tower whose
+    update norm rivals its parameter norm is being overwritten, not tuned)."""
+    out = {}
+    for name in trainable:
+        if name not in params["params"]:
+            continue
+        out[f"grad_norm_{name}"] = optax.tree.norm(grads["params"][name])
+        out[f"update_norm_{name}"] = optax.tree.norm(updates["params"][name])
+        out[f"param_norm_{name}"] = optax.tree.norm(params["params"][name])
+        out[f"learning_rate_{name}"] = jnp.asarray(learning_rate_schedule(config.train, name)(step), jnp.float32)
+    return out
 
 
 def make_train_step(config: Config, optimizer: optax.GradientTransformation):
@@ -107,6 +133,7 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation):
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
+        metrics.update(component_norms(grads, updates, params, trainable, config, state["step"]))
         ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         if skip_bad:
             new_params = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new_params, params)
