@@ -10,8 +10,8 @@ from typing import Mapping, Sequence
 Series = Mapping[str, Sequence[tuple[float, float]]]
 
 
-def line_charts(panels: Sequence[dict], path: str | Path, width: float = 9.0, height: float = 4.5) -> Path:
-    """One PNG with a panel per dict: ``series`` (name -> (x, y) points), ``title``,
+def line_charts(panels: Sequence[dict], path, width: float = 9.0, height: float = 4.5):
+    """One PNG (to a path or a binary file object) with a panel per dict: ``series`` (name -> (x, y) points), ``title``,
     ``x_label``, ``y_label`` and optional ``log_x`` / ``log_y`` (base 2 / 10)."""
     import matplotlib
 
@@ -34,9 +34,9 @@ def line_charts(panels: Sequence[dict], path: str | Path, width: float = 9.0, he
         ax.grid(alpha=0.3)
         ax.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=100, format="png")
     plt.close(figure)
-    return Path(path)
+    return path
 
 
 def line_chart(series: Series, path: str | Path, title: str, x_label: str, y_label: str) -> Path:

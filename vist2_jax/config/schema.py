@@ -267,6 +267,10 @@ class TrainConfig:
     checkpoint's parameters start this stage). ``init_decoder_hf`` / ``init_vision_hf`` are
     Hugging Face folders (Qwen3 / SigLIP or SigLIP2 safetensors) loaded into a fresh run. ``peak_tflops_per_device`` (bf16 dense peak
     of the accelerator) turns on MFU in the metrics; 0 leaves it out.
+    ``component_learning_rate`` / ``component_start_step``: each component's own peak rate
+    and schedule start. The objective is ``text_loss_weight`` x next-token loss +
+    ``glyph_loss_weight`` x the glyph loss of the sketches (docs/design.md §4; 0 text weight:
+    a vision-only stage that never runs the decoder).
     """
 
     steps: int = 100
@@ -281,6 +285,7 @@ class TrainConfig:
     component_learning_rate: ComponentRates = ComponentRates()
     component_start_step: ComponentSteps = ComponentSteps()
     glyph_loss_weight: float = 0.0
+    text_loss_weight: float = 1.0
     init_from: str = ""
     init_decoder_hf: str = ""
     init_vision_hf: str = ""
@@ -305,6 +310,9 @@ class TrainConfig:
             _require(0 <= start < self.steps, f"{prefix}.component_start_step.{name}",
                      f"must lie in [0, train.steps={self.steps})")
         _require(self.glyph_loss_weight >= 0, f"{prefix}.glyph_loss_weight", "must be >= 0")
+        _require(self.text_loss_weight >= 0, f"{prefix}.text_loss_weight", "must be >= 0")
+        _require(self.text_loss_weight > 0 or self.glyph_loss_weight > 0, f"{prefix}.text_loss_weight",
+                 "is 0 and so is train.glyph_loss_weight: nothing would be learned")
         _require(0 <= self.warmup_steps <= self.steps, f"{prefix}.warmup_steps",
                  f"must lie in [0, train.steps={self.steps}]")
         _require(0 <= self.end_learning_rate_fraction <= 1, f"{prefix}.end_learning_rate_fraction",

@@ -107,6 +107,11 @@ class Vist2Model(nn.Module):
         tokens = self.aligner(self._features(images))
         return tokens.reshape(images.shape[0], images.shape[1], *tokens.shape[1:])
 
+    def glyph_metrics(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """The glyph loss of a batch's sketches alone: the tower and its head, no decoder."""
+        features = self._features(batch["images"])
+        return glyph_loss(self.glyph_head(features), batch["glyphs"].reshape(-1, *batch["glyphs"].shape[2:]))
+
     def embed_row(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(decoder input, glyph metrics): token embeddings at text positions, image tokens at
         visual ones; with a glyph head and ``glyphs`` in the batch, also the glyph loss of the

@@ -42,9 +42,18 @@ def task_of_rows(config: Config, modality: jax.Array) -> dict[str, jax.Array]:
 
 
 def loss_and_metrics(model: Vist2Model, config: Config, params: Any, batch: Mapping[str, jax.Array]):
-    """(objective, sums): the objective to differentiate and token-weighted metric sums."""
+    """(objective, sums): the objective to differentiate and token-weighted metric sums.
+    With ``train.text_loss_weight=0`` only the tower and its glyph head run (a vision
+    pretraining stage, no decoder): its ``loss`` / ``accuracy`` are the glyph figures."""
+    if config.train.text_loss_weight == 0:
+        out = model.apply(params, batch, method=Vist2Model.glyph_metrics)
+        cells = out["glyph_cells"]
+        sums = {"loss": out["glyph_loss"] * cells, "accuracy": out["glyph_accuracy"] * cells,
+                "z_loss": jnp.zeros(()), "target_tokens": cells, "glyph_loss_sum": out["glyph_loss"] * cells,
+                "glyph_accuracy_sum": out["glyph_accuracy"] * cells, "glyph_cells": cells}
+        return config.train.glyph_loss_weight * out["glyph_loss"], sums
     out = model.apply(params, batch, with_logits=False)  # blockwise loss, no [B, S, V] logits
-    loss = out["loss"]
+    loss = config.train.text_loss_weight * out["loss"]
     if config.train.z_loss_weight > 0:
         loss = loss + config.train.z_loss_weight * out["z_loss"]
     tokens = out["target_tokens"]

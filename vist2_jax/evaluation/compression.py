@@ -1,0 +1,102 @@
+"""The compression table of a finished VIST2 run against a text-only model of the same
+size trained on the same text with the same budget (the paper's comparison, visual
+context vs. the native LM, in miniature; ``vist2 demo --proof``).
+
+Per compression ratio L/m (the curriculum's L at fixed m): OCR CER of held-out chunks with
+the true and with blank sketches, the memory gain (blank - true, nats/token) with its 95%
+interval, and the compression gap: the VIST2 model's loss with the earlier chunks as
+sketches minus the text-only model's loss with the same chunks as text, on the same
+held-out documents and targets, with its 95% interval (bootstrap over documents).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+
+from vist2_jax import storage
+from vist2_jax.config.schema import CurriculumPoint
+from vist2_jax.evaluation.context import EvalContext, final_point, row_maker
+from vist2_jax.evaluation.memory import blank_row, document_sums, text_row, visual_spread
+from vist2_jax.evaluation.metrics import bootstrap_ratio
+from vist2_jax.evaluation.ocr import evaluate_ocr
+
+log = logging.getLogger(__name__)
+
+
+def compression_row(vist2: EvalContext, text_only: EvalContext, text_len: int, chunks: int, documents: int) -> dict:
+    """The figures of one ratio: OCR on ``chunks`` held-out chunks of ``text_len`` tokens,
+    memory and gap on ``documents`` held-out OLM rows whose chunks hold ``text_len`` tokens."""
+    m = vist2.config.model.layout.visual_len
+    ocr = evaluate_ocr(vist2, chunks, text_lens=[text_len])
+    point = final_point(vist2.config)
+    point = CurriculumPoint(text_len=text_len, max_chunks=max(point.max_chunks, 2))
+    maker = row_maker(vist2, "olm", point)
+    rows = [maker(i) for i in range(documents)]
+    true_sum, tokens = document_sums(vist2, rows)
+    blank_sum, _ = document_sums(vist2, [blank_row(r) for r in rows])
+    native_sum, native_tokens = document_sums(text_only, [text_row(r) for r in rows])
+    assert np.array_equal(tokens, native_tokens)
+    gain = bootstrap_ratio(blank_sum - true_sum, tokens)
+    gap = bootstrap_ratio(true_sum - native_sum, tokens)
+    total = tokens.sum()
+    row = {"ratio": text_len / m, "text_len": text_len, "visual_len": m,
+           "ocr_cer": ocr["cer"], "ocr_cer_blank": ocr["cer_blank_sketch"], "ocr_chunks": ocr["chunks"],
+           "nll_true": float(true_sum.sum() / total), "nll_blank": float(blank_sum.sum() / total),
+           "nll_text_only_model": float(native_sum.sum() / total),
+           "memory_gain": gain[0], "memory_gain_lo": gain[1], "memory_gain_hi": gain[2],
+           "compression_gap": gap[0], "compression_gap_lo": gap[1], "compression_gap_hi": gap[2],
+           "documents": len(tokens), "tokens": int(total), "visual_spread": visual_spread(vist2, rows)}
+    for key in ("cer_lo", "cer_hi", "cer_blank_sketch_lo", "cer_blank_sketch_hi"):
+        if key in ocr:
+            row["ocr_" + key.replace("_sketch", "")] = ocr[key]
+    return row
+
+
+def compression_table(vist2: EvalContext, text_only: EvalContext, ratios=(1, 2, 4), chunks: int = 96,
+                      documents: int = 48) -> list[dict]:
+    m = vist2.config.model.layout.visual_len
+    table = []
+    for ratio in ratios:
+        row = compression_row(vist2, text_only, ratio * m, chunks, documents)
+        log.info("compression %dx: %s", ratio, ", ".join(f"{k} {v:.4f}" for k, v in row.items()
+                                                          if isinstance(v, float)))
+        table.append(row)
+    return table
+
+
+def table_lines(table: list[dict]) -> list[str]:
+    """The table as text: one line per ratio, losses and gaps in nats/token."""
+    def ci(row, key):
+        return f"[{row[key + '_lo']:+.3f}, {row[key + '_hi']:+.3f}]"
+
+    lines = [f"{'L/m':>4} {'OCR CER':>8} {'blank':>6} {'memory gain (95% CI)':>27} "
+             f"{'gap vs text-only LM (95% CI)':>32}"]
+    for row in table:
+        lines.append(f"{row['ratio']:>3.0f}x {row['ocr_cer']:>8.3f} {row['ocr_cer_blank']:>6.3f} "
+                     f"{row['memory_gain']:>+8.3f} {ci(row, 'memory_gain'):>18} "
+                     f"{row['compression_gap']:>+8.3f} {ci(row, 'compression_gap'):>23}")
+    return lines
+
+
+def write_table(table: list[dict], folder, meta: dict) -> None:
+    """``compression.json`` (local or gs://) and ``compression.png`` in ``folder``."""
+    from vist2_jax.plotting import line_charts
+
+    folder = storage.as_path(folder)
+    storage.write_atomic(folder / "compression.json", json.dumps({**meta, "table": table}, indent=2))
+    ratios = [row["ratio"] for row in table]
+    panels = [
+        {"title": "OCR CER of held-out chunks", "x_label": "compression L/m", "y_label": "CER",
+         "series": {"true sketches": list(zip(ratios, [r["ocr_cer"] for r in table])),
+                    "blank sketches": list(zip(ratios, [r["ocr_cer_blank"] for r in table]))}},
+        {"title": "held-out loss of chunks >= 2", "x_label": "compression L/m", "y_label": "nats/token",
+         "series": {"VIST2, true sketches": list(zip(ratios, [r["nll_true"] for r in table])),
+                    "VIST2, blank sketches": list(zip(ratios, [r["nll_blank"] for r in table])),
+                    "text-only LM, full text": list(zip(ratios, [r["nll_text_only_model"] for r in table]))}},
+    ]
+    with storage.open_atomic(folder / "compression.png") as png:
+        line_charts(panels, png)
+
