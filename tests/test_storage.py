@@ -45,6 +45,26 @@ def test_append_file_on_a_bucket_uploads_on_flush_interval_and_close(gcs_bucket)
     assert path.read_text() == "first\n"
 
 
+def test_append_file_uploads_its_first_line_on_a_freshly_booted_machine(gcs_bucket, monkeypatch):
+    """``time.monotonic()`` counts from boot: with the clock a few seconds after boot (less
+    than ``flush_s``) the first line is still uploaded at once, and the next ones wait for
+    ``flush_s`` from that upload."""
+    import time
+
+    clock = [2.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    path = storage.as_path(f"{gcs_bucket}/fresh-boot/metrics.jsonl")
+    log = storage.AppendFile(path, flush_s=30)
+    log.append("first")
+    assert path.read_text() == "first\n"
+    clock[0] = 20.0
+    log.append("second")
+    assert path.read_text() == "first\n"  # 18 s after the first upload: held
+    clock[0] = 32.5
+    log.append("third")
+    assert path.read_text() == "first\nsecond\nthird\n"
+
+
 def test_upload_streams_in_blocks_and_a_failed_upload_publishes_nothing(gcs_bucket, tmp_path, monkeypatch):
     """A file larger than one block (a resumable upload on GCS) arrives whole, locally and on
     the bucket; an upload failing half-way leaves no object (nor a local temporary file)."""

@@ -165,7 +165,7 @@ class AppendFile:
         self.path, self.flush_s = as_path(path), flush_s
         self.remote = is_remote(self.path)
         self._buffer = io.StringIO()
-        self._uploaded_at = 0.0
+        self._uploaded_at: float | None = None  # monotonic time of the last upload; None: never
         self._dirty = False
         if self.remote and self.path.exists():
             self._buffer.write(self.path.read_text())
@@ -196,7 +196,10 @@ class AppendFile:
     def flush(self, force: bool = True) -> None:
         if not (self.remote and self._dirty):
             return
-        if force or time.monotonic() - self._uploaded_at >= self.flush_s:
+        # ``time.monotonic()`` counts from an arbitrary origin (boot on Linux), so "never
+        # uploaded" is None, not 0.0: a machine up for less than ``flush_s`` still uploads.
+        due = self._uploaded_at is None or time.monotonic() - self._uploaded_at >= self.flush_s
+        if force or due:
             self.path.write_text(self._buffer.getvalue())
             self._uploaded_at, self._dirty = time.monotonic(), False
 
