@@ -127,3 +127,54 @@ def test_a_damaged_data_iterator_state_is_caught_before_grain_reads_it(tmp_path)
     (step, _), store = _restore(checkpoints, restored)
     assert step == 1 and store.unreadable[2].startswith(f"DamagedCheckpoint: data/{state_file.name} ")
     assert next(restored) == 0  # step 1 was saved before the first element was taken
+
+
+RESTORE_ALL_DAMAGED = """
+import logging, os, pathlib, sys
+import jax, numpy as np
+from vist2_jax.checkpointing.checkpoints import RunCheckpoints
+logging.basicConfig(format="%(message)s")
+state = {"params": {f"layer{i}": np.full((64, 64), i, np.float32) for i in range(40)}, "opt_state": {"m": np.zeros(2, np.float32)}}
+store = RunCheckpoints(sys.argv[1], keep=5)
+for step in (1, 2):
+    store.save(step, state, None, {}, {}, {})
+store.close()
+store = RunCheckpoints(sys.argv[1], keep=5, async_save=False)
+for folder, _, files in os.walk(store.directory):
+    for path in (pathlib.Path(folder) / name for name in files if folder.endswith("params/d")):
+        path.write_bytes(path.read_bytes()[:40] + os.urandom(64) + path.read_bytes()[104:])
+device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state)
+for attempt in range(3):
+    assert store.restore_latest(abstract, params_only=True) is None
+store.close()
+"""
+
+
+def test_a_failed_restore_prints_its_reason_and_nothing_after_it(tmp_path):
+    """Orbax leaves the other reads of a failed restore running; their reports (tracebacks of
+    ``Event loop is closed``) must not follow the one-line reasons."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", RESTORE_ALL_DAMAGED, str(tmp_path / "run")], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 6 and all("is unreadable" in line for line in lines), done.stderr[-2000:]
+
+
+def test_only_the_reports_of_abandoned_reads_are_silenced(monkeypatch):
+    import sys
+    from types import SimpleNamespace
+
+    from vist2_jax.checkpointing import checkpoints
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: seen.append(unraisable.exc_value))
+    monkeypatch.setattr(checkpoints, "_abandoned_reads_silenced", False)
+    checkpoints._silence_abandoned_reads()
+    other = ValueError("a real problem")
+    sys.unraisablehook(SimpleNamespace(exc_value=RuntimeError("Event loop is closed"), object=None))
+    sys.unraisablehook(SimpleNamespace(exc_value=other, object=None))
+    assert seen == [other]

@@ -23,6 +23,7 @@ import functools
 import hashlib
 import json
 import logging
+import sys
 from typing import Any
 
 import grain
@@ -194,6 +195,7 @@ class RunCheckpoints:
         (kept in ``self.json_items[step]``) are checked against the checkpoint's checksums.
         Unreadable steps land in ``self.unreadable`` with their reason.
         """
+        _silence_abandoned_reads()
         for step in reversed(self.steps() if only_step is None else [only_step]):
             try:
                 state = self._restore_verified(step, abstract_state, data_iterator, params_only)
@@ -266,6 +268,47 @@ class RunCheckpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+_abandoned_reads_silenced = False
+
+
+def _silence_abandoned_reads() -> None:
+    """Keep the one-line reason of a failed restore the last thing the user sees.
+
+    When one array of a restore fails, Orbax's ``asyncio.gather`` raises at once and its
+    event loop is closed with the other reads still running in TensorStore's threads. They
+    end later and are reported as ignored exceptions: completion callbacks into the closed
+    loop (``RuntimeError: Event loop is closed``), coroutines destroyed unfinished, and
+    asyncio's "exception was never retrieved" / "Task was destroyed" log records, each with
+    a traceback (hundreds of lines for a large model), some while the restore is still
+    unwinding. Orbax gives no handle to cancel them and nothing waits for their results, so
+    from the first restore on exactly these reports are dropped (Orbax's are the only event
+    loops of the process); every other ignored exception and log record still reaches its
+    handler."""
+    global _abandoned_reads_silenced
+    if _abandoned_reads_silenced:
+        return
+    _abandoned_reads_silenced = True
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _is_abandoned_read(unraisable.exc_value, unraisable.object):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(lambda record: not record.getMessage().startswith(_ABANDONED_TASK_LOGS))
+
+
+_ABANDONED_TASK_LOGS = ("Task exception was never retrieved", "Future exception was never retrieved",
+                        "Task was destroyed but it is pending")
+
+
+def _is_abandoned_read(error: BaseException | None, where: Any) -> bool:
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return True  # a TensorStore callback into the closed loop (it reports no object)
+    code = getattr(where, "cr_code", None)  # a coroutine of Orbax or TensorStore destroyed unfinished
+    return code is not None and any(part in code.co_filename for part in ("orbax", "tensorstore"))
 
 
 def one_line_reason(err: BaseException) -> str:
