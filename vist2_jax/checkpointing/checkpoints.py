@@ -200,10 +200,13 @@ class RunCheckpoints:
             try:
                 state = self._restore_verified(step, abstract_state, data_iterator, params_only)
             except Exception as err:  # orbax/tensorstore raise many kinds for damaged files
-                log.error("checkpoint step %d at %s is unreadable (%s); trying the previous one",
-                          step, self.directory, one_line_reason(err))
                 self.unreadable[step] = one_line_reason(err)
                 continue
+            # Said when a readable one is found; when none is, the caller's one line lists them.
+            for bad, reason in sorted(self.unreadable.items(), reverse=True):
+                if bad > step:
+                    log.error("checkpoint step %d at %s is unreadable (%s); using step %d",
+                              bad, self.directory, reason, step)
             return step, state
         return None
 
