@@ -179,3 +179,62 @@ def test_only_the_reports_of_abandoned_reads_are_silenced(monkeypatch):
     sys.unraisablehook(SimpleNamespace(exc_value=RuntimeError("Event loop is closed"), object=None))
     sys.unraisablehook(SimpleNamespace(exc_value=other, object=None))
     assert seen == [other]
+
+
+def _big_state(step):
+    noise = np.random.default_rng(step).normal(size=(2, 256, 1024)).astype(np.float32)  # incompressible
+    return {"params": {"w": noise[0]}, "opt_state": {"m": noise[1]}}  # 1 MiB each
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB tmpfs: one 2 MiB checkpoint fits, a second does not (needs root)."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_the_earlier_checkpoint_stays(small_disk, monkeypatch):
+    """Orbax's write runs out of space (the free-space check is told there is room): one line
+    naming the folder and the bytes, and step 1 restores exactly."""
+    from vist2_jax import storage
+
+    store = RunCheckpoints(small_disk / "run", keep=5)
+    store.save(1, _big_state(1), None, {}, {}, {})
+    store.wait()
+    monkeypatch.setattr(storage, "free_bytes", lambda path: 1 << 40)
+    with pytest.raises(storage.StorageFull) as err:
+        store.save(2, _big_state(2), None, {}, {}, {})
+        store.close()
+    message = str(err.value)
+    assert "\n" not in message and str(small_disk / "run" / "checkpoints") in message
+    assert f"{2 * 2**20:,} bytes" in message and "latest: step 1" in message
+    (step, state), _ = _restore_big(small_disk)
+    assert step == 1 and np.array_equal(np.asarray(state["params"]["w"]), _big_state(1)["params"]["w"])
+
+
+def test_a_save_that_cannot_fit_is_refused_before_it_starts(tmp_path, monkeypatch):
+    from vist2_jax import storage
+
+    store = RunCheckpoints(tmp_path / "run", keep=5)
+    store.save(1, _big_state(1), None, {}, {}, {})
+    monkeypatch.setattr(storage, "free_bytes", lambda path: 1000)
+    with pytest.raises(storage.StorageFull, match=r"checkpoint step 2 \(it needs about 2,097,152 bytes, "
+                                                  r"1,000 are free\).*latest: step 1"):
+        store.save(2, _big_state(2), None, {}, {}, {})
+    store.close()
+    assert store.steps() == [1]
+
+
+def _restore_big(root):
+    store = RunCheckpoints(root / "run", keep=5, async_save=False)
+    try:
+        return store.restore_latest(_abstract(_big_state(0))), store
+    finally:
+        store.close()

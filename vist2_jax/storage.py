@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import hashlib
 import io
 import os
@@ -31,6 +32,35 @@ from etils import epath
 
 PathLike = Union[str, os.PathLike, epath.Path]
 _UPLOAD_BLOCK = 16 * 2**20  # bytes per read/write when copying files to or from a store
+
+
+class StorageFull(OSError):
+    """A write that does not fit: one line naming the folder and the bytes needed."""
+
+
+def free_bytes(path: PathLike) -> int | None:
+    """Free bytes of the filesystem holding ``path`` (its nearest existing parent); None
+    for object stores, which have no such limit."""
+    if is_remote(path):
+        return None
+    folder = os.path.abspath(os.fspath(as_path(path)))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    return shutil.disk_usage(folder).free
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """True when ``err`` or an error it was raised from is "no space left on device"
+    (an ``OSError`` from Python, or a message from TensorStore or gcsfs)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(err) or "RESOURCE_EXHAUSTED" in str(err) and "space" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def as_path(path: PathLike) -> epath.Path:

@@ -19,7 +19,8 @@ any sharding and any number of processes (save on a pod, load on one machine).
 from __future__ import annotations
 
 import base64
-import functools
+import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -101,6 +102,19 @@ def array_checksum(x: jax.Array) -> jax.Array:
     return jnp.stack(lanes)
 
 
+def _bytes_written_here(state: dict) -> int:
+    """Bytes of params and optimizer state this process writes (one replica of each of its
+    shards, as Orbax does)."""
+    total = 0
+    for leaf in jax.tree_util.tree_leaves((state["params"], state["opt_state"])):
+        shards = getattr(leaf, "addressable_shards", None)
+        if shards is None:
+            total += getattr(leaf, "nbytes", 0)
+        else:
+            total += sum(shard.data.nbytes for shard in shards if shard.replica_id == 0)
+    return total
+
+
 def tree_checksums(tree: Any, prefix: str) -> dict[str, str]:
     """``{"prefix/path/to/leaf": "16 hex digits"}`` for every array leaf of ``tree``."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -157,6 +171,7 @@ class RunCheckpoints:
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self.unreadable: dict[int, str] = {}  # step -> reason, filled by restore_latest
         self.json_items: dict[int, dict] = {}  # step -> {config, tokenizer, renderer} read and checked
+        self._pending = (0, 0)  # (step, bytes) of the last save started
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -181,10 +196,36 @@ class RunCheckpoints:
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         items["checksums"] = ocp.args.JsonSave({"format": 1, "checksums": checksums})
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        self.wait()  # Orbax waits for the previous save anyway; its failure is reported as its own
+        need = _bytes_written_here(state)
+        free = storage.free_bytes(self.directory)
+        with self._reporting_full_disk(step, need):  # an earlier asynchronous save may fail here
+            if free is not None and free < need:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        self._pending = (step, need)
+        return saved
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._reporting_full_disk(*self._pending):
+            self.manager.wait_until_finished()
+
+    @contextlib.contextmanager
+    def _reporting_full_disk(self, step: int, need: int):
+        """A save that runs out of space (before it starts, or in Orbax's background write,
+        reported at the next save or wait) is one line naming the folder and the bytes; the
+        half-written step stays in Orbax's temporary folder, never taken as a checkpoint."""
+        try:
+            yield
+        except Exception as err:
+            if not storage.is_disk_full(err):
+                raise
+            free = storage.free_bytes(self.directory)
+            done = [s for s in self.steps() if s < step]
+            raise storage.StorageFull(
+                f"{self.directory}: no space left for checkpoint step {step} (it needs about {need:,} bytes"
+                + (f", {free:,} are free" if free is not None else "") + "); earlier checkpoints are intact"
+                + (f" (latest: step {done[-1]})" if done else "") + ": free space and rerun to resume") from None
 
     def restore_latest(self, abstract_state: dict, data_iterator: Any = None,
                        params_only: bool = False, only_step: int | None = None) -> tuple[int, dict] | None:
@@ -269,7 +310,7 @@ class RunCheckpoints:
         return value
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
 
 
