@@ -63,6 +63,62 @@ def is_disk_full(err: BaseException) -> bool:
     return False
 
 
+class StorageUnavailable(OSError):
+    """An object store that kept failing a write for longer than ``retry_seconds()``."""
+
+
+def retry_seconds() -> float:
+    """How long a write to an object store is retried before the run stops
+    (``VIST2_STORAGE_RETRY_S``, default 120 s)."""
+    return float(os.environ.get("VIST2_STORAGE_RETRY_S", "120"))
+
+
+_TRANSIENT_WORDS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "Connection reset", "Connection refused",
+                    "Server disconnected", "timed out", "Timeout")
+
+
+def is_transient(err: BaseException) -> bool:
+    """An object-store error worth retrying: a connection or timeout error, an HTTP 408 /
+    429 / 5xx (gcsfs's own rule), or a TensorStore status saying the same. A write whose
+    reply was lost can come back as "not found" (the upload session is gone): also retried."""
+    try:
+        from gcsfs.retry import is_retriable
+    except ImportError:  # gcsfs is what serves gs://; without it nothing here is remote
+        def is_retriable(_):
+            return False
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (ConnectionError, TimeoutError, FileNotFoundError)) or is_retriable(err):
+            return True
+        if any(word in str(err) for word in _TRANSIENT_WORDS):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def retrying(path: PathLike, write):
+    """``write()`` for an object at ``path``, again with backoff (1, 2, 4 ... 16 s) while it
+    fails with a transient error, for at most ``retry_seconds()``; then
+    :class:`StorageUnavailable`, one line. Local paths are written once."""
+    if not is_remote(path):
+        return write()
+    deadline, delay = time.monotonic() + retry_seconds(), 1.0
+    while True:
+        try:
+            return write()
+        except Exception as err:
+            if not is_transient(err):
+                raise
+            if time.monotonic() + delay > deadline:
+                reason = " ".join(str(err).split())[:160] or type(err).__name__
+                raise StorageUnavailable(
+                    f"{path}: the store kept failing for {retry_seconds():.0f} s ({type(err).__name__}: "
+                    f"{reason}); stopped: rerun to resume from the last checkpoint") from None
+            time.sleep(delay)
+            delay = min(2 * delay, 16.0)
+
+
 def as_path(path: PathLike) -> epath.Path:
     """``path`` as an ``epath.Path``; ``~`` is expanded for local paths."""
     if isinstance(path, epath.Path):
@@ -83,9 +139,15 @@ def absolute(path: PathLike) -> epath.Path:
 
 
 def write_atomic(path: PathLike, data: bytes | str) -> epath.Path:
-    """Write ``path`` so that a reader sees the old content or the new, never half of it."""
-    with open_atomic(path) as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+    """Write ``path`` so that a reader sees the old content or the new, never half of it
+    (retried on an object store, see :func:`retrying`)."""
+    data = data.encode("utf-8") if isinstance(data, str) else data
+
+    def write():
+        with open_atomic(path) as f:
+            f.write(data)
+
+    retrying(path, write)
     return as_path(path)
 
 
@@ -177,8 +239,11 @@ def local_copy(path: PathLike) -> str:
 def upload(local: PathLike, destination: PathLike) -> epath.Path:
     """Copy a local file to ``destination`` (which may be remote), atomically, 16 MiB at a
     time: a multi-GB file (a safetensors shard) is never held in memory whole."""
-    with open(os.fspath(local), "rb") as source, open_atomic(destination) as target:
-        shutil.copyfileobj(source, target, _UPLOAD_BLOCK)
+    def write():
+        with open(os.fspath(local), "rb") as source, open_atomic(destination) as target:
+            shutil.copyfileobj(source, target, _UPLOAD_BLOCK)
+
+    retrying(destination, write)
     return as_path(destination)
 
 
@@ -230,7 +295,8 @@ class AppendFile:
         # uploaded" is None, not 0.0: a machine up for less than ``flush_s`` still uploads.
         due = self._uploaded_at is None or time.monotonic() - self._uploaded_at >= self.flush_s
         if force or due:
-            self.path.write_text(self._buffer.getvalue())
+            text = self._buffer.getvalue()
+            retrying(self.path, lambda: self.path.write_text(text))
             self._uploaded_at, self._dirty = time.monotonic(), False
 
     def close(self) -> None:
@@ -251,7 +317,8 @@ class _ObjectRecordWriter:
 
     def flush(self) -> None:
         if self.dirty:
-            self.path.write_bytes(self.buffer.getvalue())
+            data = self.buffer.getvalue()
+            retrying(self.path, lambda: self.path.write_bytes(data))
             self.dirty = False
 
     def close(self) -> None:

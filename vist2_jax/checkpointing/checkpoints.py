@@ -199,7 +199,7 @@ class RunCheckpoints:
         self.wait()  # Orbax waits for the previous save anyway; its failure is reported as its own
         need = _bytes_written_here(state)
         free = storage.free_bytes(self.directory)
-        with self._reporting_full_disk(step, need):  # an earlier asynchronous save may fail here
+        with self._reporting_storage_errors(step, need):  # an earlier asynchronous save may fail here
             if free is not None and free < need:
                 raise OSError(errno.ENOSPC, "No space left on device")
             saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -207,17 +207,24 @@ class RunCheckpoints:
         return saved
 
     def wait(self) -> None:
-        with self._reporting_full_disk(*self._pending):
+        with self._reporting_storage_errors(*self._pending):
             self.manager.wait_until_finished()
 
     @contextlib.contextmanager
-    def _reporting_full_disk(self, step: int, need: int):
+    def _reporting_storage_errors(self, step: int, need: int):
         """A save that runs out of space (before it starts, or in Orbax's background write,
         reported at the next save or wait) is one line naming the folder and the bytes; the
-        half-written step stays in Orbax's temporary folder, never taken as a checkpoint."""
+        half-written step stays in Orbax's temporary folder, never taken as a checkpoint. A
+        bucket that stays unreachable is one line too (``StorageUnavailable``)."""
         try:
             yield
         except Exception as err:
+            if storage.is_remote(self.directory) and storage.is_transient(err):
+                # TensorStore's GCS driver has already retried each request with backoff
+                reason = " ".join(one_line_reason(err).split())[:200]
+                raise storage.StorageUnavailable(
+                    f"{self.directory}: checkpoint step {step} could not be written ({reason}); it is not "
+                    "taken as a checkpoint: rerun to resume from the last complete one") from None
             if not storage.is_disk_full(err):
                 raise
             free = storage.free_bytes(self.directory)
