@@ -66,6 +66,8 @@ def test_array_checksum_is_independent_of_sharding_and_sees_one_changed_or_swapp
     assert not np.array_equal(np.asarray(array_checksum(x.at[17, 3].set(x[17, 3] + 1e-7))), reference)
     assert not np.array_equal(np.asarray(array_checksum(x.at[0, 0].set(x[0, 1]).at[0, 1].set(x[0, 0]))),
                               reference)
+    blocks = [np.asarray(array_checksum(x[start:start + 16], start * 32), np.uint64) for start in range(0, 64, 16)]
+    assert np.array_equal(sum(blocks) % 2**32, reference)  # a leaf read in blocks of rows (export)
     for dtype in (jnp.bfloat16, jnp.int32, jnp.uint8, jnp.bool_):
         y = jnp.ones((3, 5), dtype)
         assert not np.array_equal(np.asarray(array_checksum(y)), np.asarray(array_checksum(y.at[2, 4].set(y[0, 0] == 0))))

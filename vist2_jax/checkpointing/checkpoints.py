@@ -73,13 +73,20 @@ def _fmix32(h):
     return h ^ (h >> 16)
 
 
-@jax.jit
-def array_checksum(x: jax.Array) -> jax.Array:
+def array_checksum(x: jax.Array, first_element: int = 0) -> jax.Array:
     """Two uint32 lanes: sum over elements of ``fmix(bits * c ^ fmix(index + seed))``.
 
     Element bits (any dtype of 1, 2, 4 or 8 bytes) and their global row-major index enter
     each term, so a changed, moved or swapped value changes the sum (a false match has
-    probability ~2**-64); the sum is order-free, so the result does not depend on sharding."""
+    probability ~2**-64); the sum is order-free, so the result does not depend on sharding.
+    ``first_element``: the flat index of ``x``'s first element when ``x`` is a block of rows
+    of a larger array; the lanes of its blocks add up (mod 2**32) to the whole array's (a
+    reader that reads a leaf in blocks, like the exporter, checks it without holding it)."""
+    return _array_checksum(x, jnp.uint32(first_element % 2**32))
+
+
+@jax.jit
+def _array_checksum(x: jax.Array, first_element: jax.Array) -> jax.Array:
     if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
         x = jax.random.key_data(x)
     if x.dtype == jnp.bool_:
@@ -90,7 +97,7 @@ def array_checksum(x: jax.Array) -> jax.Array:
     else:
         bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[size])
         bits = bits.astype(jnp.uint32)
-    index = jnp.zeros(bits.shape, jnp.uint32)
+    index = jnp.full(bits.shape, first_element * jnp.uint32(2 if size == 8 else 1), jnp.uint32)
     stride = 1
     for dim in reversed(range(bits.ndim)):  # the flat index without a reshape (no resharding)
         index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, dim) * jnp.uint32(stride % 2**32)
@@ -115,13 +122,19 @@ def _bytes_written_here(state: dict) -> int:
     return total
 
 
+def checksum_hex(lanes) -> str:
+    """The 16 hex digits stored in a checkpoint's ``checksums`` item for ``lanes`` (two
+    uint32, e.g. the sum of :func:`array_checksum` over blocks)."""
+    return "%08x%08x" % tuple(int(v) % 2**32 for v in np.asarray(lanes))
+
+
 def tree_checksums(tree: Any, prefix: str) -> dict[str, str]:
     """``{"prefix/path/to/leaf": "16 hex digits"}`` for every array leaf of ``tree``."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     sums = {prefix + "/" + "/".join(_key_name(k) for k in path): array_checksum(leaf)
             for path, leaf in leaves if hasattr(leaf, "dtype") and hasattr(leaf, "shape")}
     # One transfer at the end; every process gets the same (replicated) values.
-    return {name: "%08x%08x" % tuple(int(v) for v in np.asarray(value)) for name, value in sums.items()}
+    return {name: checksum_hex(value) for name, value in sums.items()}
 
 
 def _key_name(key) -> str:
