@@ -226,3 +226,15 @@ def test_writes_to_a_bucket_ride_through_an_outage_and_stop_in_one_line_past_the
     with pytest.raises(storage.StorageUnavailable, match=r"outage/summary\.json: the store kept failing for 3 s") as err:
         storage.write_atomic(f"{bucket}/outage/summary.json", '{"step": 2}')
     assert time.monotonic() - started < 20 and "\n" not in str(err.value)
+
+
+def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)  # the temporary file cannot be written out
+    with pytest.raises(storage.StorageFull, match=r"summary\.json: no space left on device") as err:
+        storage.write_atomic(tmp_path / "summary.json", "{}")
+    assert "\n" not in str(err.value) and os.listdir(tmp_path) == []

@@ -102,7 +102,8 @@ def retrying(path: PathLike, write):
     fails with a transient error, for at most ``retry_seconds()``; then
     :class:`StorageUnavailable`, one line. Local paths are written once."""
     if not is_remote(path):
-        return write()
+        with _reporting_full_disk(path):
+            return write()
     deadline, delay = time.monotonic() + retry_seconds(), 1.0
     while True:
         try:
@@ -117,6 +118,18 @@ def retrying(path: PathLike, write):
                     f"{reason}); stopped: rerun to resume from the last checkpoint") from None
             time.sleep(delay)
             delay = min(2 * delay, 16.0)
+
+
+@contextlib.contextmanager
+def _reporting_full_disk(path: PathLike):
+    """A local write that finds the disk full is one line naming the file."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        raise StorageFull(f"{path}: no space left on device ({free_bytes(path):,} bytes free); "
+                          "free space and rerun to resume from the last checkpoint") from None
 
 
 def as_path(path: PathLike) -> epath.Path:
@@ -285,7 +298,7 @@ class AppendFile:
             self._dirty = True
             self.flush(force=False)
             return
-        with open(os.fspath(self.path), "a", encoding="utf-8") as f:
+        with _reporting_full_disk(self.path), open(os.fspath(self.path), "a", encoding="utf-8") as f:
             f.write(line + "\n")
 
     def flush(self, force: bool = True) -> None:
