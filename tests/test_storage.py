@@ -238,3 +238,12 @@ def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch):
     with pytest.raises(storage.StorageFull, match=r"summary\.json: no space left on device") as err:
         storage.write_atomic(tmp_path / "summary.json", "{}")
     assert "\n" not in str(err.value) and os.listdir(tmp_path) == []
+
+
+def test_a_missing_bucket_is_reported_at_once_not_retried(gcs_bucket):
+    import time
+
+    started = time.monotonic()
+    with pytest.raises(FileNotFoundError):
+        storage.write_atomic("gs://no-such-bucket-vist2/run/config.yaml", "a: 1\n")
+    assert time.monotonic() - started < 5

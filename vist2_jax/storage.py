@@ -109,7 +109,7 @@ def retrying(path: PathLike, write):
         try:
             return write()
         except Exception as err:
-            if not is_transient(err):
+            if not is_transient(err) or (isinstance(err, FileNotFoundError) and _no_bucket(path)):
                 raise
             if time.monotonic() + delay > deadline:
                 reason = " ".join(str(err).split())[:160] or type(err).__name__
@@ -130,6 +130,15 @@ def _reporting_full_disk(path: PathLike):
             raise
         raise StorageFull(f"{path}: no space left on device ({free_bytes(path):,} bytes free); "
                           "free space and rerun to resume from the last checkpoint") from None
+
+
+def _no_bucket(path: PathLike) -> bool:
+    """True when the bucket of ``path`` does not exist (a mistyped name: not worth retrying)."""
+    scheme, rest = os.fspath(path).split("://", 1)
+    try:
+        return not as_path(f"{scheme}://{rest.split('/', 1)[0]}").exists()
+    except Exception:  # the store itself is unreachable: retry
+        return False
 
 
 def as_path(path: PathLike) -> epath.Path:
