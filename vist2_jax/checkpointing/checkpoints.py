@@ -174,6 +174,25 @@ def verify(saved: dict, name: str, actual: str) -> None:
         raise DamagedCheckpoint(f"{name} differs from what was saved (checksum {actual}, saved {expected})")
 
 
+def _agreed(check, *args) -> None:
+    """Run a check of this process's own files; with several processes all of them learn
+    whether any failed (before the restore's collectives, so none is left waiting in one)."""
+    try:
+        check(*args)
+        failure = None
+    except DamagedCheckpoint as err:
+        failure = err
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        failed = np.asarray(multihost_utils.process_allgather(np.int32(failure is not None))).reshape(-1)
+        if failure is None and failed.any():
+            raise DamagedCheckpoint(f"the data-iterator state of process {int(np.argmax(failed))} differs from "
+                                    "what was saved")
+    if failure is not None:
+        raise failure
+
+
 class RunCheckpoints:
     """A ``CheckpointManager`` over ``WORKDIR/checkpoints`` with the items of a run."""
 
@@ -278,7 +297,7 @@ class RunCheckpoints:
         if not params_only:
             items["opt_state"] = ocp.args.StandardRestore(abstract_state["opt_state"])
         if data_iterator is not None:
-            self._verify_data_file(step, saved)  # before Grain reads it into the iterator
+            _agreed(self._verify_data_file, step, saved)  # before Grain reads it into the iterator
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         for name in _JSON_ITEMS:
             if (step_dir / name).exists():
