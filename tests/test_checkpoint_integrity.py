@@ -240,3 +240,55 @@ def _restore_big(root):
         return store.restore_latest(_abstract(_big_state(0))), store
     finally:
         store.close()
+
+
+TWO_PROCESSES_ONE_DAMAGED_ITERATOR = """
+import pathlib, sys
+from vist2_jax.training.distributed import initialize_from_env
+initialize_from_env()
+import grain, jax, numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from vist2_jax.checkpointing.checkpoints import RunCheckpoints
+
+root = sys.argv[1]
+replicated = NamedSharding(Mesh(np.array(jax.devices()), ("x",)), P())
+state = {"params": {"w": np.arange(8, dtype=np.float32)}, "opt_state": {"m": np.ones(8, np.float32)}}
+state = jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, replicated, lambda i: x[i]), state)
+iterator = iter(grain.MapDataset.range(100).to_iter_dataset())
+store = RunCheckpoints(root, keep=5)
+for step in (1, 2):
+    store.save(step, state, iterator, {}, {}, {})
+    next(iterator)
+store.close()
+multihost_utils.sync_global_devices("saved")
+if jax.process_index() == 1:
+    damaged = pathlib.Path(root, "checkpoints", "2", "data", "process_1-of-2.json")
+    damaged.write_text(damaged.read_text().replace("1", "7"))
+multihost_utils.sync_global_devices("damaged")
+abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
+store = RunCheckpoints(root, keep=5, async_save=False)
+restored = iter(grain.MapDataset.range(100).to_iter_dataset())
+step, _ = store.restore_latest(abstract, restored)
+store.close()
+print(f"process {jax.process_index()}: step {step}, next {next(restored)}, unreadable {store.unreadable}", flush=True)
+"""
+
+
+def test_two_processes_skip_a_checkpoint_together_when_one_iterator_state_is_damaged(tmp_path):
+    """Only process 1's own data-iterator file is damaged: both processes learn it before the
+    restore's collectives and both use step 1 (none waits in a collective the other left)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = tmp_path / "two.py"
+    script.write_text(TWO_PROCESSES_ONE_DAMAGED_ITERATOR)
+    done = subprocess.run([sys.executable, "launch/local.py", "--processes", "2", "--", sys.executable, str(script),
+                           str(tmp_path / "run")], cwd=root, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", "VIST2_HEARTBEAT_S": "10",
+                               "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"process {rank}: step 1, next 0" in done.stdout, done.stdout + done.stderr[-2000:]

@@ -171,7 +171,7 @@ def verify(saved: dict, name: str, actual: str) -> None:
     """Raise :class:`DamagedCheckpoint` when ``actual`` differs from the saved checksum."""
     expected = saved.get(name)
     if expected is not None and expected != actual:
-        raise DamagedCheckpoint(f"{name} differs from what was saved (checksum {actual}, saved {expected})")
+        raise DamagedCheckpoint(f"{name} differs from what was saved (checksum {actual[:16]}, saved {expected[:16]})")
 
 
 def _agreed(check, *args) -> None:
