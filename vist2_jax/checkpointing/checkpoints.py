@@ -219,11 +219,7 @@ class RunCheckpoints:
         asynchronous write starts (which reads the same device buffers)."""
         if not force and not self.manager.should_save(step):
             return False
-        # Array checksums on one process only for now: in a two-process training run the
-        # checksum programs hung (both processes inside array_checksum at the first save),
-        # although the same computation on sharded arrays alone works; not yet understood.
-        arrays = {**tree_checksums(state["params"], "params"), **tree_checksums(state["opt_state"], "opt_state")}
-        checksums = {**arrays,
+        checksums = {**tree_checksums(state["params"], "params"), **tree_checksums(state["opt_state"], "opt_state"),
                      **{name: json_checksum(value) for name, value in
                         (("config", config), ("tokenizer", tokenizer), ("renderer", renderer))}}
         if data_iterator is not None:
