@@ -16,6 +16,8 @@ ids are stored as well (tokenized in the prepare workers, once for all hosts).
 from __future__ import annotations
 
 import functools
+import hashlib
+import io
 import json
 import logging
 import multiprocessing
@@ -26,7 +28,7 @@ import numpy as np
 from etils import epath
 
 from data_pipelines.prepared import (BAD_RECORDS, CAPTION, CHAT, DOC, FORMAT, MANIFEST, PLAN,
-                                     encode_record, read_manifest, tokenizer_fingerprint)
+                                     encode_record, read_manifest, record_checksum, tokenizer_fingerprint)
 from data_pipelines.readers import LAYOUTS, caption_folder_records, layout_files, text_file_records
 from data_pipelines.records import BadInput, Record, caption_lines, content_problem, problem_kind
 from vist2_jax import storage
@@ -114,6 +116,7 @@ def prepare_unit(out: str, number: int, files: list[str], layout: str, max_chars
     name = f"{number:05d}"
     rows, bad, offset = [], [], 0
     counts = {"read": 0, "good": 0, "bad": 0, "bad_kinds": {}}
+    digest = hashlib.sha256()
     with storage.open_atomic(shards / f"{name}.bin") as f:
         for path in files:
             for record in _read(Path(path), layout):
@@ -145,10 +148,12 @@ def prepare_unit(out: str, number: int, files: list[str], layout: str, max_chars
                 for piece in pieces:
                     payload = encode_record(piece, image, _token_ids(piece, kind, tok))
                     f.write(payload)
-                    rows.append((offset, len(payload), kind, lines))
+                    digest.update(payload)
+                    rows.append((offset, len(payload), kind, lines, record_checksum(payload)))
                     offset += len(payload)
+    counts["shard"] = {"bytes": offset, "sha256": digest.hexdigest()}
     with storage.open_atomic(shards / f"{name}.npy") as f:
-        np.save(f, np.asarray(rows, np.int64).reshape(-1, 4))
+        np.save(f, np.asarray(rows, np.int64).reshape(-1, 5))
     storage.write_atomic(shards / f"{name}.bad.jsonl", "".join(json.dumps(b, ensure_ascii=False) + "\n" for b in bad))
     storage.write_atomic(shards / f"{name}.done.json", json.dumps(counts))  # written last: the unit is finished
     return counts
@@ -164,10 +169,10 @@ def _finish(out: epath.Path, plan: dict, counts: list[dict]) -> dict:
     for number in range(len(plan["units"])):
         with (out / "shards" / f"{number:05d}.npy").open("rb") as f:
             table = np.load(f)
-        records.append(np.column_stack([np.full(len(table), number, np.int64), table[:, :2]]))
+        records.append(np.column_stack([np.full(len(table), number, np.int64), table[:, :2], table[:, 4]]))
         kinds.append(table[:, 2])
         lines.append(table[:, 3])
-    records = np.concatenate(records) if records else np.zeros((0, 3), np.int64)
+    records = np.concatenate(records) if records else np.zeros((0, 4), np.int64)
     kinds, lines = np.concatenate(kinds), np.concatenate(lines)
     numbers = np.arange(len(kinds), dtype=np.int64)
     captions = np.flatnonzero(kinds == CAPTION)
@@ -175,9 +180,14 @@ def _finish(out: epath.Path, plan: dict, counts: list[dict]) -> dict:
                                      np.concatenate([np.arange(n) for n in lines[captions]] or [[]])])
     tables = {"records": records, "doc": numbers[kinds != CAPTION], "chat": numbers[kinds == CHAT],
               "caption": caption_pairs.astype(np.int64).reshape(-1, 2)}
+    files = {}
     for name, table in tables.items():
-        with (out / f"{name}.npy").open("wb") as f:
-            np.save(f, table)
+        data = io.BytesIO()
+        np.save(data, table)
+        storage.write_atomic(out / f"{name}.npy", data.getvalue())
+        files[f"{name}.npy"] = {"bytes": len(data.getvalue()), "sha256": hashlib.sha256(data.getvalue()).hexdigest()}
+    for number, unit in enumerate(counts):
+        files[f"shards/{number:05d}.bin"] = unit["shard"]
     with (out / BAD_RECORDS).open("w") as f:
         for number in range(len(plan["units"])):
             f.write((out / "shards" / f"{number:05d}.bad.jsonl").read_text())
@@ -190,7 +200,7 @@ def _finish(out: epath.Path, plan: dict, counts: list[dict]) -> dict:
     total.update(stored=len(records), doc=len(tables["doc"]), chat=len(tables["chat"]),
                  caption=len(tables["caption"]), caption_records=len(captions))
     manifest = {"format": FORMAT, **{k: plan[k] for k in ("source", "layout", "max_chars", "tokenizer_sha256")},
-                "shards": len(plan["units"]), "counts": total}
+                "shards": len(plan["units"]), "counts": total, "files": files}
     storage.write_atomic(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
 

@@ -2,8 +2,9 @@
 
 ``vist2 data prepare`` (``data_pipelines/prepare.py``) writes a folder (local or ``gs://``)::
 
-    manifest.json         written last: format, counts, what was prepared and how
-    records.npy           int64 [N, 3]: shard, byte offset, byte length of each good record
+    manifest.json         written last: format, counts, what was prepared and how, and the
+                          byte count and sha256 of every index and shard file
+    records.npy           int64 [N, 4]: shard, byte offset, byte length, CRC-32 of each good record
     doc.npy, chat.npy     int64 record numbers usable as documents (olm, ocr) / chats (sft)
     caption.npy           int64 [M, 2]: (record number, caption line) per caption (stage caption)
     bad_records.jsonl     every bad record with its file:line and the problem
@@ -17,6 +18,12 @@ its rows use. It pickles as its path (workers reopen it). Records are tokenized 
 row reads them, unless the folder was prepared with the run's tokenizer (same sha256):
 then the stored ids are used, since tokenizing a whole document on every read
 (~2 M chars/s) would cost more than building the row.
+
+Damage is never read as data: every record read is checked against its CRC-32 (a damaged
+or truncated shard raises :class:`DamagedRecord`, naming the shard file and the record,
+which the row makers skip and count or stop on, as ``data.bad_input`` says); the index
+files are checked against their size and sha256 when the folder is opened (once per host;
+Grain workers inherit the result), a damaged one being a one-line ``BadInput``.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import io
 import json
 import os
 import threading
+import zlib
 from collections import OrderedDict
 
 import numpy as np
@@ -34,11 +42,23 @@ from etils import epath
 from data_pipelines.records import BadInput, Record, Sample, caption_lines
 from vist2_jax import storage
 
-FORMAT = 1
+FORMAT = 2  # 2: records carry a CRC-32, the manifest the sha256 of every file
 MANIFEST, PLAN, BAD_RECORDS = "manifest.json", "plan.json", "bad_records.jsonl"
 DOC, CHAT, CAPTION = 0, 1, 2  # record kinds
 INDEX_OF_STAGE = {"caption": "caption", "sft": "chat"}  # other stages read "doc"
 OPEN_SHARDS = 64
+
+
+class DamagedRecord(BadInput):
+    """A stored record whose bytes differ from what ``vist2 data prepare`` wrote."""
+
+    def __init__(self, location: str, problem: str):
+        super().__init__(f"{location}: {problem}")
+        self.location, self.problem = location, problem
+
+
+def record_checksum(payload: bytes) -> int:
+    return zlib.crc32(payload)
 
 
 def encode_record(record: Record, image: bytes = b"", tokens: list[list[int]] = ()) -> bytes:
@@ -76,11 +96,30 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(storage.as_path(tokenizer.path).read_bytes()).hexdigest()
 
 
-def load_array(path: epath.Path) -> np.ndarray:
-    """An index array: memory-mapped when local, read whole from object stores."""
-    if not storage.is_remote(path):
-        return np.load(str(path), mmap_mode="r")
-    return np.load(io.BytesIO(path.read_bytes()))
+def load_array(path: epath.Path, expected: dict | None = None) -> np.ndarray:
+    """An index array: memory-mapped when local, read whole from object stores. With
+    ``expected`` (its manifest entry) a file of another size is a one-line ``BadInput``."""
+    try:
+        if expected is not None and path.stat().length != expected["bytes"]:
+            raise ValueError(f"{path.stat().length} bytes, {expected['bytes']} were written")
+        if not storage.is_remote(path):
+            return np.load(str(path), mmap_mode="r")
+        return np.load(io.BytesIO(path.read_bytes()))
+    except (ValueError, OSError, EOFError) as err:
+        raise BadInput(f"{path}: damaged index file ({err}); prepare the folder again") from None
+
+
+def verify_file(path: epath.Path, expected: dict) -> None:
+    """``path`` has the size and sha256 the manifest gives, else a one-line ``BadInput``."""
+    digest, size = hashlib.sha256(), 0
+    with path.open("rb") as f:
+        while block := f.read(16 * 2**20):
+            digest.update(block)
+            size += len(block)
+    if size != expected["bytes"] or digest.hexdigest() != expected["sha256"]:
+        raise BadInput(f"{path}: damaged index file ({size} bytes, sha256 {digest.hexdigest()[:16]}...; "
+                       f"{expected['bytes']} bytes, {expected['sha256'][:16]}... were written); "
+                       "prepare the folder again")
 
 
 def read_manifest(root) -> dict | None:
@@ -112,11 +151,14 @@ class _Shards:
     def __init__(self, root: str):
         self.root, self.open_files, self.lock = storage.as_path(root), OrderedDict(), threading.Lock()
 
+    def path(self, shard: int) -> epath.Path:
+        return self.root / "shards" / f"{shard:05d}.bin"
+
     def read(self, shard: int, offset: int, length: int) -> bytes:
         with self.lock:
             handle = self.open_files.get(shard)
             if handle is None:
-                path = self.root / "shards" / f"{shard:05d}.bin"
+                path = self.path(shard)
                 handle = os.open(str(path), os.O_RDONLY) if not storage.is_remote(path) else path.open("rb")
                 self.open_files[shard] = handle
                 if len(self.open_files) > OPEN_SHARDS:
@@ -150,6 +192,10 @@ class PreparedSamples:
         stored = self.manifest.get("tokenizer_sha256")
         self.pretokenized = bool(stored) and tokenizer is not None and stored == tokenizer_fingerprint(tokenizer)
         self._tables = None
+        self.files = self.manifest.get("files", {})
+        root = storage.as_path(self.root)
+        for name in ("records.npy", f"{self.index_name}.npy"):  # once per host; workers get the result
+            verify_file(root / name, self.files[name])
 
     def __getstate__(self):
         return {**self.__dict__, "_tables": None}
@@ -160,8 +206,8 @@ class PreparedSamples:
     def _open(self):
         if self._tables is None:
             root = storage.as_path(self.root)
-            self._tables = (load_array(root / "records.npy"), load_array(root / f"{self.index_name}.npy"),
-                            _Shards(self.root))
+            self._tables = tuple(load_array(root / name, self.files[name])
+                                 for name in ("records.npy", f"{self.index_name}.npy")) + (_Shards(self.root),)
         return self._tables
 
     def record(self, number: int) -> Record:
@@ -170,8 +216,13 @@ class PreparedSamples:
 
     def _read(self, number: int) -> tuple[Record, list[np.ndarray]]:
         records, _, shards = self._open()
-        shard, offset, length = (int(v) for v in records[number])
-        return decode_record(shards.read(shard, offset, length))
+        shard, offset, length, checksum = (int(v) for v in records[number])
+        payload = shards.read(shard, offset, length)
+        if len(payload) != length or record_checksum(payload) != checksum:
+            problem = ("truncated" if len(payload) != length else "checksum differs") + \
+                f" (record {number}, bytes {offset}-{offset + length}); prepare the folder again"
+            raise DamagedRecord(str(shards.path(shard)), f"damaged shard: {problem}")
+        return decode_record(payload)
 
     def __getitem__(self, i) -> Sample:
         i = int(i)

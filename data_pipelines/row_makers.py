@@ -27,6 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from data_pipelines.images import ImageUnreadable, fit_image
+from data_pipelines.prepared import DamagedRecord
 from data_pipelines.records import BadInput, Sample
 from data_pipelines.render import SketchRenderer, renderer_for_config
 from data_pipelines.render_stats import RenderStats, sum_stats
@@ -62,7 +63,7 @@ class RowMaker:
         self._local = threading.local()  # one renderer per thread: its glyph atlas grows lazily
         self._renderers: list[SketchRenderer] = []  # all of them, for render_stats()
         self.counters = {"rows": 0, "documents": 0, "skipped_render": 0, "skipped_image": 0,
-                         "skipped_long_caption": 0, "images": 0, "closed_early": 0}
+                         "skipped_long_caption": 0, "skipped_damaged": 0, "images": 0, "closed_early": 0}
         self.examples: list[str] = []  # the first few skipped records: "location: problem"
         # Caption samples all carry an image (``record_problem``); other stages use none.
         self.captions = self.samples if data.stage == "caption" else ()
@@ -173,7 +174,9 @@ class RowMaker:
         return max(0, min(wanted, by_space, by_slots))
 
     def _olm(self, rng, row: RowBuilder, point: CurriculumPoint) -> bool:
-        sample = self.samples[rng.integers(len(self.samples))]
+        sample = self._draw(rng, self.samples)
+        if sample is None:
+            return True  # a damaged record, skipped and counted; try another document
         window = self._window(rng, sample, point.text_len, point.max_chunks)
         wanted = -(-len(window) // point.text_len)
         fit = self._chunks_that_fit(row, point.text_len, wanted, with_last_image=False)
@@ -191,7 +194,9 @@ class RowMaker:
         return True
 
     def _ocr(self, rng, row: RowBuilder, point: CurriculumPoint) -> bool:
-        sample = self.samples[rng.integers(len(self.samples))]
+        sample = self._draw(rng, self.samples)
+        if sample is None:
+            return True  # a damaged record, skipped and counted; try another document
         window = self._window(rng, sample, point.text_len, point.max_chunks)
         wanted = -(-len(window) // point.text_len)
         fit = self._chunks_that_fit(row, point.text_len, wanted, with_last_image=True)
@@ -208,7 +213,9 @@ class RowMaker:
         return True
 
     def _sft(self, rng, row: RowBuilder, point: CurriculumPoint) -> bool:
-        sample = self.samples[rng.integers(len(self.samples))]
+        sample = self._draw(rng, self.samples)
+        if sample is None:
+            return True  # a damaged record, skipped and counted; try another document
         L, m = point.text_len, row.visual_len
         query_made = self._rule_chunks(sample.prompt, L, len(sample.prompt), sample)
         response_made = self._rule_chunks(sample.tokens, L, point.max_chunks, sample)
@@ -240,6 +247,15 @@ class RowMaker:
         self.counters["documents"] += 1
         return True
 
+    def _draw(self, rng, samples) -> Sample | None:
+        """A random sample; None when its stored record is damaged (a prepared source checks
+        each record it reads), skipped and counted, or BadInput under ``bad_input=fail``."""
+        try:
+            return samples[rng.integers(len(samples))]
+        except DamagedRecord as err:
+            self._skip("skipped_damaged", err.location, err.problem)
+            return None
+
     def _skip(self, counter: str, location: str, problem: str) -> None:
         """Count and log a record this row cannot use, or stop under ``bad_input=fail``."""
         if self.data.bad_input == "fail":
@@ -256,7 +272,9 @@ class RowMaker:
             image, caption = captioned_shapes(rng, size)
             tokens = self.tokenizer.encode(caption)
         else:
-            sample = self.captions[rng.integers(len(self.captions))]
+            sample = self._draw(rng, self.captions)
+            if sample is None:
+                return True
             tokens = sample.tokens
             if row.visual_len + row.text_cost(len(tokens)) > row.seq_len:
                 self._skip("skipped_long_caption", sample.location,

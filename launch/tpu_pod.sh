@@ -82,7 +82,9 @@ watch_worker() {  # runs as a background job: reports its worker's failure as so
   run_worker "$1" || status=$?
   if [[ $status -ne 0 ]]; then
     {
-      echo "worker $1 exited with status $status; log: $LOG_DIR/worker-$1.log"
+      local how="exited with status $status"
+      [[ $status -gt 128 ]] && how="$how (killed by signal $((status - 128)), or its host was lost)"
+      echo "worker $1 $how; log: $LOG_DIR/worker-$1.log"
       tail -n 20 "$LOG_DIR/worker-$1.log" | sed 's/^/    /'
     } >&2
   fi

@@ -65,6 +65,10 @@ def test_override_parsing_types():
     (["data=5"], "data", "expected a section"),
     (["preset=13b"], "preset", "unknown preset"),
     (["nonsense"], "nonsense", "section.key=value"),
+    (["data.seq_len=16"], "data.seq_len", "cannot hold one chunk and its sketch"),
+    (["data.seq_len=80", "model.layout.text_len=64"], "data.seq_len", "= 81"),
+    (["data.curriculum=[{start_step: 0, text_len: 512, max_chunks: 2}]"], "data.seq_len",
+     "data.curriculum[0].text_len=512"),
 ])
 def test_bad_config_names_the_key(overrides, key, words):
     with pytest.raises(ConfigError) as info:
@@ -80,6 +84,14 @@ def test_bad_recipe_file(tmp_path):
         load_config(tmp_path / "bad.yaml")
     with pytest.raises(ConfigError, match="no such file"):
         load_config(tmp_path / "missing.yaml")
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(256)) * 4)  # e.g. a checkpoint file passed as RECIPE
+    with pytest.raises(ConfigError, match=r"binary\.yaml is not UTF-8 text") as err:
+        load_config(tmp_path / "binary.yaml")
+    assert "\n" not in str(err.value)
+    (tmp_path / "control.yaml").write_text("model:\x07 1\n")  # UTF-8 but not YAML: one line too
+    with pytest.raises(ConfigError, match="not valid YAML") as err:
+        load_config(tmp_path / "control.yaml")
+    assert "\n" not in str(err.value)
 
 
 def test_cli_bad_config_is_one_line_not_a_traceback():

@@ -249,3 +249,71 @@ def test_mixture_config_errors_name_the_key():
         load_config(overrides=["data.source=/somewhere", "data.sources=[{source: embedded}]"])
     with pytest.raises(ConfigError, match=r"^data\.sources\[0\]\.stage"):
         load_config(overrides=["data.sources=[{source: embedded, stage: pretrain}]"])
+
+
+@pytest.fixture(scope="module")
+def clean(tokenizer, tmp_path_factory):
+    """Six documents without a bad record, prepared with their token ids into 3 shards."""
+    root = tmp_path_factory.mktemp("clean")
+    for i, doc in enumerate(embedded_documents()[:6]):
+        (root / "raw").mkdir(exist_ok=True)
+        (root / "raw" / f"doc{i}.txt").write_text(doc, encoding="utf-8")
+    prepare(str(root / "raw"), str(root / "prep"), tokenizer=tokenizer.path, shard_mb=0.005, progress=False)
+    return root / "prep"
+
+
+def _damaged_copy(clean, tmp_path, damage):
+    out = tmp_path / "damaged"
+    shutil.copytree(clean, out)
+    damage(out)
+    return out
+
+
+def _damage_first_shard(out):
+    shard = out / "shards" / "00000.bin"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)  # finite garbage: nothing else catches it
+    shard.write_bytes(bytes(data))
+    return shard
+
+
+def test_a_damaged_shard_is_skipped_and_counted_or_stops_naming_the_file(clean, tokenizer, tmp_path):
+    """Bytes damaged in a shard are never read as a row: each record read is checked against
+    its CRC-32; ``bad_input=skip`` counts and skips it, ``fail`` stops naming the shard."""
+    out = _damaged_copy(clean, tmp_path, _damage_first_shard)
+    lazy = _pipeline(tmp_path, tokenizer, f"data.source={out}")
+    damaged = [i for i in range(len(lazy.row_maker.samples)) if not _readable(lazy.row_maker.samples, i)]
+    assert damaged  # the damaged record(s) of shard 0
+    with pytest.raises(BadInput, match=r"shards/00000\.bin: damaged shard: checksum differs"):
+        lazy.row_maker.samples[damaged[0]]
+    rows = [lazy.row_maker(i) for i in range(12)]
+    assert lazy.row_maker.counters["skipped_damaged"] > 0 and all(r["tokens"].any() for r in rows)
+    strict = _pipeline(tmp_path, tokenizer, f"data.source={out}", "data.bad_input=fail")
+    with pytest.raises(BadInput, match=r"00000\.bin: damaged shard.*data\.bad_input=fail"):
+        for i in range(12):
+            strict.row_maker(i)
+
+
+def _readable(samples, i):
+    try:
+        samples[i]
+        return True
+    except BadInput:
+        return False
+
+
+@pytest.mark.parametrize("damage", ["truncated records.npy", "changed doc.npy"])
+def test_a_damaged_index_is_one_line_naming_the_file(clean, tokenizer, tmp_path, damage):
+    def harm(out):
+        if damage.startswith("truncated"):
+            (out / "records.npy").write_bytes((out / "records.npy").read_bytes()[:-40])
+        else:
+            data = bytearray((out / "doc.npy").read_bytes())
+            data[-8] ^= 1  # a valid record number, another record: only the checksum sees it
+            (out / "doc.npy").write_bytes(bytes(data))
+
+    out = _damaged_copy(clean, tmp_path, harm)
+    name = damage.split()[1]
+    with pytest.raises(BadInput, match=rf"{name}: damaged index file") as err:
+        _pipeline(tmp_path, tokenizer, f"data.source={out}")
+    assert "\n" not in str(err.value)

@@ -143,3 +143,34 @@ def test_tpu_pod_interrupt_stops_local_sessions_and_says_how_to_stop_remote(tmp_
     while any(alive(pid) for pid in trainers) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(alive(pid) for pid in trainers)
+
+
+DIES_IN_A_COLLECTIVE = """
+import os, signal, time
+from vist2_jax.training.distributed import initialize_from_env
+initialize_from_env()
+import jax
+from jax.experimental import multihost_utils
+multihost_utils.sync_global_devices("started")
+if jax.process_index() == 1:
+    os.kill(os.getpid(), signal.SIGKILL)  # a host lost mid-run
+while True:
+    multihost_utils.sync_global_devices("step")  # the survivor waits here for the dead one
+"""
+
+
+def test_local_launch_names_a_killed_process_and_the_survivor_exits_within_the_heartbeat(tmp_path):
+    import sys
+
+    script = tmp_path / "dies.py"
+    script.write_text(DIES_IN_A_COLLECTIVE)
+    env = {**os.environ, "VIST2_HEARTBEAT_S": "5", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "launch/local.py", "--processes", "2", "--grace", "60", "--",
+                           sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=180)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 128 + signal.SIGKILL, proc.stderr[-3000:]
+    assert "process 1 of 2 was killed by SIGKILL" in proc.stderr
+    assert "still runs" not in proc.stderr  # the survivor exited by itself, well before the grace
+    assert elapsed < 60, elapsed

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import hashlib
 import io
 import os
@@ -31,6 +32,113 @@ from etils import epath
 
 PathLike = Union[str, os.PathLike, epath.Path]
 _UPLOAD_BLOCK = 16 * 2**20  # bytes per read/write when copying files to or from a store
+
+
+class StorageFull(OSError):
+    """A write that does not fit: one line naming the folder and the bytes needed."""
+
+
+def free_bytes(path: PathLike) -> int | None:
+    """Free bytes of the filesystem holding ``path`` (its nearest existing parent); None
+    for object stores, which have no such limit."""
+    if is_remote(path):
+        return None
+    folder = os.path.abspath(os.fspath(as_path(path)))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    return shutil.disk_usage(folder).free
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """True when ``err`` or an error it was raised from is "no space left on device"
+    (an ``OSError`` from Python, or a message from TensorStore or gcsfs)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(err) or "RESOURCE_EXHAUSTED" in str(err) and "space" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+class StorageUnavailable(OSError):
+    """An object store that kept failing a write for longer than ``retry_seconds()``."""
+
+
+def retry_seconds() -> float:
+    """How long a write to an object store is retried before the run stops
+    (``VIST2_STORAGE_RETRY_S``, default 120 s)."""
+    return float(os.environ.get("VIST2_STORAGE_RETRY_S", "120"))
+
+
+_TRANSIENT_WORDS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "Connection reset", "Connection refused",
+                    "Server disconnected", "timed out", "Timeout")
+
+
+def is_transient(err: BaseException) -> bool:
+    """An object-store error worth retrying: a connection or timeout error, an HTTP 408 /
+    429 / 5xx (gcsfs's own rule), or a TensorStore status saying the same. A write whose
+    reply was lost can come back as "not found" (the upload session is gone): also retried."""
+    try:
+        from gcsfs.retry import is_retriable
+    except ImportError:  # gcsfs is what serves gs://; without it nothing here is remote
+        def is_retriable(_):
+            return False
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (ConnectionError, TimeoutError, FileNotFoundError)) or is_retriable(err):
+            return True
+        if any(word in str(err) for word in _TRANSIENT_WORDS):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def retrying(path: PathLike, write):
+    """``write()`` for an object at ``path``, again with backoff (1, 2, 4 ... 16 s) while it
+    fails with a transient error, for at most ``retry_seconds()``; then
+    :class:`StorageUnavailable`, one line. Local paths are written once."""
+    if not is_remote(path):
+        with _reporting_full_disk(path):
+            return write()
+    deadline, delay = time.monotonic() + retry_seconds(), 1.0
+    while True:
+        try:
+            return write()
+        except Exception as err:
+            if not is_transient(err) or (isinstance(err, FileNotFoundError) and _no_bucket(path)):
+                raise
+            if time.monotonic() + delay > deadline:
+                reason = " ".join(str(err).split())[:160] or type(err).__name__
+                raise StorageUnavailable(
+                    f"{path}: the store kept failing for {retry_seconds():.0f} s ({type(err).__name__}: "
+                    f"{reason}); stopped: rerun to resume from the last checkpoint") from None
+            time.sleep(delay)
+            delay = min(2 * delay, 16.0)
+
+
+@contextlib.contextmanager
+def _reporting_full_disk(path: PathLike):
+    """A local write that finds the disk full is one line naming the file."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        raise StorageFull(f"{path}: no space left on device ({free_bytes(path):,} bytes free); "
+                          "free space and rerun to resume from the last checkpoint") from None
+
+
+def _no_bucket(path: PathLike) -> bool:
+    """True when the bucket of ``path`` does not exist (a mistyped name: not worth retrying)."""
+    scheme, rest = os.fspath(path).split("://", 1)
+    try:
+        return not as_path(f"{scheme}://{rest.split('/', 1)[0]}").exists()
+    except Exception:  # the store itself is unreachable: retry
+        return False
 
 
 def as_path(path: PathLike) -> epath.Path:
@@ -53,9 +161,15 @@ def absolute(path: PathLike) -> epath.Path:
 
 
 def write_atomic(path: PathLike, data: bytes | str) -> epath.Path:
-    """Write ``path`` so that a reader sees the old content or the new, never half of it."""
-    with open_atomic(path) as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+    """Write ``path`` so that a reader sees the old content or the new, never half of it
+    (retried on an object store, see :func:`retrying`)."""
+    data = data.encode("utf-8") if isinstance(data, str) else data
+
+    def write():
+        with open_atomic(path) as f:
+            f.write(data)
+
+    retrying(path, write)
     return as_path(path)
 
 
@@ -147,8 +261,11 @@ def local_copy(path: PathLike) -> str:
 def upload(local: PathLike, destination: PathLike) -> epath.Path:
     """Copy a local file to ``destination`` (which may be remote), atomically, 16 MiB at a
     time: a multi-GB file (a safetensors shard) is never held in memory whole."""
-    with open(os.fspath(local), "rb") as source, open_atomic(destination) as target:
-        shutil.copyfileobj(source, target, _UPLOAD_BLOCK)
+    def write():
+        with open(os.fspath(local), "rb") as source, open_atomic(destination) as target:
+            shutil.copyfileobj(source, target, _UPLOAD_BLOCK)
+
+    retrying(destination, write)
     return as_path(destination)
 
 
@@ -165,7 +282,7 @@ class AppendFile:
         self.path, self.flush_s = as_path(path), flush_s
         self.remote = is_remote(self.path)
         self._buffer = io.StringIO()
-        self._uploaded_at = 0.0
+        self._uploaded_at: float | None = None  # monotonic time of the last upload; None: never
         self._dirty = False
         if self.remote and self.path.exists():
             self._buffer.write(self.path.read_text())
@@ -190,14 +307,18 @@ class AppendFile:
             self._dirty = True
             self.flush(force=False)
             return
-        with open(os.fspath(self.path), "a", encoding="utf-8") as f:
+        with _reporting_full_disk(self.path), open(os.fspath(self.path), "a", encoding="utf-8") as f:
             f.write(line + "\n")
 
     def flush(self, force: bool = True) -> None:
         if not (self.remote and self._dirty):
             return
-        if force or time.monotonic() - self._uploaded_at >= self.flush_s:
-            self.path.write_text(self._buffer.getvalue())
+        # ``time.monotonic()`` counts from an arbitrary origin (boot on Linux), so "never
+        # uploaded" is None, not 0.0: a machine up for less than ``flush_s`` still uploads.
+        due = self._uploaded_at is None or time.monotonic() - self._uploaded_at >= self.flush_s
+        if force or due:
+            text = self._buffer.getvalue()
+            retrying(self.path, lambda: self.path.write_text(text))
             self._uploaded_at, self._dirty = time.monotonic(), False
 
     def close(self) -> None:
@@ -218,7 +339,8 @@ class _ObjectRecordWriter:
 
     def flush(self) -> None:
         if self.dirty:
-            self.path.write_bytes(self.buffer.getvalue())
+            data = self.buffer.getvalue()
+            retrying(self.path, lambda: self.path.write_bytes(data))
             self.dirty = False
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ by chips. ``hbm_gib`` is the HBM per chip, ``peak_tflops`` the dense bf16 peak p
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 
 from vist2_jax.config.schema import ConfigError
@@ -47,6 +48,11 @@ def get_slice(name: str) -> Slice:
     return SLICES[name]
 
 
+def _has_local_tpu() -> bool:
+    """A TPU attached to this host (TPU VMs expose ``/dev/accel*`` or ``/dev/vfio``)."""
+    return bool(glob.glob("/dev/accel*")) or os.path.exists("/dev/vfio")
+
+
 def slice_devices(slice_: Slice):
     """The slice's TPU devices (compile targets only; libtpu needs no TPU on this host)."""
     try:
@@ -56,4 +62,10 @@ def slice_devices(slice_: Slice):
     from jax.experimental import topologies
 
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other libtpu users on this host
+    if not _has_local_tpu():
+        # Off a TPU VM libtpu asks the (absent) metadata server for the accelerator type and
+        # the worker hostnames and prints three warnings; the compile targets come from the
+        # topology alone (the same devices whatever these say), so say what it asks for.
+        os.environ.setdefault("TPU_ACCELERATOR_TYPE", slice_.name.replace("v5e-", "v5litepod-"))
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     return topologies.get_topology_desc(slice_.topology, "tpu").devices

@@ -13,6 +13,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from data_pipelines.records import BadInput
     from data_pipelines.tokenizer import TokenizerError
     from vist2_jax.config.schema import ConfigError
+    from vist2_jax.storage import StorageFull, StorageUnavailable
 
     return (ConfigError, UsageError, TokenizerError, BadInput, RenderRejected, FontError, FileNotFoundError,
-            NotADirectoryError)
+            NotADirectoryError, StorageFull, StorageUnavailable)

@@ -76,9 +76,12 @@ def _read_recipe(path: Path, seen: tuple[Path, ...] = (), size: str | None = Non
     if not path.is_file():
         raise ConfigError(f"recipe: no such file {path}")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"recipe: {path} is not UTF-8 text (byte {err.start}: {err.object[err.start:err.start + 1]!r});"
+                          " a recipe is a YAML file") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"recipe: {path} is not valid YAML: {err}") from None
+        raise ConfigError(f"recipe: {path} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"recipe: {path} must hold a mapping at the top level")
     size = size or (tree.get("preset") if isinstance(tree.get("preset"), str) else None)

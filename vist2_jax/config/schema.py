@@ -394,4 +394,14 @@ class Config:
                      f"L={point.text_len} is not a whole multiple of m={m}")
         _require(self.data.global_batch_size % self.train.grad_accum_steps == 0, "train.grad_accum_steps",
                  f"does not divide data.global_batch_size={self.data.global_batch_size}")
+        # A row must hold at least one chunk and its sketch (docs/design.md §2: a text span of
+        # L tokens takes L+1 positions with its marker, an image m); refused here, before a
+        # pipeline is built or a step compiled.
+        lengths = [("model.layout.text_len", self.model.layout.text_len)] + [
+            (f"data.curriculum[{i}].text_len", point.text_len) for i, point in enumerate(self.data.curriculum)]
+        where, text_len = max(lengths, key=lambda item: item[1])
+        need = text_len + 1 + m
+        _require(self.data.seq_len >= need, "data.seq_len",
+                 f"{self.data.seq_len} positions cannot hold one chunk and its sketch: {where}={text_len} "
+                 f"text tokens + 1 marker + m={m} visual tokens = {need}")
         return self

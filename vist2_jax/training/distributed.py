@@ -5,6 +5,10 @@ Recognised (in order): an explicit coordinator (``VIST2_COORDINATOR``, ``VIST2_N
 ``VIST2_PROCESS_ID``, set by ``launch/local.sh``, the JobSet manifest and the SLURM
 script), SLURM (``SLURM_NTASKS`` > 1, which JAX reads itself), and TPU VM pods (JAX finds
 the other workers itself). A single process without those variables runs as is.
+
+A dead process (killed, its host lost) stops sending heartbeats to the coordination service;
+after ``VIST2_HEARTBEAT_S`` seconds (default 60) every other process is told and exits
+with an error instead of waiting in a collective forever.
 """
 
 from __future__ import annotations
@@ -24,21 +28,32 @@ BATCH_AXES = ("data", "fsdp")
 def initialize_from_env(environ: Mapping[str, str] | None = None) -> bool:
     """Call ``jax.distributed.initialize`` when the environment describes several processes."""
     env = os.environ if environ is None else environ
+    timeouts = {"heartbeat_timeout_seconds": heartbeat_seconds(env)}
     if env.get("VIST2_COORDINATOR"):
         if env.get("JAX_PLATFORMS", "") == "cpu":
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=env["VIST2_COORDINATOR"],
                                    num_processes=int(env["VIST2_NUM_PROCESSES"]),
-                                   process_id=int(env["VIST2_PROCESS_ID"]))
+                                   process_id=int(env["VIST2_PROCESS_ID"]), **timeouts)
     elif int(env.get("SLURM_NTASKS", "1")) > 1:
-        jax.distributed.initialize()
+        jax.distributed.initialize(**timeouts)
     elif env.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
-        jax.distributed.initialize()
+        jax.distributed.initialize(**timeouts)
     else:
         return False
     log.info("process %d of %d, %d local / %d global devices", jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count())
     return True
+
+
+def heartbeat_seconds(env: Mapping[str, str]) -> int:
+    """How long the others wait for a silent process before they exit (``VIST2_HEARTBEAT_S``)."""
+    from vist2_jax.config.schema import ConfigError
+
+    text = env.get("VIST2_HEARTBEAT_S", "60")
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"VIST2_HEARTBEAT_S: {text!r} is not a whole number of seconds >= 1")
+    return int(text)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
