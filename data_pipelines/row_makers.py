@@ -32,6 +32,7 @@ from data_pipelines.render import SketchRenderer, renderer_for_config
 from data_pipelines.render_stats import RenderStats, sum_stats
 from data_pipelines.rows import RowBuilder
 from data_pipelines.shapes import captioned_shapes
+from data_pipelines.split import DocumentSplit
 from vist2_jax.config.schema import CurriculumPoint, DataConfig, LayoutConfig
 from vist2_jax.row_contract import close_chunk, reader_chunk_id
 
@@ -50,13 +51,17 @@ def curriculum_at(data: DataConfig, layout: LayoutConfig, step: int) -> Curricul
 
 class RowMaker:
     """``index -> row`` for one stage and source. Picklable; the renderer is built lazily per
-    worker, and a lazy source reads its records there."""
+    worker, and a lazy source reads its records there. ``side``: the documents it draws,
+    ``train`` (never a held-out one), ``held_out`` (only those) or None (all; ``--data``),
+    by ``split`` (``data_pipelines/split.py``; computed here when not given)."""
 
     def __init__(self, data: DataConfig, layout: LayoutConfig, samples: Sequence[Sample], tokenizer,
-                 seed: int):
+                 seed: int, side: str | None = None, split: DocumentSplit | None = None):
         # A list (in memory) or a lazy sequence (a prepared source): only len() and [i] are used.
         samples = samples if hasattr(samples, "__getitem__") else list(samples)
         self.data, self.layout, self.samples, self.tokenizer, self.seed = data, layout, samples, tokenizer, seed
+        self.side = side
+        self.split = split if split is not None or side is None else DocumentSplit(samples)
         if not self.samples and (data.stage != "caption" or data.source != "embedded"):
             raise BadInput(f"data.source={data.source!r} yielded no usable records")
         self._local = threading.local()  # one renderer per thread: its glyph atlas grows lazily
@@ -87,6 +92,12 @@ class RowMaker:
     def render_stats(self) -> RenderStats:
         """Renderer counters summed over this process's threads (not other worker processes)."""
         return sum_stats(r.stats for r in list(self._renderers))
+
+    def draw(self, rng) -> Sample:
+        """The document (or caption) the next part of a row takes, on this maker's side of the split."""
+        if self.split is None:
+            return self.samples[rng.integers(len(self.samples))]
+        return self.split.draw(rng, self.samples, self.side)
 
     def builder(self) -> RowBuilder:
         data, layout = self.data, self.layout
@@ -170,7 +181,7 @@ class RowMaker:
         return max(0, min(wanted, by_space, by_slots))
 
     def _olm(self, rng, row: RowBuilder, point: CurriculumPoint) -> bool:
-        sample = self.samples[rng.integers(len(self.samples))]
+        sample = self.draw(rng)
         window = self._window(rng, sample, point.text_len, point.max_chunks)
         wanted = -(-len(window) // point.text_len)
         fit = self._chunks_that_fit(row, point.text_len, wanted, with_last_image=False)
@@ -188,7 +199,7 @@ class RowMaker:
         return True
 
     def _ocr(self, rng, row: RowBuilder, point: CurriculumPoint) -> bool:
-        sample = self.samples[rng.integers(len(self.samples))]
+        sample = self.draw(rng)
         window = self._window(rng, sample, point.text_len, point.max_chunks)
         wanted = -(-len(window) // point.text_len)
         fit = self._chunks_that_fit(row, point.text_len, wanted, with_last_image=True)
@@ -205,7 +216,7 @@ class RowMaker:
         return True
 
     def _sft(self, rng, row: RowBuilder, point: CurriculumPoint) -> bool:
-        sample = self.samples[rng.integers(len(self.samples))]
+        sample = self.draw(rng)
         L, m = point.text_len, row.visual_len
         query_made = self._rule_chunks(sample.prompt, L, len(sample.prompt), sample)
         response_made = self._rule_chunks(sample.tokens, L, point.max_chunks, sample)
@@ -253,7 +264,7 @@ class RowMaker:
             image, caption = captioned_shapes(rng, size)
             tokens = self.tokenizer.encode(caption)
         else:
-            sample = self.captions[rng.integers(len(self.captions))]
+            sample = self.draw(rng)
             tokens = sample.tokens
             if row.visual_len + row.text_cost(len(tokens)) > row.seq_len:
                 self._skip("skipped_long_caption", sample.location,
