@@ -88,13 +88,14 @@ def test_metrics_files(uninterrupted):
     train_records = [r for r in records if "loss" in r]
     assert [r["step"] for r in train_records] == list(range(1, 9))
     for key in ("accuracy", "grad_norm", "learning_rate", "step_time_s", "text_tokens_per_s",
-                "decoder_tokens_per_s", "model_flops_per_step", "model_tflops_per_s"):
+                "decoder_tokens_per_s", "model_flops_per_step", "model_tflops_per_s", "visual_spread"):
         assert all(np.isfinite(r[key]) for r in train_records), key
     assert records[0]["step"] == 0 and "eval_loss" in records[0]
     (events,) = (workdir / "tensorboard").glob("events.out.tfevents.*")
     scalars = read_scalar_events(events)
     assert [s for s, v in scalars if "loss" in v] == list(range(1, 9))
     assert scalars[-1][1]["loss"] == pytest.approx(train_records[-1]["loss"], rel=1e-6)
+    assert "visual_spread" in records[0] and scalars[-1][1]["visual_spread"] == train_records[-1]["visual_spread"]
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["steps_done"] == 8 and summary["eval_loss_end"] < summary["eval_loss_start"]
 
@@ -154,6 +155,19 @@ def test_nan_loss_stops_with_the_step(tmp_path, tokenizer_file):
     proc = run("train", recipe, devices=1)
     assert proc.returncode == 2
     assert "non-finite loss" in proc.stderr and "at step" in proc.stderr
+
+
+def test_collapse_guard_stops_with_the_step_after_saving(tmp_path, tokenizer_file):
+    """Any real visual_spread is below a threshold of 0.99: the first logged step stops."""
+    recipe = write_recipe(tmp_path, data={"tokenizer": tokenizer_file}, run={"workdir": str(tmp_path / "run")},
+                          train={"collapse_threshold": 0.99, "collapse_action": "stop"})
+    proc = run("train", recipe, devices=1)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("vist2 train: error")]
+    assert "step 1: visual_spread 0." in line and "checkpoint of step 1 saved" in line
+    assert (tmp_path / "run" / "checkpoints" / "1").is_dir()
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1] and 0 < records[1]["visual_spread"] < 0.99
 
 
 def test_nan_policy_skip_keeps_going(tmp_path, tokenizer_file):

@@ -30,7 +30,7 @@ from vist2_jax import storage
 from vist2_jax.checkpointing.checkpoints import RunCheckpoints, tokenizer_asset
 from vist2_jax.config.loader import to_dict
 from vist2_jax.config.schema import Config, ConfigError
-from vist2_jax.evaluation.during_training import TrainingEval
+from vist2_jax.evaluation.during_training import CollapseGuard, TrainingEval
 from vist2_jax.parallel.sharding import LOGICAL_AXIS_RULES, make_mesh
 from vist2_jax.training.distributed import global_batch
 from vist2_jax.training.flops import global_text_tokens, step_record
@@ -44,6 +44,11 @@ log = logging.getLogger(__name__)
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss under ``train.nan_policy=stop``; the message names the step."""
+
+
+class TrainingCollapsed(TrainingDiverged):
+    """``visual_spread`` below ``train.collapse_threshold`` under ``train.collapse_action=stop``
+    (a checkpoint of that step is saved first); the message names the step and the value."""
 
 
 @dataclasses.dataclass
@@ -170,12 +175,14 @@ def train(config: Config, restart: bool = False) -> TrainResult:
                 return sum(losses) / max(sum(weights), 1.0)
 
             task_eval = TrainingEval(config, pipeline.tokenizer) if config.train.eval_tasks else None
+            guard = CollapseGuard(config, pipeline.eval_maker)
             summary: dict = {"stage": config.data.stage, "start_step": start}
             if start == 0:
                 logger.status("compiling the eval step")
                 summary["eval_loss_start"] = evaluate()
                 logger.log(0, {"eval_loss": summary["eval_loss_start"],
-                               **(task_eval(state["params"]) if task_eval else {})})
+                               **(task_eval(state["params"]) if task_eval else {}),
+                               **({"visual_spread": guard(state["params"])} if guard.active else {})})
             step_times, text_rates, losses = [], [], []
             stopped_by = None
             done = start
@@ -208,7 +215,19 @@ def train(config: Config, restart: bool = False) -> TrainResult:
                         if done % config.train.eval_every == 0 or last:
                             record["eval_loss"] = summary["eval_loss_end"] = evaluate()
                             record.update(task_eval(state["params"]) if task_eval else {})
+                        collapsed = None
+                        if guard.active:
+                            record["visual_spread"] = guard(state["params"])
+                            collapsed = guard.check(done, record["visual_spread"])
+                            if collapsed:
+                                log.warning("%s", collapsed)
                         logger.log(done, record)
+                        if collapsed and config.train.collapse_action == "stop":
+                            _save(checkpoints, done, state, iterator, config, pipeline, force=True)
+                            logger.flush()
+                            checkpoints.close()
+                            raise TrainingCollapsed(f"{collapsed}; stopped (train.collapse_action=stop), "
+                                                    f"checkpoint of step {done} saved")
                     if stop.requested or done % config.train.checkpoint_every == 0 or last:
                         _save(checkpoints, done, state, iterator, config, pipeline, force=bool(stop.requested))
                         logger.flush()
