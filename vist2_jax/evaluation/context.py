@@ -48,7 +48,7 @@ def final_point(config: Config) -> CurriculumPoint:
 @functools.lru_cache(maxsize=4)
 def _samples(source: str, data_dir: str, manual_dir: str, tokenizer, held_out: bool) -> tuple:
     """(documents, their held-out split or None): a prepared folder read lazily, any other
-    source loaded (documents only: no prompt, no image)."""
+    source loaded; the same sequence either way (a chat's response counts as a document)."""
     from data_pipelines.prepared import PreparedSamples, is_prepared
     from data_pipelines.sources import load_samples
     from data_pipelines.split import DocumentSplit
@@ -56,8 +56,7 @@ def _samples(source: str, data_dir: str, manual_dir: str, tokenizer, held_out: b
     if is_prepared(source):
         samples = PreparedSamples(source, "olm", tokenizer)
     else:
-        samples, _ = load_samples(source, tokenizer, "olm", "skip", data_dir, manual_dir)
-        samples = tuple(s for s in samples if s.prompt is None and s.image is None)
+        samples = tuple(load_samples(source, tokenizer, "olm", "skip", data_dir, manual_dir)[0])
     return samples, DocumentSplit(samples) if held_out else None
 
 
