@@ -237,19 +237,21 @@ def test_sharded_8_devices_match_one_device(tmp_path, uninterrupted, tokenizer_f
     np.testing.assert_allclose([got[k] for k in sorted(got)], [want[k] for k in sorted(want)], rtol=2e-5)
 
 
-def test_two_processes_match_one_process_with_four_devices(tmp_path, tokenizer_file):
-    """Losses, and the evaluations during training (OCR, memory, the collapse guard), which
-    read parameters sharded across both processes."""
+def test_two_processes_match_one_process_with_two_devices(tmp_path, tokenizer_file):
+    """Losses, and the evaluations during training (OCR, memory, the collapse guard), whose
+    outputs span both processes' devices (one device each: ``np.asarray`` of such an output
+    failed with 'Fetching value for jax.Array that spans non-addressable devices'; in float32,
+    as the demo computes on a CPU)."""
     evals = {"steps": 4, "eval_every": 4, "eval_tasks": ["ocr", "memory"], "eval_task_limit": 3}
-    one = write_recipe(tmp_path, "one.yaml", data={"tokenizer": tokenizer_file}, train=evals,
-                       run={"workdir": str(tmp_path / "one")}, mesh={"data": 2, "fsdp": 2, "tensor": 1})
-    single = run("train", one, devices=4)
+    one = write_recipe(tmp_path, "one.yaml", data={"tokenizer": tokenizer_file}, train=evals, model={"dtype": "float32"},
+                       run={"workdir": str(tmp_path / "one")}, mesh={"data": 1, "fsdp": 2, "tensor": 1})
+    single = run("train", one, devices=2)
     assert single.returncode == 0, single.stderr[-3000:]
-    two = write_recipe(tmp_path, "two.yaml", data={"tokenizer": tokenizer_file}, train=evals,
-                       run={"workdir": str(tmp_path / "two")}, mesh={"data": 2, "fsdp": 2, "tensor": 1})
+    two = write_recipe(tmp_path, "two.yaml", data={"tokenizer": tokenizer_file}, train=evals, model={"dtype": "float32"},
+                       run={"workdir": str(tmp_path / "two")}, mesh={"data": 1, "fsdp": 2, "tensor": 1})
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, str(ROOT / "launch" / "local.py"), "--processes", "2",
-                           "--devices-per-process", "2", "--", sys.executable, "-m", "vist2_jax.cli.main",
+                           "--devices-per-process", "1", "--", sys.executable, "-m", "vist2_jax.cli.main",
                            "train", str(two)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got, want = losses(tmp_path / "two"), losses(tmp_path / "one")
