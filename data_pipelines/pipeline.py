@@ -7,7 +7,8 @@ state (the next index) is saved with each checkpoint, which makes resume exact.
 
 A source's samples are a list in memory (small sources) or a prepared folder read and
 tokenized lazily inside the workers (``prepared.py``); with ``data.sources`` a
-``MixtureMaker`` picks the source of each row from ``(seed, i)`` as well.
+``MixtureMaker`` picks the source of each row from ``(seed, i)`` as well. Training rows
+never hold a document of the held-out split (``split.py``); evaluation rows hold only those.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 
 from data_pipelines.row_makers import MixtureMaker, RowMaker
 from data_pipelines.sources import open_samples, tokenizer_texts
+from data_pipelines.split import HELD_OUT, TRAIN, DocumentSplit
 from data_pipelines.tokenizer import TokenizerError, load_tokenizer, train_tokenizer
 from vist2_jax import storage
 from vist2_jax.config.schema import Config, ConfigError, DataConfig, SourceConfig
@@ -150,9 +152,9 @@ def build_pipeline(config: Config, workdir: str | Path, process_index: int = 0,
     train, evals, counters = [], [], {}
     for k, (part, _) in enumerate(parts):
         samples, part_counters = open_samples(part, tokenizer)
-        source_seed = seed + k * SOURCE_SEED_STRIDE
-        train.append(RowMaker(part, layout, samples, tokenizer, source_seed))
-        evals.append(RowMaker(part, layout, samples, tokenizer, source_seed + EVAL_SEED_OFFSET))
+        source_seed, split = seed + k * SOURCE_SEED_STRIDE, DocumentSplit(samples)
+        train.append(RowMaker(part, layout, samples, tokenizer, source_seed, TRAIN, split))
+        evals.append(RowMaker(part, layout, samples, tokenizer, source_seed + EVAL_SEED_OFFSET, HELD_OUT, split))
         for key, value in part_counters.items():
             counters[key] = counters.get(key, 0) + value
     if len(parts) == 1:

@@ -240,6 +240,12 @@ class PreparedSamples:
         prompt = self._encode(record.prompt) if record.prompt else None
         return Sample(self._encode(record.text), prompt, record.location)
 
+    def location(self, i: int) -> str:
+        """Sample ``i``'s location without tokenizing it (what the held-out split hashes)."""
+        _, index, _ = self._open()
+        number = index[int(i)]
+        return self._read(int(number[0] if self.index_name == "caption" else number))[0].location
+
     def _encode(self, text: str) -> np.ndarray:
         return np.asarray(self.tokenizer.encode(text), np.int32)
 

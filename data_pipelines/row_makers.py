@@ -33,6 +33,7 @@ from data_pipelines.render import SketchRenderer, renderer_for_config
 from data_pipelines.render_stats import RenderStats, sum_stats
 from data_pipelines.rows import RowBuilder
 from data_pipelines.shapes import captioned_shapes
+from data_pipelines.split import DocumentSplit
 from vist2_jax.config.schema import CurriculumPoint, DataConfig, LayoutConfig
 from vist2_jax.row_contract import GLYPH_CELL, close_chunk, reader_chunk_id
 
@@ -51,13 +52,17 @@ def curriculum_at(data: DataConfig, layout: LayoutConfig, step: int) -> Curricul
 
 class RowMaker:
     """``index -> row`` for one stage and source. Picklable; the renderer is built lazily per
-    worker, and a lazy source reads its records there."""
+    worker, and a lazy source reads its records there. ``side``: the documents it draws,
+    ``train`` (never a held-out one), ``held_out`` (only those) or None (all; ``--data``),
+    by ``split`` (``data_pipelines/split.py``; computed here when not given)."""
 
     def __init__(self, data: DataConfig, layout: LayoutConfig, samples: Sequence[Sample], tokenizer,
-                 seed: int):
+                 seed: int, side: str | None = None, split: DocumentSplit | None = None):
         # A list (in memory) or a lazy sequence (a prepared source): only len() and [i] are used.
         samples = samples if hasattr(samples, "__getitem__") else list(samples)
         self.data, self.layout, self.samples, self.tokenizer, self.seed = data, layout, samples, tokenizer, seed
+        self.side = side
+        self.split = split if split is not None or side is None else DocumentSplit(samples)
         if not self.samples and (data.stage != "caption" or data.source != "embedded"):
             raise BadInput(f"data.source={data.source!r} yielded no usable records")
         self._local = threading.local()  # one renderer per thread: its glyph atlas grows lazily
@@ -88,6 +93,18 @@ class RowMaker:
     def render_stats(self) -> RenderStats:
         """Renderer counters summed over this process's threads (not other worker processes)."""
         return sum_stats(r.stats for r in list(self._renderers))
+
+    def draw(self, rng) -> Sample | None:
+        """The document (or caption) the next part of a row takes, on this maker's side of the
+        split; None when its stored record is damaged (a prepared source checks each record it
+        reads), skipped and counted, or BadInput under ``bad_input=fail``."""
+        try:
+            if self.split is None:
+                return self.samples[rng.integers(len(self.samples))]
+            return self.split.draw(rng, self.samples, self.side)
+        except DamagedRecord as err:
+            self._skip("skipped_damaged", err.location, err.problem)
+            return None
 
     def builder(self) -> RowBuilder:
         data, layout = self.data, self.layout
@@ -174,7 +191,7 @@ class RowMaker:
         return max(0, min(wanted, by_space, by_slots))
 
     def _olm(self, rng, row: RowBuilder, point: CurriculumPoint) -> bool:
-        sample = self._draw(rng, self.samples)
+        sample = self.draw(rng)
         if sample is None:
             return True  # a damaged record, skipped and counted; try another document
         window = self._window(rng, sample, point.text_len, point.max_chunks)
@@ -194,7 +211,7 @@ class RowMaker:
         return True
 
     def _ocr(self, rng, row: RowBuilder, point: CurriculumPoint) -> bool:
-        sample = self._draw(rng, self.samples)
+        sample = self.draw(rng)
         if sample is None:
             return True  # a damaged record, skipped and counted; try another document
         window = self._window(rng, sample, point.text_len, point.max_chunks)
@@ -213,7 +230,7 @@ class RowMaker:
         return True
 
     def _sft(self, rng, row: RowBuilder, point: CurriculumPoint) -> bool:
-        sample = self._draw(rng, self.samples)
+        sample = self.draw(rng)
         if sample is None:
             return True  # a damaged record, skipped and counted; try another document
         L, m = point.text_len, row.visual_len
@@ -247,15 +264,6 @@ class RowMaker:
         self.counters["documents"] += 1
         return True
 
-    def _draw(self, rng, samples) -> Sample | None:
-        """A random sample; None when its stored record is damaged (a prepared source checks
-        each record it reads), skipped and counted, or BadInput under ``bad_input=fail``."""
-        try:
-            return samples[rng.integers(len(samples))]
-        except DamagedRecord as err:
-            self._skip("skipped_damaged", err.location, err.problem)
-            return None
-
     def _skip(self, counter: str, location: str, problem: str) -> None:
         """Count and log a record this row cannot use, or stop under ``bad_input=fail``."""
         if self.data.bad_input == "fail":
@@ -272,9 +280,9 @@ class RowMaker:
             image, caption = captioned_shapes(rng, size)
             tokens = self.tokenizer.encode(caption)
         else:
-            sample = self._draw(rng, self.captions)
+            sample = self.draw(rng)
             if sample is None:
-                return True
+                return True  # a damaged record, skipped and counted; try another document
             tokens = sample.tokens
             if row.visual_len + row.text_cost(len(tokens)) > row.seq_len:
                 self._skip("skipped_long_caption", sample.location,

@@ -91,9 +91,10 @@ def load_samples(source: str, tokenizer, stage: str, bad_input: str = "skip", da
 
 def split_for_sft(sample: Sample) -> Sample:
     """Embedded stand-in for chat data: the first third of a document is the (rendered)
-    query, the rest is the response to reproduce."""
+    query, the rest is the response to reproduce. It keeps the document's location, which
+    the held-out split hashes (``split.py``): held out in every stage or in none."""
     cut = max(1, len(sample.tokens) // 3)
-    return Sample(sample.tokens[cut:], sample.tokens[:cut], sample.location + ":sft")
+    return Sample(sample.tokens[cut:], sample.tokens[:cut], sample.location)
 
 
 def open_samples(data, tokenizer) -> tuple[object, dict]:

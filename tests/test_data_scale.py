@@ -82,6 +82,32 @@ def test_lazy_rows_equal_in_memory_rows(stage, kind, folder, prepared, tokenizer
             np.testing.assert_array_equal(a[key], b[key], err_msg=f"{stage} row {i} {key}")
 
 
+def test_evaluation_reads_the_held_out_documents_of_a_prepared_source_lazily(folder, prepared, tokenizer):
+    """``train.eval_tasks`` and ``vist2 eval`` on a prepared (lazy) source: the memory rows
+    and OCR chunks of the folder read in memory, so the same figures (it used to read the
+    prepared folder as raw text: 'holds no documents')."""
+    from data_pipelines.prepared import PreparedSamples
+    from vist2_jax.config.schema import CurriculumPoint
+    from vist2_jax.evaluation.context import EvalContext, row_maker
+    from vist2_jax.evaluation.ocr import held_out_chunks
+
+    point = CurriculumPoint(text_len=32, max_chunks=3)
+    made = {}
+    for source in (folder, prepared / "plain", prepared / "ids"):
+        ctx = EvalContext(load_config(overrides=[*SMALL, f"data.source={source}"]), None, tokenizer)
+        olm = row_maker(ctx, "olm", point)
+        ocr = held_out_chunks(row_maker(ctx, "ocr", point), 32, 6)
+        made[source] = ([olm(i) for i in range(3)], [(list(t), text) for t, text, *_ in ocr], olm)
+    want_rows, want_chunks, memory = made[folder]
+    assert len(want_chunks) == 6 and not isinstance(memory.samples, PreparedSamples)
+    for source in (prepared / "plain", prepared / "ids"):
+        rows, chunks, lazy = made[source]
+        assert isinstance(lazy.samples, PreparedSamples) and chunks == want_chunks
+        for want, got in zip(want_rows, rows):
+            for key in want:
+                np.testing.assert_array_equal(got[key], want[key], err_msg=f"{source} {key}")
+
+
 def test_lazy_caption_rows_equal_in_memory_rows(tmp_path, tokenizer):
     from PIL import Image
 

@@ -163,6 +163,24 @@ def test_memory_gain_of_a_model_blind_to_its_sketches_is_zero(tiny_config, olm_r
     assert seeing["nll_text"] != seeing["nll_true"]
 
 
+def test_collapse_guard_fires_on_a_constant_aligner_and_not_on_a_fresh_model(tiny_config, olm_rows):
+    from vist2_jax.evaluation.during_training import CollapseGuard
+
+    model = Vist2Model(tiny_config.model)
+    batch = {k: np.stack([r[k] for r in olm_rows]) for k in olm_rows[0]}
+    params = jax.device_get(nn.unbox(jax.jit(model.init)(jax.random.key(0), batch)))
+    guard = CollapseGuard(tiny_config, lambda i: olm_rows[i % len(olm_rows)])
+    assert guard.active and len(guard.images) == 16
+    fresh = guard(params)
+    assert fresh > 0.2 and guard.check(5, fresh) is None  # a random ViT + aligner keeps the image
+    fc2 = params["params"]["aligner"]["fc2"]
+    constant = {**fc2, "kernel": np.zeros_like(fc2["kernel"]), "bias": np.full_like(fc2["bias"], 0.5)}
+    collapsed = {"params": {**params["params"], "aligner": {**params["params"]["aligner"], "fc2": constant}}}
+    spread = guard(collapsed)  # every sketch -> the bias: image-independent
+    assert spread < 1e-6
+    assert guard.check(5, spread).startswith("step 5: visual_spread 0.0000 is below train.collapse_threshold=0.05")
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A 2-step OLM run of a shrunken tiny model with ``train.eval_tasks`` on."""
@@ -192,6 +210,9 @@ def test_training_logs_eval_task_figures(tiny_run):
     for record in evaluated:
         assert 0.0 <= record["eval_ocr_exact_match"] <= 1.0 and record["eval_ocr_cer"] >= 0.0
         assert record["eval_memory_gain_lo"] <= record["eval_memory_gain"] <= record["eval_memory_gain_hi"]
+        for key in ("eval_ocr_cer", "eval_ocr_cer_blank_sketch", "eval_ocr_cer_gap"):  # bootstrap over chunks
+            assert record[f"{key}_lo"] <= record[key] <= record[f"{key}_hi"]
+        assert record["eval_ocr_cer_gap"] == pytest.approx(record["eval_ocr_cer_blank_sketch"] - record["eval_ocr_cer"])
     events = [s for f in (tiny_run / "tensorboard").glob("events.*") for _, s in read_scalar_events(f)]
     assert any("eval_memory_gain" in s and "eval_ocr_cer" in s for s in events)
 
@@ -224,3 +245,58 @@ def test_vist2_eval_every_task_on_fixture_data(tiny_run, tmp_path, capsys):
             assert result["examples"] == 1 and 0.0 <= result["score"] <= 100.0
     assert main(["eval", str(tiny_run), "--task", "gsm8k"]) == 2
     assert "--task gsm8k needs --data" in capsys.readouterr().err
+
+
+def _text_of_segments(row, chunk_token):
+    """Per document of a row: its text tokens in order (chunk markers dropped), as bytes."""
+    text = (row["modality"] == 1) & (row["tokens"] != chunk_token)
+    return [row["tokens"][text & (row["segment_id"] == s)].astype(np.int32).tobytes()
+            for s in np.unique(row["segment_id"][text])]
+
+
+def test_training_rows_never_hold_a_held_out_document_and_evaluation_only_those(sp_tokenizer):
+    """The embedded corpus (178 documents): every document of a training row (stage 3, and
+    the stage-4 stand-in built from the same documents) is a piece of a training document,
+    every evaluation row's and OCR chunk's a piece of a held-out one."""
+    from data_pipelines.pipeline import build_pipeline
+    from data_pipelines.sources import load_samples
+    from data_pipelines.split import DocumentSplit
+    from vist2_jax.config import load_config
+    from vist2_jax.config.schema import CurriculumPoint
+    from vist2_jax.evaluation.context import row_maker
+    from vist2_jax.evaluation.ocr import held_out_chunks
+
+    documents, _ = load_samples("embedded", sp_tokenizer, "olm")
+    split = DocumentSplit(documents)
+    held = [d.tokens.astype(np.int32).tobytes() for d in documents if split.is_held_out(d.location)]
+    kept = [d.tokens.astype(np.int32).tobytes() for d in documents if not split.is_held_out(d.location)]
+    assert 2 <= len(held) <= 20 and len(held) + len(kept) == 178
+
+    def inside(piece, texts):  # a contiguous token run of one of the texts (4-byte aligned)
+        return any(any(at % 4 == 0 for at in _finds(text, piece)) for text in texts)
+
+    overrides = ["preset=tiny", "model.decoder.vocab_size=1024", "model.layout.image_size=64",
+                 "model.layout.visual_len=4", "model.layout.text_len=16", "data.seq_len=160",
+                 "data.global_batch_size=8", "data.images_per_row=8", "data.eval_rows=16",
+                 "data.font_sizes=[8,7]", "data.curriculum=[{start_step: 0, text_len: 16, max_chunks: 4}]"]
+    for stage in ("olm", "sft"):
+        config = load_config(overrides=[*overrides, f"data.stage={stage}", f"data.tokenizer={sp_tokenizer.path}"])
+        pipeline = build_pipeline(config, "unused")
+        chunk = pipeline.tokenizer.chunk_id
+        for i in range(48):
+            for piece in _text_of_segments(pipeline.row_maker(i), chunk):
+                assert not inside(piece, held), f"{stage} training row {i} holds a held-out document"
+        for batch in pipeline.eval_batches():
+            for r in range(len(batch["tokens"])):
+                for piece in _text_of_segments({k: v[r] for k, v in batch.items()}, chunk):
+                    assert inside(piece, held)
+    ctx = EvalContext(config, None, pipeline.tokenizer)
+    chunks = held_out_chunks(row_maker(ctx, "ocr", CurriculumPoint(text_len=16, max_chunks=1)), 16, 24)
+    assert len(chunks) == 24 and all(inside(np.asarray(t, np.int32).tobytes(), held) for t, *_ in chunks)
+
+
+def _finds(text: bytes, piece: bytes):
+    at = text.find(piece)
+    while at >= 0:
+        yield at
+        at = text.find(piece, at + 1)

@@ -88,13 +88,14 @@ def test_metrics_files(uninterrupted):
     train_records = [r for r in records if "loss" in r]
     assert [r["step"] for r in train_records] == list(range(1, 9))
     for key in ("accuracy", "grad_norm", "learning_rate", "step_time_s", "text_tokens_per_s",
-                "decoder_tokens_per_s", "model_flops_per_step", "model_tflops_per_s"):
+                "decoder_tokens_per_s", "model_flops_per_step", "model_tflops_per_s", "visual_spread"):
         assert all(np.isfinite(r[key]) for r in train_records), key
     assert records[0]["step"] == 0 and "eval_loss" in records[0]
     (events,) = (workdir / "tensorboard").glob("events.out.tfevents.*")
     scalars = read_scalar_events(events)
     assert [s for s, v in scalars if "loss" in v] == list(range(1, 9))
     assert scalars[-1][1]["loss"] == pytest.approx(train_records[-1]["loss"], rel=1e-6)
+    assert "visual_spread" in records[0] and scalars[-1][1]["visual_spread"] == train_records[-1]["visual_spread"]
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["steps_done"] == 8 and summary["eval_loss_end"] < summary["eval_loss_start"]
 
@@ -156,6 +157,65 @@ def test_nan_loss_stops_with_the_step(tmp_path, tokenizer_file):
     assert "non-finite loss" in proc.stderr and "at step" in proc.stderr
 
 
+def test_collapse_guard_stops_with_the_step_after_saving(tmp_path, tokenizer_file):
+    """Any real visual_spread is below a threshold of 0.99: the first logged step stops."""
+    recipe = write_recipe(tmp_path, data={"tokenizer": tokenizer_file}, run={"workdir": str(tmp_path / "run")},
+                          train={"collapse_threshold": 0.99, "collapse_action": "stop"})
+    proc = run("train", recipe, devices=1)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("vist2 train: error")]
+    assert "step 1: visual_spread 0." in line and "checkpoint of step 1 saved" in line
+    assert (tmp_path / "run" / "checkpoints" / "1").is_dir()
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1] and 0 < records[1]["visual_spread"] < 0.99
+
+
+def test_nan_stop_between_logged_steps_names_the_first_non_finite_step_and_saves_nothing(tmp_path, tokenizer_file):
+    """Non-finite from step 2 on, read at the first logged step (4), which is also a save:
+    the message names step 2 and no checkpoint holds the diverged state."""
+    recipe = write_recipe(tmp_path, data={"tokenizer": tokenizer_file}, run={"workdir": str(tmp_path / "run"),
+                                                                             "log_every": 4},
+                          train={"learning_rate": 1e30, "grad_clip_norm": 0.0, "warmup_steps": 0,
+                                 "checkpoint_every": 4})
+    proc = run("train", recipe, devices=1)
+    assert proc.returncode == 2
+    assert "at step 2;" in proc.stderr and "last checkpoint: none" in proc.stderr
+    assert not list((tmp_path / "run" / "checkpoints").glob("[0-9]*"))
+
+
+def test_steps_between_logged_steps_never_read_from_the_device(tmp_path, tokenizer_file, uninterrupted,
+                                                                monkeypatch):
+    """The loop under ``STEP_TRANSFERS=disallow_explicit``, where every read of a device
+    array (np.asarray, float, device_get: all go through ``ArrayImpl._value``) or wait
+    (``block_until_ready``) fails, as the transfer guard does on an accelerator (on a CPU a
+    read is no transfer, so the guard alone would not see it); only logged steps,
+    evaluations and saves may read. It trains the losses of the uninterrupted run."""
+    from jax._src import config as jax_config
+    from jax._src.array import ArrayImpl
+
+    from vist2_jax.config import load_config
+    from vist2_jax.training import trainer
+
+    def forbidden():
+        if jax_config.transfer_guard_device_to_host.value == "disallow_explicit":
+            raise AssertionError("a step between logged steps read from the device")
+
+    value, wait = ArrayImpl._value, ArrayImpl.block_until_ready
+    monkeypatch.setattr(ArrayImpl, "_value", property(lambda self: (forbidden(), value.fget(self))[1]))
+    monkeypatch.setattr(ArrayImpl, "block_until_ready", lambda self: (forbidden(), wait(self))[1])
+    monkeypatch.setattr(trainer, "STEP_TRANSFERS", "disallow_explicit")
+    recipe = write_recipe(tmp_path, data={"tokenizer": tokenizer_file},
+                          run={"workdir": str(tmp_path / "run"), "log_every": 4},
+                          train={"checkpoint_every": 8, "eval_every": 8})
+    result = trainer.train(load_config(recipe, ["mesh.fsdp=4", "mesh.tensor=2"]))  # 8 CPU devices (conftest)
+    assert result.steps_done == 8
+    logged, reference = losses(tmp_path / "run"), losses(uninterrupted[0])
+    assert sorted(logged) == [1, 4, 8]
+    for step, loss in logged.items():
+        assert loss == pytest.approx(reference[step], rel=2e-5)
+    assert result.summary["step_time_s_median"] > 0 and result.summary["text_tokens_per_s_median"] > 0
+
+
 def test_nan_policy_skip_keeps_going(tmp_path, tokenizer_file):
     recipe = write_recipe(tmp_path, data={"tokenizer": tokenizer_file}, run={"workdir": str(tmp_path / "run")},
                           train={"learning_rate": 1e30, "grad_clip_norm": 0.0, "warmup_steps": 0,
@@ -177,22 +237,34 @@ def test_sharded_8_devices_match_one_device(tmp_path, uninterrupted, tokenizer_f
     np.testing.assert_allclose([got[k] for k in sorted(got)], [want[k] for k in sorted(want)], rtol=2e-5)
 
 
-def test_two_processes_match_one_process_with_four_devices(tmp_path, tokenizer_file):
-    one = write_recipe(tmp_path, "one.yaml", data={"tokenizer": tokenizer_file}, train={"steps": 4},
-                       run={"workdir": str(tmp_path / "one")}, mesh={"data": 2, "fsdp": 2, "tensor": 1})
-    single = run("train", one, devices=4)
+def test_two_processes_match_one_process_with_two_devices(tmp_path, tokenizer_file):
+    """Losses, and the evaluations during training (OCR, memory, the collapse guard), whose
+    outputs span both processes' devices (one device each: ``np.asarray`` of such an output
+    failed with 'Fetching value for jax.Array that spans non-addressable devices'; in float32,
+    as the demo computes on a CPU)."""
+    evals = {"steps": 4, "eval_every": 4, "eval_tasks": ["ocr", "memory"], "eval_task_limit": 3}
+    one = write_recipe(tmp_path, "one.yaml", data={"tokenizer": tokenizer_file}, train=evals, model={"dtype": "float32"},
+                       run={"workdir": str(tmp_path / "one")}, mesh={"data": 1, "fsdp": 2, "tensor": 1})
+    single = run("train", one, devices=2)
     assert single.returncode == 0, single.stderr[-3000:]
-    two = write_recipe(tmp_path, "two.yaml", data={"tokenizer": tokenizer_file}, train={"steps": 4},
-                       run={"workdir": str(tmp_path / "two")}, mesh={"data": 2, "fsdp": 2, "tensor": 1})
+    two = write_recipe(tmp_path, "two.yaml", data={"tokenizer": tokenizer_file}, train=evals, model={"dtype": "float32"},
+                       run={"workdir": str(tmp_path / "two")}, mesh={"data": 1, "fsdp": 2, "tensor": 1})
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, str(ROOT / "launch" / "local.py"), "--processes", "2",
-                           "--devices-per-process", "2", "--", sys.executable, "-m", "vist2_jax.cli.main",
+                           "--devices-per-process", "1", "--", sys.executable, "-m", "vist2_jax.cli.main",
                            "train", str(two)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got, want = losses(tmp_path / "two"), losses(tmp_path / "one")
     assert got.keys() == want.keys() == {1, 2, 3, 4}
     # the same rows, in another order inside the global batch: equal up to summation order
     np.testing.assert_allclose([got[k] for k in sorted(got)], [want[k] for k in sorted(want)], rtol=1e-5)
+    figures = ("eval_ocr_cer", "eval_ocr_cer_blank_sketch", "eval_memory_gain", "eval_memory_nll_true",
+               "visual_spread")
+    got, want = ({r["step"]: r for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
+                  if "eval_ocr_cer" in r} for name in ("two", "one"))
+    assert got.keys() == want.keys() == {0, 4}
+    for step in (0, 4):
+        np.testing.assert_allclose([got[step][k] for k in figures], [want[step][k] for k in figures], rtol=1e-4)
 
 
 def _damage_all_checkpoints(workdir):

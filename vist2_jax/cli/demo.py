@@ -156,8 +156,9 @@ def _eval_figures(workdir: Path) -> dict:
 
 
 ROWS = (  # (stage, metric key, label, interval key prefix or None)
-    ("stage2_ocr", "eval_ocr_cer", "stage 2 OCR CER, held-out sketches", None),
-    ("stage2_ocr", "eval_ocr_cer_blank_sketch", "stage 2 OCR CER, blank sketches", None),
+    ("stage2_ocr", "eval_ocr_cer", "stage 2 OCR CER, held-out sketches", "eval_ocr_cer"),
+    ("stage2_ocr", "eval_ocr_cer_blank_sketch", "stage 2 OCR CER, blank sketches", "eval_ocr_cer_blank_sketch"),
+    ("stage2_ocr", "eval_ocr_cer_gap", "stage 2 OCR CER gap (blank-true)", "eval_ocr_cer_gap"),
     ("stage2_ocr", "eval_ocr_exact_match", "stage 2 OCR exact match", None),
     ("stage3_olm", "eval_memory_gain", "stage 3 memory gain (blank-true)", "eval_memory_gain"),
     ("stage3_olm", "eval_memory_compression_gap", "stage 3 compression gap (true-text)", None),

@@ -297,6 +297,10 @@ class TrainConfig:
     keep_checkpoints: int = 3
     nan_policy: Literal["stop", "skip"] = "stop"
     peak_tflops_per_device: float = 0.0
+    # The collapse guard (evaluation/during_training.py): visual_spread of held-out sketches,
+    # logged every run.log_every steps; below the threshold (0: never) a run warns or stops.
+    collapse_threshold: float = 0.05
+    collapse_action: Literal["warn", "stop"] = "warn"
 
     def validate(self, prefix: str) -> None:
         for name in ("steps", "grad_accum_steps", "eval_every", "eval_batches", "checkpoint_every",
@@ -331,6 +335,8 @@ class TrainConfig:
         _require(self.eval_task_limit > 0, f"{prefix}.eval_task_limit", "must be positive")
         _require(not (self.init_from and (self.init_decoder_hf or self.init_vision_hf)), f"{prefix}.init_from",
                  "a stage starts either from a previous stage or from Hugging Face weights, not both")
+        _require(0 <= self.collapse_threshold < 1, f"{prefix}.collapse_threshold",
+                 "must lie in [0, 1) (a share of the visual tokens' norm; 0 turns the guard off)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -46,28 +46,38 @@ def final_point(config: Config) -> CurriculumPoint:
 
 
 @functools.lru_cache(maxsize=4)
-def _samples(source: str, data_dir: str, manual_dir: str, tokenizer) -> tuple:
+def _samples(source: str, data_dir: str, manual_dir: str, tokenizer, held_out: bool) -> tuple:
+    """(documents, their held-out split or None): a prepared folder read lazily, any other
+    source loaded; the same sequence either way (a chat's response counts as a document)."""
+    from data_pipelines.prepared import PreparedSamples, is_prepared
     from data_pipelines.sources import load_samples
+    from data_pipelines.split import DocumentSplit
 
-    samples, _ = load_samples(source, tokenizer, "olm", "skip", data_dir, manual_dir)
-    return tuple(s for s in samples if s.prompt is None and s.image is None)
+    if is_prepared(source):
+        samples = PreparedSamples(source, "olm", tokenizer)
+    else:
+        samples = tuple(load_samples(source, tokenizer, "olm", "skip", data_dir, manual_dir)[0])
+    return samples, DocumentSplit(samples) if held_out else None
 
 
 def row_maker(ctx: EvalContext, stage: str, point: CurriculumPoint, data: str | None = None):
-    """A RowMaker of ``stage`` rows (``ocr`` or ``olm``) at one curriculum point over the
-    run's source (or the folder ``data``), with an evaluation seed; its renderer must draw
-    what the run's saved renderer config describes."""
+    """A RowMaker of ``stage`` rows (``ocr`` or ``olm``) at one curriculum point, with an
+    evaluation seed, over the held-out documents of the run's source (documents it never
+    trained on, ``data_pipelines/split.py``) or over all of the folder ``data``; its
+    renderer must draw what the run's saved renderer config describes."""
     from data_pipelines.row_makers import RowMaker
+    from data_pipelines.split import HELD_OUT
 
     config = ctx.config
     source = data or config.data.source
     if data and not storage.as_path(data).exists():
         raise ConfigError(f"--data: no such file or folder {data}")
-    samples = _samples(source, config.data.data_dir, config.data.manual_dir, ctx.tokenizer)
-    if not samples:
-        raise ConfigError(f"--data: {source} holds no documents")
+    samples, split = _samples(source, config.data.data_dir, config.data.manual_dir, ctx.tokenizer, not data)
+    if not len(samples):
+        raise ConfigError(f"{'--data' if data else 'data.source'}: {source} holds no documents")
     eval_data = dataclasses.replace(config.data, stage=stage, source=source, sources=(), curriculum=(point,))
-    maker = RowMaker(eval_data, config.model.layout, samples, ctx.tokenizer, config.run.seed + EVAL_SEED)
+    maker = RowMaker(eval_data, config.model.layout, samples, ctx.tokenizer, config.run.seed + EVAL_SEED,
+                     HELD_OUT if split else None, split)
     check_renderer(ctx, maker.renderer.renderer_config())
     return maker
 

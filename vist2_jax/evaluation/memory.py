@@ -25,6 +25,7 @@ from vist2_jax.config.schema import ConfigError
 from vist2_jax.evaluation.context import EvalContext, final_point, row_maker
 from vist2_jax.evaluation.metrics import bootstrap_ratio
 from vist2_jax.row_contract import PAD, ROW_FIELDS, TEXT, VISUAL, stack_rows
+from vist2_jax.training.distributed import to_host
 
 WHITE = 255
 
@@ -73,23 +74,31 @@ def _nll_fn(model_config):
     return jax.jit(nll)
 
 
+def spread_of(tokens: jax.Array) -> jax.Array:
+    """Visual tokens [N, m, D] of N sketches -> the mean distance of each token from its
+    mean over the sketches (per token slot), over the mean token norm: the image-dependent
+    share of the visual tokens (0: every sketch reaches the decoder as the same vectors)."""
+    tokens = tokens.astype(jnp.float32)
+    spread = jnp.linalg.norm(tokens - tokens.mean(0), axis=-1).mean()
+    return spread / jnp.maximum(jnp.linalg.norm(tokens, axis=-1).mean(), 1e-12)
+
+
 @functools.lru_cache(maxsize=8)
-def _encode_fn(model_config):
+def spread_fn(model_config):
+    """Jitted ``(params, images [N, H, W, 3]) -> visual_spread``: the ViT and aligner only."""
     from vist2_jax.model.vist2 import Vist2Model
 
     model = Vist2Model(model_config)
-    return jax.jit(lambda params, images: model.apply(params, images, method=Vist2Model.encode_images))
+    return jax.jit(lambda params, images: spread_of(
+        model.apply(params, images[None], method=Vist2Model.encode_images)[0]))
 
 
 def visual_spread(ctx: EvalContext, rows: list[dict], max_images: int = 64) -> float:
-    """Mean distance of each visual token from its mean over the rows' sketches (per token
-    slot), over the mean token norm."""
+    """``spread_of`` the visual tokens of (at most ``max_images`` of) the rows' sketches."""
     images = np.concatenate([r["images"][r["image_mask"]] for r in rows])[:max_images]
     if len(images) < 2:
         return float("nan")
-    tokens = np.asarray(_encode_fn(ctx.config.model)(ctx.params, images[None]), np.float64)[0]
-    spread = np.linalg.norm(tokens - tokens.mean(0), axis=-1).mean()
-    return float(spread / max(np.linalg.norm(tokens, axis=-1).mean(), 1e-12))
+    return float(to_host(spread_fn(ctx.config.model)(ctx.params, images)))
 
 
 def document_sums(ctx: EvalContext, rows: list[dict], batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -100,7 +109,7 @@ def document_sums(ctx: EvalContext, rows: list[dict], batch_size: int = 8) -> tu
     for i in range(0, len(rows), batch_size):
         part = rows[i:i + batch_size]
         batch = stack_rows([{k: r[k] for k in fields} for r in part])
-        values = np.asarray(nll(ctx.params, batch), np.float64)
+        values = to_host(nll(ctx.params, batch)).astype(np.float64)
         for row, value in zip(part, values):
             weight = row.get("memory", memory_weights(row))
             for segment in np.unique(row["segment_id"][weight > 0]):

@@ -5,7 +5,9 @@ Each chunk becomes the stage-2 row ``[V][<|chunk|> t1..tL]`` (text reads the ima
 compared with the chunk's text: character error rate (edit distance / reference length)
 and exact match, overall, per font-size bucket the renderer chose, and per compression
 ratio L/m. ``cer_blank_sketch`` is the control: the same decoding from all-white images,
-i.e. what the language prior alone reaches; reading shows as ``cer`` below it."""
+i.e. what the language prior alone reaches; reading shows as ``cer`` below it, and
+``cer_gap`` = blank - true (paired per chunk). The three come with bootstrap 95% intervals
+over chunks (``_lo``, ``_hi``): a gap whose interval holds 0 is noise."""
 
 from __future__ import annotations
 
@@ -18,22 +20,25 @@ import numpy as np
 
 from vist2_jax.config.schema import ConfigError, CurriculumPoint
 from vist2_jax.evaluation.context import EvalContext, row_maker
-from vist2_jax.evaluation.metrics import char_error_rate, exact_match
+from vist2_jax.evaluation.metrics import bootstrap_ratio, char_error_rate, exact_match
 from vist2_jax.evaluation.memory import WHITE
 from vist2_jax.row_contract import reader_chunk_id, stack_rows, text_span_cost
+from vist2_jax.training.distributed import to_host
 
 
 def held_out_chunks(maker, text_len: int, count: int, seed: int = 0):
     """(tokens, text, image, font px) for ``count`` chunks of exactly ``text_len`` tokens
-    drawn from the maker's documents; chunks the renderer rejects are skipped."""
+    drawn from the documents the maker draws from (the held-out ones of a run's source);
+    documents shorter than a chunk and chunks the renderer rejects are skipped."""
     from data_pipelines.render import RenderRejected
 
     rng = np.random.default_rng([seed, text_len])
-    documents = [s for s in maker.samples if len(s.tokens) >= text_len]
     chunks, tries = [], 0
-    while documents and len(chunks) < count and tries < 20 * count:
+    while len(chunks) < count and tries < 20 * count:
         tries += 1
-        tokens = documents[rng.integers(len(documents))].tokens
+        tokens = maker.draw(rng).tokens
+        if len(tokens) < text_len:
+            continue
         start = int(rng.integers(0, len(tokens) - text_len + 1))
         piece = tokens[start:start + text_len]
         text = maker.tokenizer.decode(piece)
@@ -79,7 +84,7 @@ def reconstruct(ctx: EvalContext, chunks, batch_size: int = 16) -> list[str]:
     for i in range(0, len(rows), batch_size):
         part = rows[i:i + batch_size]
         part += [part[-1]] * (batch_size - len(part)) if len(rows) > batch_size else []
-        filled = np.asarray(run(ctx.params, stack_rows(part)))
+        filled = to_host(run(ctx.params, stack_rows(part)))
         outputs += [ctx.detokenize(row[m + 1:]) for row in filled]
     return outputs[:len(rows)]
 
@@ -107,9 +112,11 @@ def evaluate_ocr(ctx: EvalContext, limit: int = 32, text_lens=None, data: str | 
                 samples.append({"reference": text, "prediction": pred})
     if not groups:
         raise ConfigError(f"--data: no chunk of {text_lens} tokens could be drawn from its documents")
-    result = {"cer": float(np.mean([c for c, _ in groups["all"]])),
-              "exact_match": float(np.mean([e for _, e in groups["all"]])), "chunks": len(groups["all"]),
-              "cer_blank_sketch": float(np.mean([c for c, _ in groups["blank"]]))}
+    result = {"exact_match": float(np.mean([e for _, e in groups["all"]])), "chunks": len(groups["all"])}
+    true, blank = (np.asarray([c for c, _ in groups[key]]) for key in ("all", "blank"))
+    for name, values in (("cer", true), ("cer_blank_sketch", blank), ("cer_gap", blank - true)):
+        estimate, low, high = bootstrap_ratio(values, np.ones_like(values))  # the mean over chunks
+        result.update({name: estimate, f"{name}_lo": low, f"{name}_hi": high})
     for key, scores in sorted(groups.items()):
         if key not in ("all", "blank"):
             result[f"cer_{key}"] = float(np.mean([c for c, _ in scores]))

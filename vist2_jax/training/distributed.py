@@ -1,5 +1,5 @@
-"""Multi-host set-up: ``jax.distributed.initialize`` from the environment, and assembling
-host-local batches into global arrays.
+"""Multi-host set-up: ``jax.distributed.initialize`` from the environment, assembling
+host-local batches into global arrays, and reading global arrays back on every host.
 
 Recognised (in order): an explicit coordinator (``VIST2_COORDINATOR``, ``VIST2_NUM_PROCESSES``,
 ``VIST2_PROCESS_ID``, set by ``launch/local.sh``, the JobSet manifest and the SLURM
@@ -54,6 +54,17 @@ def heartbeat_seconds(env: Mapping[str, str]) -> int:
     if not text.isdigit() or int(text) < 1:
         raise ConfigError(f"VIST2_HEARTBEAT_S: {text!r} is not a whole number of seconds >= 1")
     return int(text)
+
+
+def to_host(value) -> np.ndarray:
+    """A (small) jax.Array as numpy on every host, also when it spans other hosts' devices
+    (the outputs of evaluation functions over parameters sharded across a pod): gathered,
+    so every host must call it, as every host runs the evaluations."""
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    return np.asarray(value)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -7,6 +7,11 @@ the next step boundary and return normally. A run directory whose checkpoints ar
 unreadable is refused unless ``restart`` is asked for, which moves them aside (nothing is
 deleted). The run directory may be local or ``gs://`` (every file goes through
 ``vist2_jax.storage``), so all hosts of a pod write one run.
+
+The device stays busy: metrics, the NaN policy's check and the collapse guard are read
+only on logged steps and before saves (``_reads_device``); other steps are dispatched and
+the next batch is fetched and placed while they run. Step time is the interval between
+logged steps over their count.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import yaml
 from etils import epath
 
@@ -30,7 +36,7 @@ from vist2_jax import storage
 from vist2_jax.checkpointing.checkpoints import RunCheckpoints, tokenizer_asset
 from vist2_jax.config.loader import to_dict
 from vist2_jax.config.schema import Config, ConfigError
-from vist2_jax.evaluation.during_training import TrainingEval
+from vist2_jax.evaluation.during_training import CollapseGuard, TrainingEval
 from vist2_jax.parallel.sharding import LOGICAL_AXIS_RULES, make_mesh
 from vist2_jax.training.distributed import global_batch
 from vist2_jax.training.flops import global_text_tokens, step_record
@@ -44,6 +50,11 @@ log = logging.getLogger(__name__)
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss under ``train.nan_policy=stop``; the message names the step."""
+
+
+class TrainingCollapsed(TrainingDiverged):
+    """``visual_spread`` below ``train.collapse_threshold`` under ``train.collapse_action=stop``
+    (a checkpoint of that step is saved first); the message names the step and the value."""
 
 
 @dataclasses.dataclass
@@ -82,6 +93,57 @@ class _StopRequests:
 
 def _host_metrics(metrics: dict) -> dict:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+# The loop's device->host transfer guard outside _reads_device(): "disallow_explicit" makes
+# any read between logged steps an error (the tests do; on a CPU they check reads themselves).
+STEP_TRANSFERS = "allow"
+
+
+def _reads_device():
+    """Marks where the loop may wait for the device and read from it: logged steps,
+    evaluation and checkpoint saves. Elsewhere a step is only dispatched."""
+    return jax.transfer_guard_device_to_host("allow")
+
+
+@jax.jit
+def _track(carry: dict, metrics: dict, step) -> dict:
+    """On the device: the first non-finite step (0: none), its loss, and the count."""
+    bad = metrics["finite"] == 0
+    first = (carry["first_step"] == 0) & bad
+    return {"first_step": jnp.where(first, step, carry["first_step"]),
+            "first_loss": jnp.where(first, metrics["loss"], carry["first_loss"]),
+            "nonfinite_steps": carry["nonfinite_steps"] + bad.astype(jnp.int32)}
+
+
+class _Health:
+    """Non-finite steps, tracked on the device every step and read only when the loop reads
+    anyway (``check`` at logged steps and before every save): ``nan_policy=stop`` raises
+    there naming the first non-finite step, before a diverged state is logged or saved;
+    ``skip`` (the step already skipped the update on the device) warns with the count."""
+
+    def __init__(self, nan_policy: str):
+        self.nan_policy, self.reported = nan_policy, 0
+        self.carry = {"first_step": np.int32(0), "first_loss": np.float32(0), "nonfinite_steps": np.int32(0)}
+        self.values = {"first_step": 0, "first_loss": 0.0, "nonfinite_steps": 0}
+
+    def update(self, metrics: dict, step: int) -> None:
+        self.carry = _track(self.carry, metrics, step)
+
+    def check(self, checkpoints) -> None:
+        self.values = {k: v.item() for k, v in jax.device_get(self.carry).items()}
+        if self.values["first_step"] and self.nan_policy == "stop":
+            checkpoints.close()
+            raise TrainingDiverged(f"non-finite loss {self.values['first_loss']} at step {self.values['first_step']}; "
+                                   f"last checkpoint: {checkpoints.steps()[-1:] or 'none'}")
+        new = self.values["nonfinite_steps"] - self.reported
+        if new:
+            log.warning("%d more step(s) with a non-finite loss (first at step %d), updates skipped", new,
+                        self.values["first_step"])
+            self.reported = self.values["nonfinite_steps"]
+
+    def record(self) -> dict:
+        return {"nonfinite_steps": self.values["nonfinite_steps"]}
 
 
 def _set_aside(workdir: epath.Path, checkpoints: RunCheckpoints) -> epath.Path:
@@ -170,52 +232,75 @@ def train(config: Config, restart: bool = False) -> TrainResult:
                 return sum(losses) / max(sum(weights), 1.0)
 
             task_eval = TrainingEval(config, pipeline.tokenizer) if config.train.eval_tasks else None
+            guard = CollapseGuard(config, pipeline.eval_maker)
             summary: dict = {"stage": config.data.stage, "start_step": start}
             if start == 0:
                 logger.status("compiling the eval step")
                 summary["eval_loss_start"] = evaluate()
                 logger.log(0, {"eval_loss": summary["eval_loss_start"],
-                               **(task_eval(state["params"]) if task_eval else {})})
+                               **(task_eval(state["params"]) if task_eval else {}),
+                               **({"visual_spread": guard(state["params"])} if guard.active else {})})
             step_times, text_rates, losses = [], [], []
             stopped_by = None
             done = start
             wall_start = time.time()
-            with _StopRequests() as stop:
+            health = _Health(config.train.nan_policy)
+            local = next(iterator) if start < config.train.steps else None
+            clock, since, interval_text = time.perf_counter(), start, 0.0
+            with _StopRequests() as stop, jax.transfer_guard_device_to_host(STEP_TRANSFERS):
                 for step in range(start, config.train.steps):
-                    local = next(iterator)
-                    batch = global_batch(local, mesh)
+                    # Between logged steps nothing here waits for the device: the step is
+                    # dispatched, and the next batch is read and placed while it runs.
                     if step == start:
                         logger.status("compiling the train step (the first step includes it)")
-                    t0 = time.perf_counter()
-                    state, metrics = train_step(state, batch)
-                    metrics = _host_metrics(metrics)
-                    elapsed = time.perf_counter() - t0
+                    state, metrics = train_step(state, global_batch(local, mesh))
+                    health.update(metrics, step + 1)
+                    interval_text += global_text_tokens(local)
                     done = step + 1
-                    if not metrics["finite"]:
-                        if config.train.nan_policy == "stop":
-                            checkpoints.close()
-                            raise TrainingDiverged(f"non-finite loss {metrics['loss']} at step {done}; "
-                                                   f"last checkpoint: {checkpoints.steps()[-1:] or 'none'}")
-                        log.warning("step %d: non-finite loss, update skipped", done)
-                    losses.append(metrics["loss"])
-                    if step > start:  # the first step of a process includes compilation
-                        step_times.append(elapsed)
-                        text_rates.append(global_text_tokens(local) / elapsed)
                     last = done == config.train.steps
-                    if done % config.run.log_every == 0 or last or done == start + 1:
-                        record = {**metrics, "learning_rate": float(schedule(step)),
-                                  **step_record(config, local, elapsed), **pipeline.counters()}
-                        if done % config.train.eval_every == 0 or last:
-                            record["eval_loss"] = summary["eval_loss_end"] = evaluate()
-                            record.update(task_eval(state["params"]) if task_eval else {})
-                        logger.log(done, record)
-                    if stop.requested or done % config.train.checkpoint_every == 0 or last:
-                        _save(checkpoints, done, state, iterator, config, pipeline, force=bool(stop.requested))
-                        logger.flush()
-                    if stop.requested:
-                        stopped_by = stop.requested
-                        logger.status(f"{stop.requested}: checkpoint of step {done} saved, exiting")
-                        break
+                    logged = done % config.run.log_every == 0 or last or done == start + 1
+                    scheduled = done % config.train.checkpoint_every == 0 or last
+                    if logged or scheduled or stop.requested:
+                        with _reads_device():
+                            health.check(checkpoints)  # never log past, nor save, a diverged state
+                            if logged:
+                                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                                elapsed = (time.perf_counter() - clock) / (done - since)  # blocked above
+                                if since > start:  # the first interval includes compilation
+                                    step_times.append(elapsed)
+                                    text_rates.append(interval_text / (elapsed * (done - since)))
+                                losses.append(metrics["loss"])
+                                record = {**metrics, **health.record(), "learning_rate": float(schedule(step)),
+                                          **step_record(config, local, elapsed),
+                                          "text_tokens_per_s": interval_text / (elapsed * (done - since)),
+                                          **pipeline.counters()}
+                                if done % config.train.eval_every == 0 or last:
+                                    record["eval_loss"] = summary["eval_loss_end"] = evaluate()
+                                    record.update(task_eval(state["params"]) if task_eval else {})
+                                collapsed = None
+                                if guard.active:
+                                    record["visual_spread"] = guard(state["params"])
+                                    collapsed = guard.check(done, record["visual_spread"])
+                                    if collapsed:
+                                        log.warning("%s", collapsed)
+                                logger.log(done, record)
+                                if collapsed and config.train.collapse_action == "stop":
+                                    _save(checkpoints, done, state, iterator, config, pipeline, force=True)
+                                    logger.flush()
+                                    checkpoints.close()
+                                    raise TrainingCollapsed(f"{collapsed}; stopped (train.collapse_action=stop), "
+                                                            f"checkpoint of step {done} saved")
+                            requested = stop.requested  # read once: a later signal is seen next step
+                            if requested or scheduled:
+                                _save(checkpoints, done, state, iterator, config, pipeline, force=bool(requested))
+                                logger.flush()
+                            if requested:
+                                stopped_by = requested
+                                logger.status(f"{requested}: checkpoint of step {done} saved, exiting")
+                                break
+                            clock, since, interval_text = time.perf_counter(), done, 0.0
+                    if not last:  # after the save: the saved iterator state must not include it
+                        local = next(iterator)
             checkpoints.close()
         finally:  # metrics on an object store are uploaded on close
             logger.close()
