@@ -1,0 +1,64 @@
+"""``Vist2Tokenizer``: the run's own tokenizer (``data_pipelines/tokenizer.py``: a SentencePiece
+``.model`` or a HF ``tokenizer.json`` adapter) behind the ``transformers`` tokenizer API, so
+``AutoTokenizer`` / ``AutoProcessor`` load it with ``trust_remote_code=True`` and ids equal
+what training and ``vist2 generate`` use: text is encoded by the run's tokenizer alone
+(special strings in raw text stay text), decoding drops specials, padding is on the left."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from transformers import PreTrainedTokenizer
+
+from data_pipelines.tokenizer import load_tokenizer
+
+FILES = {"sentencepiece_file": "vist2_tokenizer.model", "tokenizers_file": "vist2_tokenizer.json"}
+
+
+class Vist2Tokenizer(PreTrainedTokenizer):
+    vocab_files_names = FILES
+    model_input_names = ["input_ids", "attention_mask"]
+
+    def __init__(self, sentencepiece_file: str | None = None, tokenizers_file: str | None = None, **kwargs):
+        self.file = sentencepiece_file or tokenizers_file
+        if not self.file:
+            raise ValueError(f"Vist2Tokenizer needs one of {', '.join(FILES.values())}")
+        self.inner = load_tokenizer(self.file)
+        self._pieces = [self.inner.id_to_piece(i) for i in range(self.inner.vocab_size)]
+        self._ids = {piece: i for i, piece in enumerate(self._pieces)}
+        ids = self.inner.special_ids
+        for name in ("pad", "eos", "bos"):
+            kwargs.setdefault(f"{name}_token", self._pieces[ids[name]])
+        kwargs.setdefault("padding_side", "left")
+        super().__init__(**kwargs)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.inner.vocab_size
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self._ids)
+
+    def tokenize(self, text: str, **kwargs) -> list[str]:
+        return [self._pieces[i] for i in self.inner.encode(text)]
+
+    def _convert_token_to_id(self, token: str) -> int:
+        return self._ids[token]
+
+    def _convert_id_to_token(self, index: int) -> str:
+        return self._pieces[index]
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        return self.inner.decode([self._ids[t] for t in tokens])
+
+    def _decode(self, token_ids, skip_special_tokens: bool = False, **kwargs) -> str:
+        ids = [token_ids] if isinstance(token_ids, int) else token_ids
+        return self.inner.decode([int(i) for i in ids if int(i) < self.inner.vocab_size])
+
+    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
+        key = "sentencepiece_file" if self.file.endswith(".model") else "tokenizers_file"
+        target = Path(save_directory) / f"{filename_prefix + '-' if filename_prefix else ''}{FILES[key]}"
+        if Path(self.file).resolve() != target.resolve():
+            shutil.copyfile(self.file, target)
+        return (str(target),)
