@@ -336,7 +336,6 @@ processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
 batch = processor(prompts, return_tensors="pt", padding=True)
 out = model.generate(**batch, max_new_tokens=12)
 model.generate(**tok(prompts[:1], return_tensors="pt"), max_new_tokens=12, streamer=TextStreamer(tok, skip_prompt=True))
-print()
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in {"jax", "vist2_jax", "data_pipelines"})
 print(json.dumps({"type": type(model).__name__, "config": type(config).__name__, "loaded": loaded,
                   "new": out[:, batch["input_ids"].shape[1]:].tolist()}))
