@@ -133,6 +133,8 @@ def test_export_folder_is_a_hf_model(run):
     assert run["hf_tokenizer"](text)["input_ids"] == run["tokenizer"].encode(text)
     assert run["hf_tokenizer"].decode(run["tokenizer"].encode(PROMPT)) == PROMPT
     assert run["hf_tokenizer"].padding_side == "left"
+    eos = run["tokenizer"].special_ids["eos"]
+    assert run["hf_tokenizer"].decode([eos]) == "</s>" and run["hf_tokenizer"].decode([eos], skip_special_tokens=True) == ""
 
 
 def test_bundle_is_the_runtime(run):
@@ -585,3 +587,85 @@ def test_export_streams_with_bounded_peak_rss(tmp_path, run, scan, record_proper
             written += sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys() if k.startswith("language_model."))
     assert written == sum(x.size for x in jax.tree_util.tree_leaves(
         nn.unbox(abstract_params(config.model))["params"]["decoder"]))
+
+
+LM_EVAL_TASKS = {
+    "vist2_choice": """task: vist2_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}/choice.jsonl
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+""",
+    "vist2_continue": """task: vist2_continue
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}/continue.jsonl
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 12
+  do_sample: false
+metric_list:
+  - metric: exact_match
+""",
+}
+
+
+def test_lm_eval_harness_on_the_export(run, tmp_path, record_property):
+    """``lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True`` runs a
+    log-likelihood and a generate_until task (YAML and data written here) on the export; its
+    per-sample log-likelihoods are the model's gcc scores and its generations the model's
+    greedy gcc continuations."""
+    contexts = [PROMPT[:n] for n in (18, 31, 47, 64)]  # prompts longer than L=8 tokens: earlier chunks are sketches
+    with (tmp_path / "choice.jsonl").open("w") as f:
+        for i, context in enumerate(contexts):
+            f.write(json.dumps({"context": context, "choices": [" times", " wisdom of", " age"], "label": i % 3}) + "\n")
+    with (tmp_path / "continue.jsonl").open("w") as f:
+        for context in contexts[:3]:
+            f.write(json.dumps({"context": context, "answer": "it was"}) + "\n")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for name, text in LM_EVAL_TASKS.items():
+        (tasks / f"{name}.yaml").write_text(text.format(data=tmp_path))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": "1",
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                           f"pretrained={run['out']},trust_remote_code=True,dtype=float32",
+                           "--tasks", ",".join(LM_EVAL_TASKS), "--include_path", str(tasks), "--device", "cpu",
+                           "--batch_size", "2", "--output_path", str(tmp_path / "results"), "--log_samples"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = "\n".join(line for line in proc.stdout.splitlines() if line.startswith("|"))
+    assert "vist2_choice" in table and "vist2_continue" in table
+    record_property("export: lm-eval table", "\n" + table)
+    samples = {name: [json.loads(line) for file in (tmp_path / "results").rglob(f"samples_{name}_*.jsonl")
+                      for line in file.read_text().splitlines()] for name in LM_EVAL_TASKS}
+    model, tok = run["torch"], run["hf_tokenizer"]
+    worst = 0.0
+    for sample in samples["vist2_choice"]:
+        for args, resp in zip(sample["arguments"].values(), sample["resps"]):
+            context, continuation = args["arg_0"], args["arg_1"]  # lm-eval's pair encoding: trailing
+            spaces = len(context) - len(context.rstrip())  # spaces of the context join the continuation
+            context, continuation = context[:len(context) - spaces], context[len(context) - spaces:] + continuation
+            whole, head = tok.encode(context + continuation), tok.encode(context)
+            logits = model(torch.tensor([whole])).logits[0].double().log_softmax(-1)
+            want = sum(float(logits[i - 1, whole[i]]) for i in range(len(head), len(whole)))
+            worst = max(worst, abs(float(resp[0][0]) - want))
+    assert len(samples["vist2_choice"]) == len(contexts) and worst < 1e-3
+    record_property("export: lm-eval loglikelihood vs model forward max abs diff", worst)
+    for sample in samples["vist2_continue"]:
+        ids = tok.encode(sample["doc"]["context"])
+        new, _ = hf_generate(model, tok, [ids], 12)
+        assert sample["resps"][0][0] == model.detokenize(new[0]).split("\n")[0]
+    assert len(samples["vist2_continue"]) == 3

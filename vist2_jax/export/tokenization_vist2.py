@@ -2,7 +2,7 @@
 ``.model`` or a HF ``tokenizer.json`` adapter) behind the ``transformers`` tokenizer API, so
 ``AutoTokenizer`` / ``AutoProcessor`` load it with ``trust_remote_code=True`` and ids equal
 what training and ``vist2 generate`` use: text is encoded by the run's tokenizer alone
-(special strings in raw text stay text), decoding drops specials, padding is on the left."""
+(special strings in raw text stay text), padding is on the left."""
 
 from __future__ import annotations
 
@@ -53,8 +53,19 @@ class Vist2Tokenizer(PreTrainedTokenizer):
         return self.inner.decode([self._ids[t] for t in tokens])
 
     def _decode(self, token_ids, skip_special_tokens: bool = False, **kwargs) -> str:
-        ids = [token_ids] if isinstance(token_ids, int) else token_ids
-        return self.inner.decode([int(i) for i in ids if int(i) < self.inner.vocab_size])
+        """The run tokenizer's text; special tokens appear as their pieces unless skipped (as
+        in transformers: lm-eval stops at the decoded EOS)."""
+        ids = [int(i) for i in ([token_ids] if isinstance(token_ids, int) else token_ids)]
+        special = set() if skip_special_tokens else set(self.inner.special_ids.values())
+        text, run = [], []
+        for i in ids + [None]:
+            if i is None or i in special:
+                text.append(self.inner.decode([t for t in run if t < self.inner.vocab_size]))
+                text.append("" if i is None else self._pieces[i])
+                run = []
+            else:
+                run.append(i)
+        return "".join(text)
 
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
         key = "sentencepiece_file" if self.file.endswith(".model") else "tokenizers_file"
