@@ -339,8 +339,9 @@ batch = processor(prompts, return_tensors="pt", padding=True)
 out = model.generate(**batch, max_new_tokens=12)
 model.generate(**tok(prompts[:1], return_tensors="pt"), max_new_tokens=12, streamer=TextStreamer(tok, skip_prompt=True))
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in {"jax", "vist2_jax", "data_pipelines"})
+sketch = model.try_render(tok(prompts[2])["input_ids"][:8])
 print(json.dumps({"type": type(model).__name__, "config": type(config).__name__, "loaded": loaded,
-                  "new": out[:, batch["input_ids"].shape[1]:].tolist()}))
+                  "new": out[:, batch["input_ids"].shape[1]:].tolist(), "sketch": sketch.tolist()}))
 """
 
 
@@ -356,6 +357,9 @@ def test_auto_classes_load_and_generate_with_jax_and_project_blocked(run, tmp_pa
     tokens, _ = hf_generate(run["torch"], run["hf_tokenizer"], [run["tokenizer"].encode(t) for t in texts], 12)
     assert result["new"] == tokens
     assert lines[-2] == run["torch"].detokenize(tokens[0])  # the streamer's text
+    # the folder's renderer draws the JAX pipeline's pixels
+    ids = run["tokenizer"].encode(texts[2])[:8]
+    np.testing.assert_array_equal(np.array(result["sketch"], np.uint8), run["renderer"].render(run["tokenizer"].decode(ids)))
     # the block works: the project is importable in this interpreter otherwise
     proc = subprocess.run([sys.executable, "-c", BLOCKED + "import data_pipelines.render"], capture_output=True,
                           text=True, cwd=tmp_path, env=env)
