@@ -673,3 +673,25 @@ def test_lm_eval_harness_on_the_export(run, tmp_path, record_property):
         new, _ = hf_generate(model, tok, [ids], 12)
         assert sample["resps"][0][0] == model.detokenize(new[0]).split("\n")[0]
     assert len(samples["vist2_continue"]) == 3
+
+
+def test_model_card_reports_the_eval_figures_of_the_exported_step(tmp_path):
+    """The card's front matter names HF starting weights, and its table the eval_* figures
+    logged at the exported step (or the last logged before it), never later ones."""
+    from vist2_jax.export.exporter import eval_figures
+    from vist2_jax.export.readme import model_card
+
+    records = [{"step": 10, "loss": 5.0, "eval_ocr_cer": 0.9}, {"step": 20, "eval_memory_gain": 0.0081},
+               {"step": 30, "eval_memory_gain": 0.5}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    assert eval_figures(tmp_path, 25) == {"step": 20, "eval_memory_gain": 0.0081}
+    assert eval_figures(tmp_path / "nowhere", 25) == {}
+    config = {"source": {"run_dir": "r", "step": 25, "git_commit": "c", "exported_at": "t",
+                         "init_decoder_hf": "hf/Qwen3-0.6B/", "init_vision_hf": None},
+              "layout": {"text_len": 256, "visual_len": 64, "image_size": 256}, "vision_format": "siglip",
+              "lm_config": {"num_hidden_layers": 28, "hidden_size": 1024, "vocab_size": 151936},
+              "projector": "mlp", "font_sha256": "f", "dtype": "float32"}
+    card = model_card(config, {("a",): 4}, eval_figures(tmp_path, 25))
+    assert yaml.safe_load(card.split("---")[1])["base_model"] == ["hf/Qwen3-0.6B"]
+    assert "| memory gain, nats/token (blank - true sketches) (`eval_memory_gain`) | 0.0081 |" in card
+    assert "step 20" in card and "0.5000" not in card
