@@ -234,6 +234,8 @@ def test_generation_config_mode_sampling_streamer_and_eos(run):
     got = hf_generate(model, tok, [prompt], 20, repetition_penalty=1.5, no_repeat_ngram_size=2)[0][0]
     assert got == want and got != jax_generator(run).generate([prompt], "gcc", 20).tokens[0]
     greedy = hf_generate(model, tok, [prompt], 10)[0][0]
+    with pytest.raises(NotImplementedError, match="not beam search"):
+        model.generate(torch.tensor([prompt]), max_new_tokens=4, num_beams=2)
     assert hf_generate(model, tok, [prompt], 10, do_sample=True, top_k=1, temperature=0.7)[0][0] == greedy
 
     class Capture(transformers.TextStreamer):

@@ -469,6 +469,9 @@ class Vist2ForCausalLM(PreTrainedModel, GenerationMixin):
                                              logits=raw_logits if want_logits else None)
         return input_ids
 
+    def _beam_search(self, *args, **kwargs):
+        raise NotImplementedError("VIST2 generate supports greedy and sampling (num_beams=1), not beam search")
+
     @staticmethod
     def _drop_last(cache: Cache, b: int) -> Cache:
         row = cache.row(b)
