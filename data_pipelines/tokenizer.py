@@ -157,6 +157,9 @@ class HFTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
+    def id_to_piece(self, i: int) -> str:
+        return self._tok.id_to_token(int(i))
+
 
 def load_tokenizer(path: str | os.PathLike) -> SentencePieceTokenizer | HFTokenizer:
     """``*.model`` -> SentencePiece; ``tokenizer.json`` or a folder holding one -> HF adapter."""

@@ -1,7 +1,8 @@
 """Export to PyTorch: a run saved in the trainer's Orbax format is exported by ``vist2 export``
-and run by the PyTorch runtime; logits and generations must match JAX (fp32, 1e-4),
-transformers must load the parts as is, the runtime must import without JAX, and the
-export must stream (peak RSS bounded by the largest stored tensor, not the model)."""
+as a Hugging Face model folder whose remote code is the project's PyTorch runtime; logits and
+generations (transformers' ``generate``, batched, gcc / pcc / text) must match JAX (fp32,
+1e-4), the Auto classes must load it with JAX and this project blocked, and the export must
+stream (peak RSS bounded by the largest stored tensor, not the model)."""
 
 import json
 import logging
@@ -29,7 +30,8 @@ from vist2_jax.config.loader import to_dict  # noqa: E402
 from vist2_jax.checkpointing.runs import resolve_run_dir  # noqa: E402
 from vist2_jax.export.exporter import export_run  # noqa: E402
 from data_pipelines.render import renderer_from_saved  # noqa: E402
-from vist2_jax.export.torch_vist2 import TorchVist2  # noqa: E402
+from vist2_jax.export.modeling_vist2 import Vist2ForCausalLM  # noqa: E402
+from vist2_jax.export.tokenization_vist2 import Vist2Tokenizer  # noqa: E402
 from vist2_jax.checkpointing.runs import load_run  # noqa: E402
 from vist2_jax.inference.generate import Generator  # noqa: E402
 from vist2_jax.inference.scoring import decoder_text_logits  # noqa: E402
@@ -72,31 +74,92 @@ def run(tmp_path_factory, tiny_config):
     saved = json.loads((tmp / "out" / "renderer.json").read_text())
     jax_renderer = renderer_from_saved(saved)  # the run's own font (bundled, matched by hash)
     return dict(tmp=tmp, config=config, params=restored, older=older, tokenizer=tokenizer, step=step,
-                result=result, out=tmp / "out", torch=TorchVist2.load(tmp / "out"), renderer=jax_renderer)
+                result=result, out=tmp / "out", torch=load(tmp / "out"), renderer=jax_renderer,
+                hf_tokenizer=Vist2Tokenizer.from_pretrained(tmp / "out"))
+
+
+def load(folder):
+    return Vist2ForCausalLM.from_pretrained(folder).eval()
+
+
+def jax_generator(run, renderer=None):
+    tokenizer = run["tokenizer"]
+    return Generator(run["config"].model, run["params"], render_fn=(renderer or run["renderer"]).render,
+                     detokenize=detokenizer(tokenizer), chunk_token=tokenizer.special_ids["chunk"])
+
+
+def hf_generate(model, tokenizer, prompts, new, **kwargs):
+    """transformers' generate on left-padded token-id prompts: (new ids per row, the output)."""
+    batch = tokenizer.pad({"input_ids": [list(p) for p in prompts]}, return_tensors="pt", padding=True)
+    out = model.generate(**batch, max_new_tokens=new, return_dict_in_generate=True, output_logits=True, **kwargs)
+    width = batch["input_ids"].shape[1]
+    return [row[width:].tolist() for row in out.sequences], out
 
 
 def detokenizer(tokenizer):
     return lambda ids: tokenizer.decode([t for t in ids if t < tokenizer.vocab_size])
 
 
-def test_export_folder_is_complete(run):
+def test_export_folder_is_a_hf_model(run):
     out, result = run["out"], run["result"]
     assert result.step == run["step"] == 4
-    vist2 = json.loads((out / "vist2_config.json").read_text())
+    config = json.loads((out / "config.json").read_text())
     layout = run["config"].model.layout
-    assert vist2["layout"] == {"text_len": layout.text_len, "visual_len": layout.visual_len,
-                               "image_size": layout.image_size, "patch_size": layout.patch_size,
-                               "merge": layout.merge, "visual_attends_past_visual": False}
-    assert vist2["aligner"]["projector"] == run["config"].model.aligner.projector
-    assert vist2["tokenizer"]["special_ids"]["chunk"] == run["tokenizer"].special_ids["chunk"]
-    assert (out / vist2["tokenizer"]["file"]).read_bytes() == Path(run["tokenizer"].path).read_bytes()
-    assert vist2["renderer"]["font_sha256"] == json.loads((out / "renderer.json").read_text())["font_sha256"]
-    assert (out / "decoder" / "model.safetensors.index.json").is_file()  # sharded above the limit
-    readme = (out / "README.md").read_text()
-    assert str(run["tmp"] / "run") in readme and "step 4" in readme and vist2["source"]["git_commit"] in readme
+    assert config["model_type"] == "vist2" and config["auto_map"] == {
+        "AutoConfig": "configuration_vist2.Vist2Config", "AutoModelForCausalLM": "modeling_vist2.Vist2ForCausalLM"}
+    assert config["layout"] == {"text_len": layout.text_len, "visual_len": layout.visual_len,
+                                "image_size": layout.image_size, "patch_size": layout.patch_size,
+                                "merge": layout.merge, "visual_attends_past_visual": False}
+    assert config["projector"] == run["config"].model.aligner.projector
+    assert config["special_ids"]["chunk"] == run["tokenizer"].special_ids["chunk"]
+    assert (out / config["tokenizer_file"]).read_bytes() == Path(run["tokenizer"].path).read_bytes()
+    assert config["font_sha256"] == json.loads((out / "renderer.json").read_text())["font_sha256"]
+    index = json.loads((out / "model.safetensors.index.json").read_text())  # sharded above the limit
+    assert {name.split(".")[0] for name in index["weight_map"]} == {"language_model", "vision_model", "aligner"}
+    assert json.loads((out / "tokenizer_config.json").read_text())["auto_map"]["AutoTokenizer"][0] == \
+        "tokenization_vist2.Vist2Tokenizer"
+    assert json.loads((out / "generation_config.json").read_text())["mode"] == "gcc"
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "transformers" and front["pipeline_tag"] == "text-generation"
+    assert "license" in front and "vist2" in front["tags"] and "base_model" not in front  # random init
+    assert str(run["tmp"] / "run") in card and "step 4" in card and config["source"]["git_commit"] in card
+    assert "AutoModelForCausalLM.from_pretrained" in card and "lm_eval" in card
     # the runtime's sketches are the run's: same settings, same font bytes
     ids = run["tokenizer"].encode(PROMPT)[:8]
     np.testing.assert_array_equal(run["torch"].try_render(ids), run["renderer"].render(run["tokenizer"].decode(ids)))
+    # the transformers tokenizer is the run's: same ids, specials in raw text stay text
+    text = PROMPT + " <|chunk|></s>"
+    assert run["hf_tokenizer"](text)["input_ids"] == run["tokenizer"].encode(text)
+    assert run["hf_tokenizer"].decode(run["tokenizer"].encode(PROMPT)) == PROMPT
+    assert run["hf_tokenizer"].padding_side == "left"
+    eos = run["tokenizer"].special_ids["eos"]
+    assert run["hf_tokenizer"].decode([eos]) == "</s>" and run["hf_tokenizer"].decode([eos], skip_special_tokens=True) == ""
+
+
+def test_bundle_is_the_runtime(run):
+    """The folder's code is the project's runtime: each file equals its source with only the
+    project imports made relative, and imports no JAX and no package of this project."""
+    import ast
+    import difflib
+
+    from vist2_jax.export.bundle import RUNTIME, flatten, source_file
+
+    for module, name in RUNTIME.items():
+        source = source_file(module).read_text()
+        copied = (run["out"] / name).read_text()
+        assert copied == flatten(source, module)
+        changed = [line for line in difflib.ndiff(source.splitlines(), copied.splitlines())
+                   if line[:2] in ("- ", "+ ")]
+        assert all(line[2:].lstrip().startswith("from ") for line in changed), changed
+        for node in ast.walk(ast.parse(copied)):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 or isinstance(node, ast.Import):
+                names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                assert not {n.split(".")[0] for n in names} & {"jax", "flax", "vist2_jax", "data_pipelines"}, name
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                assert f"{node.module}.py" in RUNTIME.values()
+    with pytest.raises(ValueError, match="vist2_jax.model.vist2, which the export bundle lacks"):
+        flatten("from vist2_jax.model.vist2 import Vist2Model\n", "x")
 
 
 def test_interleaved_row_logits_match_jax(run, record_property):
@@ -111,7 +174,7 @@ def test_interleaved_row_logits_match_jax(run, record_property):
 
 def test_siglip2_tanh_aligner_and_visual_past_visual(run, record_property):
     """The other options of a run: SigLIP2 tower layout, the paper's tanh aligner, and
-    visual tokens reading earlier chunks' visual tokens."""
+    visual tokens reading earlier chunks' visual tokens; row logits and greedy gcc match."""
     tmp = run["tmp"]
     config = load_config(overrides=[
         "model.decoder.num_layers=2", "model.vision.num_layers=2", "model.decoder.vocab_size=512",
@@ -122,29 +185,101 @@ def test_siglip2_tanh_aligner_and_visual_past_visual(run, record_property):
     params = nn.unbox(jax.jit(model.init)(jax.random.key(1), batch))
     save_run(tmp / "run_tanh", config, {1: jax.tree_util.tree_map(np.asarray, params)}, run["tokenizer"])
     export_run(tmp / "run_tanh", tmp / "out_tanh", vision="siglip2")
-    exported = TorchVist2.load(tmp / "out_tanh")
-    assert isinstance(exported.vision, transformers.Siglip2VisionModel)
+    exported = load(tmp / "out_tanh")
+    assert isinstance(exported.vision_model, transformers.Siglip2VisionModel)
     ref = np.asarray(jax.jit(model.apply)(params, batch)["logits"])
     err = float(np.abs(exported.forward_rows(batch).numpy() - ref).max())
     record_property("export: siglip2 + tanh + visual_attends_past_visual row logits max abs err", err)
     assert err < TOL
+    # gcc generation through the SigLIP2 tower: its logits are the forward's scores of the result
+    prompt = run["tokenizer"].encode(PROMPT)[:13]
+    tokens, out = hf_generate(exported, run["hf_tokenizer"], [prompt], 24)
+    scores = exported(torch.tensor([prompt + tokens[0]])).logits[0, len(prompt) - 1:-1]
+    assert float((torch.stack(out.logits, dim=1)[0] - scores).abs().max()) < TOL
 
 
-@pytest.mark.parametrize("mode,new", [("gcc", 64), ("pcc", 20), ("text", 20)])
-def test_greedy_generation_matches_jax(run, mode, new, record_property):
-    config, tokenizer = run["config"].model, run["tokenizer"]
-    prompt = tokenizer.encode(PROMPT)[:13]
-    gen = Generator(config, run["params"], render_fn=run["renderer"].render, detokenize=detokenizer(tokenizer),
-                    chunk_token=tokenizer.special_ids["chunk"])
-    ref = gen.generate([prompt], mode, new, record_logits=True)
-    tokens, logits = run["torch"].generate([prompt], mode, new, record_logits=True)
-    agree = sum(a == b for a, b in zip(tokens[0], ref.tokens[0]))
-    steps = min(len(logits[0]), ref.logits.shape[1])
-    err = float(np.abs(logits[0][:steps] - ref.logits[0, :steps]).max())
-    record_property(f"export: {mode} greedy tokens equal (of {new})", agree)
-    record_property(f"export: {mode} generation logits max abs err", err)
-    assert tokens[0] == ref.tokens[0] and len(tokens[0]) == new
+def prompts_of(run, lengths=(13, 5, 22)):
+    ids = run["tokenizer"].encode(PROMPT * 3)
+    return [ids[i:i + n] for i, n in enumerate(lengths)]
+
+
+@pytest.mark.parametrize("mode,new", [("gcc", 40), ("pcc", 16), ("text", 16)])
+def test_batched_greedy_generate_matches_jax(run, mode, new, record_property):
+    """transformers' generate on 3 left-padded prompts of different lengths (gcc: each closes
+    chunks at its own tokens) gives JAX's greedy tokens and logits for every row."""
+    prompts = prompts_of(run)
+    ref = jax_generator(run).generate(prompts, mode, new, record_logits=True)
+    tokens, out = hf_generate(run["torch"], run["hf_tokenizer"], prompts, new, mode=mode)
+    logits = torch.stack(out.logits, dim=1).numpy()
+    err = float(np.abs(logits - ref.logits[:, :new]).max())
+    record_property(f"export: {mode} batched greedy generate logits max abs err", err)
+    assert tokens == ref.tokens and all(len(t) == new for t in tokens)
     assert err < TOL
+
+
+def test_generation_config_mode_sampling_streamer_and_eos(run):
+    """The mode comes from the generation config too; sampling options follow
+    GenerationConfig (repetition penalty and no-repeat n-grams pick what JAX's rules pick;
+    top_k=1 sampling is greedy); TextStreamer prints the continuation; EOS stops a row."""
+    from vist2_jax.inference.sampling_config import SamplingConfig
+
+    model, tok = run["torch"], run["hf_tokenizer"]
+    prompt = prompts_of(run)[0]
+    ref = jax_generator(run).generate([prompt], "pcc", 12).tokens[0]
+    config = transformers.GenerationConfig(**model.generation_config.to_dict())
+    config.mode = "pcc"
+    assert hf_generate(model, tok, [prompt], 12, generation_config=config)[0][0] == ref
+    want = jax_generator(run).generate([prompt], "gcc", 20, sampling=SamplingConfig(
+        repetition_penalty=1.5, no_repeat_ngram=2)).tokens[0]
+    got = hf_generate(model, tok, [prompt], 20, repetition_penalty=1.5, no_repeat_ngram_size=2)[0][0]
+    assert got == want and got != jax_generator(run).generate([prompt], "gcc", 20).tokens[0]
+    greedy = hf_generate(model, tok, [prompt], 10)[0][0]
+    with pytest.raises(NotImplementedError, match="not beam search"):
+        model.generate(torch.tensor([prompt]), max_new_tokens=4, num_beams=2)
+    assert hf_generate(model, tok, [prompt], 10, do_sample=True, top_k=1, temperature=0.7)[0][0] == greedy
+
+    class Capture(transformers.TextStreamer):
+        text = ""
+
+        def on_finalized_text(self, text, stream_end=False):
+            Capture.text += text
+
+    model.generate(torch.tensor([prompt]), max_new_tokens=10, streamer=Capture(tok, skip_prompt=True))
+    assert Capture.text == run["torch"].detokenize(greedy)
+    # a row stops at an EOS token (here: its 4th greedy token) and is padded; the others run on
+    prompts = prompts_of(run)
+    full, _ = hf_generate(model, tok, prompts, 10)
+    stop = full[0][3]
+    tokens, _ = hf_generate(model, tok, prompts, 10, eos_token_id=stop)
+    assert tokens[0][:4] == full[0][:4] and set(tokens[0][4:]) <= {tok.pad_token_id}
+    for b in (1, 2):
+        assert tokens[b][:full[b].index(stop) + 1 if stop in full[b] else 10] == \
+            full[b][:full[b].index(stop) + 1 if stop in full[b] else 10]
+
+
+def test_forward_scores_under_gcc_like_jax(run, record_property):
+    """``model(input_ids, attention_mask)`` on left- and right-padded rows gives, at every
+    real position, the logits JAX's gcc generation computes for that token (teacher forced)."""
+    stream = run["tokenizer"].encode(PROMPT * 3)
+    rows = [stream[:30], stream[3:22]]
+    prompt_len = 6
+    gen = jax_generator(run)
+    ref = [gen.generate([r[:prompt_len]], "gcc", len(r) - prompt_len, record_logits=True,
+                        forced_tokens=np.array([r[prompt_len:]])).logits[0] for r in rows]
+    worst = 0.0
+    for side in ("left", "right"):
+        batch = run["hf_tokenizer"].pad({"input_ids": rows}, return_tensors="pt", padding=True, padding_side=side)
+        logits = run["torch"](**batch).logits.numpy()
+        for b, row in enumerate(rows):
+            real = logits[b][batch["attention_mask"][b].bool().numpy()]
+            steps = len(row) - prompt_len
+            worst = max(worst, float(np.abs(real[prompt_len - 1:prompt_len - 1 + steps] - ref[b]).max()))
+    record_property("export: forward (gcc scoring) vs jax teacher-forced logits max abs err", worst)
+    assert worst < TOL
+    text = run["torch"](torch.tensor([rows[0]]), mode="text").logits[0].numpy()
+    decoder = {"params": run["params"]["params"]["decoder"]}
+    want = np.asarray(decoder_text_logits(run["config"].model, decoder, np.array([rows[0]], np.int32)))[0]
+    assert float(np.abs(text - want).max()) < TOL
 
 
 class CappedRenderer:
@@ -169,47 +304,68 @@ class CappedRenderer:
             return None
 
 
-def test_chunks_closed_early_generate_the_same_in_jax_and_pytorch(run, monkeypatch, record_property):
+def test_chunks_closed_early_generate_the_same_in_jax_and_pytorch(run, record_property):
     """With a renderer that takes fewer than L tokens, both runtimes close chunks by the chunk
-    rule at the same tokens and re-predict the same way: identical greedy tokens."""
+    rule at the same tokens and re-predict the same way, each row of a batch on its own."""
     config, tokenizer = run["config"].model, run["tokenizer"]
     capped = CappedRenderer(run["renderer"], tokenizer, cap=config.layout.text_len // 2)
-    prompt = tokenizer.encode(PROMPT)[:13]
-    gen = Generator(config, run["params"], render_fn=capped.render, detokenize=detokenizer(tokenizer),
-                    chunk_token=tokenizer.special_ids["chunk"])
-    ref = gen.generate([prompt], "gcc", 40, record_logits=True)
-    monkeypatch.setattr(run["torch"], "renderer", capped)
-    tokens, logits = run["torch"].generate([prompt], "gcc", 40, record_logits=True)
-    err = float(np.abs(np.stack(logits[0]) - ref.logits[0]).max())
-    record_property("export: gcc with early-closed chunks, logits max abs err", err)
-    assert ref.layout.visual_chunks > (13 + 40) // config.layout.text_len + 1  # more chunks than full ones
-    assert tokens[0] == ref.tokens[0] and err < TOL
+    prompts = prompts_of(run)
+    ref = jax_generator(run, capped).generate(prompts, "gcc", 30, record_logits=True)
+    model = load(run["out"])
+    model.renderer = capped
+    tokens, out = hf_generate(model, run["hf_tokenizer"], prompts, 30)
+    err = float(np.abs(torch.stack(out.logits, dim=1).numpy() - ref.logits[:, :30]).max())
+    record_property("export: gcc with early-closed chunks, batched, logits max abs err", err)
+    assert ref.layout.visual_chunks > (22 + 30) // config.layout.text_len + 1  # more chunks than full ones
+    assert tokens == ref.tokens and err < TOL
 
 
-def test_transformers_loads_decoder_and_text_logits_match(run, record_property):
-    hf = transformers.Qwen3ForCausalLM.from_pretrained(run["out"] / "decoder").eval()
-    tokens = np.random.default_rng(4).integers(0, run["config"].model.decoder.vocab_size, (2, 40)).astype(np.int32)
-    with torch.no_grad():
-        ours = hf(torch.from_numpy(tokens).long()).logits.numpy()
-    decoder = {"params": run["params"]["params"]["decoder"]}
-    ref = np.asarray(jax.jit(decoder_text_logits, static_argnums=0)(run["config"].model, decoder, tokens))
-    err = float(np.abs(ours - ref).max())
-    record_property("export: transformers Qwen3 text logits vs jax max abs err", err)
-    assert err < TOL
+BLOCKED = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"jax", "jaxlib", "flax", "orbax", "optax", "vist2_jax", "data_pipelines"}:
+            raise ImportError(f"blocked: {name}")
+sys.meta_path.insert(0, Block())
+"""
+
+AUTO = BLOCKED + """
+import json, torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer, TextStreamer
+folder, prompts = sys.argv[1], json.loads(sys.argv[2])
+config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+batch = processor(prompts, return_tensors="pt", padding=True)
+out = model.generate(**batch, max_new_tokens=12)
+model.generate(**tok(prompts[:1], return_tensors="pt"), max_new_tokens=12, streamer=TextStreamer(tok, skip_prompt=True))
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in {"jax", "vist2_jax", "data_pipelines"})
+sketch = model.try_render(tok(prompts[2])["input_ids"][:8])
+print(json.dumps({"type": type(model).__name__, "config": type(config).__name__, "loaded": loaded,
+                  "new": out[:, batch["input_ids"].shape[1]:].tolist(), "sketch": sketch.tolist()}))
+"""
 
 
-def test_runtime_imports_and_generates_with_jax_blocked(run):
-    prompt = run["tokenizer"].encode(PROMPT)[:13]
-    code = ("import json, sys\n"
-            "for name in ('jax', 'jaxlib', 'flax', 'orbax', 'optax'):\n"
-            "    sys.modules[name] = None  # any import of them now raises\n"
-            "from vist2_jax.export.torch_vist2 import TorchVist2\n"
-            f"model = TorchVist2.load({str(run['out'])!r})\n"
-            f"print(json.dumps(model.generate([{prompt!r}], 'gcc', 12)))\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+def test_auto_classes_load_and_generate_with_jax_and_project_blocked(run, tmp_path):
+    texts = [PROMPT, PROMPT[:20], PROMPT * 2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": ""}
+    proc = subprocess.run([sys.executable, "-c", AUTO, str(run["out"]), json.dumps(texts)], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == run["torch"].generate([prompt], "gcc", 12)
+    lines = proc.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert result["type"] == "Vist2ForCausalLM" and result["config"] == "Vist2Config" and result["loaded"] == []
+    tokens, _ = hf_generate(run["torch"], run["hf_tokenizer"], [run["tokenizer"].encode(t) for t in texts], 12)
+    assert result["new"] == tokens
+    assert lines[-2] == run["torch"].detokenize(tokens[0])  # the streamer's text
+    # the folder's renderer draws the JAX pipeline's pixels
+    ids = run["tokenizer"].encode(texts[2])[:8]
+    np.testing.assert_array_equal(np.array(result["sketch"], np.uint8), run["renderer"].render(run["tokenizer"].decode(ids)))
+    # the block works: the project is importable in this interpreter otherwise
+    proc = subprocess.run([sys.executable, "-c", BLOCKED + "import data_pipelines.render"], capture_output=True,
+                          text=True, cwd=tmp_path, env=env)
+    assert proc.returncode != 0 and "blocked: data_pipelines" in proc.stderr
 
 
 def test_generate_cli_torch(run, tmp_path, capsys):
@@ -218,9 +374,8 @@ def test_generate_cli_torch(run, tmp_path, capsys):
     (tmp_path / "prompt.txt").write_text(PROMPT)
     assert main(["generate", "--torch", str(run["out"]), "--prompt-file", str(tmp_path / "prompt.txt"),
                  "--mode", "gcc", "--max-new-tokens", "10"]) == 0
-    ids = run["tokenizer"].encode(PROMPT)
-    want = run["torch"].detokenize(run["torch"].generate([ids], "gcc", 10)[0])
-    assert capsys.readouterr().out == want + "\n"
+    tokens, _ = hf_generate(run["torch"], run["hf_tokenizer"], [run["tokenizer"].encode(PROMPT)], 10)
+    assert capsys.readouterr().out == run["torch"].detokenize(tokens[0]) + "\n"
 
 
 def test_export_cli_step_dtype_and_fallback(run, tmp_path, caplog):
@@ -232,9 +387,9 @@ def test_export_cli_step_dtype_and_fallback(run, tmp_path, caplog):
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout)["step"] == 2
-    model = TorchVist2.load(out)
+    model = load(out)
     assert model.dtype == torch.bfloat16
-    embedding = model.lm.model.embed_tokens.weight.detach().float().numpy()
+    embedding = model.language_model.model.embed_tokens.weight.detach().float().numpy()
     want = run["older"]["params"]["decoder"]["embedding"]
     np.testing.assert_allclose(embedding, want, rtol=1e-2, atol=1e-6)  # bf16 rounding of step 2's weights
     assert not np.allclose(embedding, run["params"]["params"]["decoder"]["embedding"], atol=1e-3)
@@ -302,7 +457,7 @@ def test_export_from_and_to_a_bucket(run, tmp_path, gcs_bucket, monkeypatch, cap
             assert list(ours) == list(want)
             for key in want:
                 np.testing.assert_array_equal(ours[key], want[key])
-        elif name == "vist2_config.json":  # equal but for where and when it was exported
+        elif name == "config.json":  # equal but for where and when it was exported
             ours, want = json.loads((local / name).read_text()), json.loads((reference / name).read_text())
             assert ours.pop("source")["run_dir"] == run_url
             want.pop("source")
@@ -312,8 +467,9 @@ def test_export_from_and_to_a_bucket(run, tmp_path, gcs_bucket, monkeypatch, cap
         elif name != "README.md":  # tokenizer, font and its licence
             assert (local / name).read_bytes() == (reference / name).read_bytes()
     assert run_url in (local / "README.md").read_text()
-    prompt = run["tokenizer"].encode(PROMPT)[:13]
-    assert TorchVist2.load(local).generate([prompt], "gcc", 12) == run["torch"].generate([prompt], "gcc", 12)
+    prompt = [run["tokenizer"].encode(PROMPT)[:13]]
+    assert hf_generate(load(local), run["hf_tokenizer"], prompt, 12)[0] == \
+        hf_generate(run["torch"], run["hf_tokenizer"], prompt, 12)[0]
 
     # a non-empty gs:// --out: one line, exit code 2, nothing written
     capsys.readouterr()
@@ -362,35 +518,6 @@ def test_torch_mask_equals_the_jax_reference(tiny_config, vapv):
     half = {k: v[:, 40:] for k, v in batch.items() if v.ndim == 2}  # queries over a cache of the whole row
     ref = np.asarray(vision_memory_mask(RowMeta.from_batch(half), vapv, kv_meta=RowMeta.from_batch(batch)))
     np.testing.assert_array_equal(torch_mask(Meta.from_batch(half), Meta.from_batch(batch), vapv).numpy(), ref)
-
-
-@pytest.mark.parametrize("config", [
-    dict(), dict(repetition_penalty=1.5), dict(no_repeat_ngram=1), dict(no_repeat_ngram=2),
-    dict(no_repeat_ngram=3, repetition_penalty=0.8), dict(temperature=0.7, top_k=1),
-    dict(temperature=1.0, top_p=1e-3, repetition_penalty=1.3)], ids=str)
-def test_torch_sampling_follows_the_jax_rules(config):
-    """Deterministic configurations (greedy, or filters leaving one token) pick what JAX picks."""
-    from vist2_jax.export import torch_sampling
-    from vist2_jax.inference import sampling
-
-    rng = np.random.default_rng(0)
-    for trial in range(20):
-        logits = rng.standard_normal((1, 24)).astype(np.float32)
-        history = rng.integers(0, 6 if trial % 2 else 24, 12).astype(np.int32)  # often repeating
-        want = int(sampling.sample(logits, history[None], np.array([12], np.int32), jax.random.key(trial),
-                                   sampling.SamplingConfig(**config))[0])
-        got = torch_sampling.sample(torch.from_numpy(logits[0]), history.tolist(),
-                                    torch_sampling.SamplingConfig(**config), torch.Generator().manual_seed(0))
-        assert got == want
-
-
-def test_torch_sampling_filters_keep_the_jax_support():
-    from vist2_jax.export.torch_sampling import SamplingConfig, sample
-
-    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    gen = torch.Generator().manual_seed(0)
-    assert {sample(logits, [], SamplingConfig(temperature=1.0, top_p=0.7), gen) for _ in range(64)} == {0, 1}
-    assert {sample(logits, [], SamplingConfig(temperature=1.0, top_k=3), gen) for _ in range(200)} == {0, 1, 2}
 
 
 @pytest.mark.parametrize("ocdbt,zarr3", [(True, False), (True, True), (False, False)])
@@ -457,5 +584,116 @@ def test_export_streams_with_bounded_peak_rss(tmp_path, run, scan, record_proper
                     m["peak_delta"] / 2**20)
     assert m["checkpoint"] > 200 * 2**20 and m["checkpoint"] > bound  # loading it whole would fail the bound
     assert m["peak_delta"] < bound
-    assert transformers.Qwen3ForCausalLM.from_pretrained(tmp_path / "out" / "decoder").num_parameters() == \
-        sum(x.size for x in jax.tree_util.tree_leaves(nn.unbox(abstract_params(config.model))["params"]["decoder"]))
+    from safetensors import safe_open
+
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"]
+    written = 0
+    for file in set(index.values()):
+        with safe_open(tmp_path / "out" / file, "np") as f:
+            written += sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys() if k.startswith("language_model."))
+    assert written == sum(x.size for x in jax.tree_util.tree_leaves(
+        nn.unbox(abstract_params(config.model))["params"]["decoder"]))
+
+
+LM_EVAL_TASKS = {
+    "vist2_choice": """task: vist2_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}/choice.jsonl
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+""",
+    "vist2_continue": """task: vist2_continue
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}/continue.jsonl
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 12
+  do_sample: false
+metric_list:
+  - metric: exact_match
+""",
+}
+
+
+def test_lm_eval_harness_on_the_export(run, tmp_path, record_property):
+    """``lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True`` runs a
+    log-likelihood and a generate_until task (YAML and data written here) on the export; its
+    per-sample log-likelihoods are the model's gcc scores and its generations the model's
+    greedy gcc continuations."""
+    contexts = [PROMPT[:n] for n in (18, 31, 47, 64)]  # prompts longer than L=8 tokens: earlier chunks are sketches
+    with (tmp_path / "choice.jsonl").open("w") as f:
+        for i, context in enumerate(contexts):
+            f.write(json.dumps({"context": context, "choices": [" times", " wisdom of", " age"], "label": i % 3}) + "\n")
+    with (tmp_path / "continue.jsonl").open("w") as f:
+        for context in contexts[:3]:
+            f.write(json.dumps({"context": context, "answer": "it was"}) + "\n")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for name, text in LM_EVAL_TASKS.items():
+        (tasks / f"{name}.yaml").write_text(text.format(data=tmp_path))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": "1",
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                           f"pretrained={run['out']},trust_remote_code=True,dtype=float32",
+                           "--tasks", ",".join(LM_EVAL_TASKS), "--include_path", str(tasks), "--device", "cpu",
+                           "--batch_size", "2", "--output_path", str(tmp_path / "results"), "--log_samples"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = "\n".join(line for line in proc.stdout.splitlines() if line.startswith("|"))
+    assert "vist2_choice" in table and "vist2_continue" in table
+    record_property("export: lm-eval table", "\n" + table)
+    samples = {name: [json.loads(line) for file in (tmp_path / "results").rglob(f"samples_{name}_*.jsonl")
+                      for line in file.read_text().splitlines()] for name in LM_EVAL_TASKS}
+    model, tok = run["torch"], run["hf_tokenizer"]
+    worst = 0.0
+    for sample in samples["vist2_choice"]:
+        for args, resp in zip(sample["arguments"].values(), sample["resps"]):
+            context, continuation = args["arg_0"], args["arg_1"]  # lm-eval's pair encoding: trailing
+            spaces = len(context) - len(context.rstrip())  # spaces of the context join the continuation
+            context, continuation = context[:len(context) - spaces], context[len(context) - spaces:] + continuation
+            whole, head = tok.encode(context + continuation), tok.encode(context)
+            logits = model(torch.tensor([whole])).logits[0].double().log_softmax(-1)
+            want = sum(float(logits[i - 1, whole[i]]) for i in range(len(head), len(whole)))
+            worst = max(worst, abs(float(resp[0][0]) - want))
+    assert len(samples["vist2_choice"]) == len(contexts) and worst < 1e-3
+    record_property("export: lm-eval loglikelihood vs model forward max abs diff", worst)
+    for sample in samples["vist2_continue"]:
+        ids = tok.encode(sample["doc"]["context"])
+        new, _ = hf_generate(model, tok, [ids], 12)
+        assert sample["resps"][0][0] == model.detokenize(new[0]).split("\n")[0]
+    assert len(samples["vist2_continue"]) == 3
+
+
+def test_model_card_reports_the_eval_figures_of_the_exported_step(tmp_path):
+    """The card's front matter names HF starting weights, and its table the eval_* figures
+    logged at the exported step (or the last logged before it), never later ones."""
+    from vist2_jax.export.exporter import eval_figures
+    from vist2_jax.export.readme import model_card
+
+    records = [{"step": 10, "loss": 5.0, "eval_ocr_cer": 0.9}, {"step": 20, "eval_memory_gain": 0.0081},
+               {"step": 30, "eval_memory_gain": 0.5}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    assert eval_figures(tmp_path, 25) == {"step": 20, "eval_memory_gain": 0.0081}
+    assert eval_figures(tmp_path / "nowhere", 25) == {}
+    config = {"source": {"run_dir": "r", "step": 25, "git_commit": "c", "exported_at": "t",
+                         "init_decoder_hf": "hf/Qwen3-0.6B/", "init_vision_hf": None},
+              "layout": {"text_len": 256, "visual_len": 64, "image_size": 256}, "vision_format": "siglip",
+              "lm_config": {"num_hidden_layers": 28, "hidden_size": 1024, "vocab_size": 151936},
+              "projector": "mlp", "font_sha256": "f", "dtype": "float32"}
+    card = model_card(config, {("a",): 4}, eval_figures(tmp_path, 25))
+    assert yaml.safe_load(card.split("---")[1])["base_model"] == ["hf/Qwen3-0.6B"]
+    assert "| memory gain, nats/token (blank - true sketches) (`eval_memory_gain`) | 0.0081 |" in card
+    assert "step 20" in card and "0.5000" not in card

@@ -109,3 +109,22 @@ def test_hf_adapter_round_trip(hf_tokenizer_dir, text):
 def test_hf_adapter_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         HFTokenizer(tmp_path)
+
+
+def test_exported_transformers_tokenizer_over_a_hf_tokenizer_json(hf_tokenizer_dir, tmp_path):
+    """``Vist2Tokenizer`` (the tokenizer of a ``vist2 export`` folder) over a Qwen-style
+    tokenizer.json gives the adapter's ids (specials in raw text stay text), pads on the left,
+    and saves / reloads the same file."""
+    pytest.importorskip("transformers")
+    from vist2_jax.export.tokenization_vist2 import Vist2Tokenizer
+
+    inner = HFTokenizer(hf_tokenizer_dir / "tokenizer.json")
+    tok = Vist2Tokenizer(tokenizers_file=str(hf_tokenizer_dir / "tokenizer.json"))
+    text = "It was the best of times <|chunk|> <|im_end|> ok"
+    assert tok(text)["input_ids"] == inner.encode(text)
+    assert tok.decode(inner.encode(text)) == text
+    assert tok.eos_token_id == inner.special_ids["eos"] and tok.pad_token_id == inner.special_ids["pad"]
+    batch = tok(["a", "a much longer text"], padding=True)
+    assert batch["attention_mask"][0][0] == 0 and batch["input_ids"][0][-1] == inner.encode("a")[-1]
+    tok.save_pretrained(tmp_path)
+    assert (tmp_path / "vist2_tokenizer.json").read_bytes() == (hf_tokenizer_dir / "tokenizer.json").read_bytes()

@@ -1,6 +1,6 @@
-"""``vist2 export RUN_DIR --out DIR``: a run's checkpoint as a PyTorch / transformers folder
-(decoder/, vision/, aligner, tokenizer, renderer config + font, vist2_config.json, README),
-streamed tensor by tensor; prints a JSON summary with the process's peak RSS."""
+"""``vist2 export RUN_DIR --out DIR``: a run's checkpoint as a Hugging Face model folder
+(config.json with auto_map, safetensors, tokenizer, renderer + font, the runtime's code, a
+model card), streamed tensor by tensor; prints a JSON summary with the process's peak RSS."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def parse_size(text: str) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("export", help="export a run's checkpoint for PyTorch / transformers")
+    p = subparsers.add_parser("export", help="export a run's checkpoint as a Hugging Face model (trust_remote_code)")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a vist2 train / demo run dir (or a demo dir: its last stage)")
     p.add_argument("--out", required=True, metavar="DIR", help="new (or empty) output folder")
     p.add_argument("--step", type=int, help="checkpoint step (default: the newest readable)")

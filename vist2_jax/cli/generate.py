@@ -30,7 +30,7 @@ def register(subparsers) -> None:
     p.add_argument("--checkpoint", metavar="DIR",
                    help="a training run dir, an Orbax StandardCheckpointer params dir, or a HF Qwen3 folder (text mode)")
     p.add_argument("--torch", metavar="DIR", help="instead of --checkpoint: a `vist2 export` folder, "
-                   "run by the PyTorch runtime (vist2_jax/export/torch_vist2.py)")
+                   "run by transformers with its own remote code (vist2_jax/export/modeling_vist2.py)")
     p.add_argument("--prompt-file", required=True, metavar="F")
     p.add_argument("--mode", default="gcc", choices=("gcc", "pcc", "text"))
     p.add_argument("--max-new-tokens", type=int, default=256)

@@ -4,10 +4,12 @@ Streaming: parameters are read from the Orbax checkpoint one leaf (or one stored
 layers of a stacked leaf) at a time, mapped through the declarative HF tables
 (``vist2_jax/convert/hf_mapping.py``) and written to safetensors before the next read,
 so peak host memory is about twice the largest stored tensor (TensorStore's decoded chunk
-plus the array it returns, or a leaf plus its converted copy), not the model. The folder
-holds ``decoder/`` (Qwen3), ``vision/`` (SigLIP or SigLIP2), ``aligner.safetensors``,
-``vist2_config.json``, the tokenizer, the renderer config with its font, all from the
-checkpoint itself, and a README listing them.
+plus the array it returns, or a leaf plus its converted copy), not the model. The folder is a
+Hugging Face model that ``AutoModelForCausalLM`` / ``AutoTokenizer`` load with
+``trust_remote_code=True``: ``config.json`` (with ``auto_map``), the weights (``language_model.``
+Qwen3, ``vision_model.`` SigLIP or SigLIP2, ``aligner.``) as safetensors with an index,
+``generation_config.json``, the tokenizer, the renderer config with its font, the runtime's
+code (``bundle.py``) and a model card, all from the checkpoint itself.
 
 The run may be local or on an object store (``gs://``: small files through
 ``vist2_jax.storage``, arrays through TensorStore's GCS driver), and so may ``--out``. The
@@ -40,7 +42,8 @@ from vist2_jax.config.schema import Config, ConfigError, ModelConfig
 from vist2_jax.convert.hf_mapping import QWEN3_DECODER, SIGLIP2_VISION, SIGLIP_VISION, tensor_rows
 from vist2_jax.export.metadata import copy_font, decoder_hf_config, git_commit, vision_hf_config
 from vist2_jax.export.orbax_reader import OrbaxParams, UnreadableCheckpoint
-from vist2_jax.export.readme import export_readme
+from vist2_jax.export.bundle import AUTO_MAP, TOKENIZER_AUTO_MAP, write_runtime
+from vist2_jax.export.readme import model_card
 from vist2_jax.export.safetensors_stream import ShardedWriter
 from vist2_jax.checkpointing.checkpoints import RunCheckpoints, one_line_reason, write_tokenizer_asset
 from vist2_jax.checkpointing.runs import load_config_of, resolve_run_dir
@@ -49,7 +52,7 @@ from vist2_jax.convert.hf_weights import vision_format
 log = logging.getLogger(__name__)
 
 FORMAT = "vist2-torch"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DEFAULT_SHARD_BYTES = 5 * 10 ** 9  # the transformers default shard size
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 VISION_TABLES = {"siglip": SIGLIP_VISION, "siglip2": SIGLIP2_VISION}
@@ -181,43 +184,74 @@ def _export_step(run_dir, checkpoints, step, out, dtype, max_shard_bytes, font, 
     reader = OrbaxParams(checkpoints.directory / str(step) / "params")
     model = config.model
     out.mkdir(parents=True)
-    written = write_component(reader, QWEN3_DECODER, model, out / "decoder", dtype, max_shard_bytes)
-    written += write_component(reader, VISION_TABLES[vision], model, out / "vision", dtype, max_shard_bytes)
-    written += write_aligner(reader, out / "aligner.safetensors", dtype)
+    components = [plan_component(reader, QWEN3_DECODER, model, "language_model.", dtype),
+                  plan_component(reader, VISION_TABLES[vision], model, "vision_model.", dtype),
+                  plan_aligner(reader, "aligner.", dtype)]
+    writer = ShardedWriter(out, [entry for plan, _ in components for entry in plan], max_shard_bytes)
+    for _, write in components:
+        write(writer)
+    writer.close()
     try:
         tokenizer_file = write_tokenizer_asset(tokenizer_asset, out)
     except ValueError as err:
         raise ConfigError(f"step {step}: {err}") from None
     from data_pipelines.tokenizer import load_tokenizer
-    special_ids = dict(load_tokenizer(tokenizer_file).special_ids)
-    (out / "decoder" / "config.json").write_text(json.dumps(
-        decoder_hf_config(model, dtype, special_ids), indent=2))
-    (out / "vision" / "config.json").write_text(json.dumps(vision_hf_config(model, vision, dtype), indent=2))
+    from vist2_jax.export.tokenization_vist2 import FILES
+    tokenizer_name = FILES["sentencepiece_file" if tokenizer_file.name.endswith(".model") else "tokenizers_file"]
+    tokenizer_file.rename(out / tokenizer_name)
+    tokenizer = load_tokenizer(out / tokenizer_name)
+    special_ids = dict(tokenizer.special_ids)
     font_file, font_sha = copy_font(renderer, out / "font", font)
     (out / "renderer.json").write_text(json.dumps(renderer, indent=2))
     sizes = {path: reader.nbytes(path) for path in reader.paths}
     source = {"run_dir": str(storage.absolute(run_dir)), "step": step, "git_commit": git_commit(),
-              "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+              "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "init_decoder_hf": config.train.init_decoder_hf or None,
+              "init_vision_hf": config.train.init_vision_hf or None}
     layout = model.layout
-    vist2 = {
+    hf_config = {
+        "architectures": ["Vist2ForCausalLM"], "model_type": "vist2", "auto_map": AUTO_MAP,
         "format": FORMAT, "format_version": FORMAT_VERSION, "dtype": dtype.name,
+        "lm_config": decoder_hf_config(model, dtype, special_ids),
+        "vit_config": vision_hf_config(model, vision, dtype), "vision_format": vision,
         "layout": {"text_len": layout.text_len, "visual_len": layout.visual_len,
                    "image_size": layout.image_size, "patch_size": layout.patch_size, "merge": layout.merge,
                    "visual_attends_past_visual": layout.visual_attends_past_visual},
-        "decoder": {"folder": "decoder", "class": "Qwen3ForCausalLM"},
-        "vision": {"folder": "vision", "format": vision,
-                   "class": "Siglip2VisionModel" if vision == "siglip2" else "SiglipVisionModel",
-                   "pixels": "uint8 RGB / 127.5 - 1"},
-        "aligner": {"file": "aligner.safetensors", "projector": model.aligner.projector, "merge": layout.merge},
-        "tokenizer": {"file": tokenizer_file.name, "kind": tokenizer_asset.get("kind"),
-                      "sha256": tokenizer_asset.get("sha256"), "special_ids": special_ids},
-        "renderer": {"config": "renderer.json", "font": font_file, "font_sha256": font_sha},
-        "source": source,
-        "model_config": to_dict(model),
+        "projector": model.aligner.projector, "special_ids": special_ids,
+        "tokenizer_file": tokenizer_name, "renderer_file": "renderer.json", "font_file": font_file,
+        "font_sha256": font_sha, "pad_token_id": special_ids["pad"], "bos_token_id": special_ids["bos"],
+        "eos_token_id": special_ids["eos"], "source": source, "model_config": to_dict(model),
     }
-    (out / "vist2_config.json").write_text(json.dumps(vist2, indent=2))
-    (out / "README.md").write_text(export_readme(vist2, sizes))
-    return ExportResult(out, run_dir, step, sum(sizes.values()), max(sizes.values()), written)
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2))
+    stops = sorted({special_ids[name] for name in ("eos", "end") if name in special_ids})
+    (out / "generation_config.json").write_text(json.dumps({
+        "mode": "gcc", "do_sample": False, "eos_token_id": stops, "pad_token_id": special_ids["pad"],
+        "bos_token_id": special_ids["bos"]}, indent=2))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "Vist2Tokenizer", "auto_map": TOKENIZER_AUTO_MAP, "padding_side": "left",
+        "model_max_length": 1 << 30, "clean_up_tokenization_spaces": False}, indent=2))
+    write_runtime(out)
+    figures = eval_figures(run_dir, step)
+    (out / "README.md").write_text(model_card(hf_config, sizes, figures))
+    return ExportResult(out, run_dir, step, sum(sizes.values()), max(sizes.values()), writer.total_bytes)
+
+
+def eval_figures(run_dir, step: int) -> dict:
+    """The run's evaluation metrics (``eval_*`` in metrics.jsonl) logged at ``step``, or at the
+    last logged step before it; {} when the run logged none."""
+    path = storage.as_path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    best = {}
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        figures = {k: v for k, v in record.items() if k.startswith("eval_") and isinstance(v, (int, float))}
+        if figures and record.get("step", step + 1) <= step and record["step"] >= best.get("step", -1):
+            best = {"step": record["step"], **figures}
+    return best
 
 
 def _hf_shape(transform, shape, dims) -> tuple[int, ...]:
@@ -225,53 +259,51 @@ def _hf_shape(transform, shape, dims) -> tuple[int, ...]:
     return jax.eval_shape(lambda w: transform.to_hf(w, dims), jax.ShapeDtypeStruct(shape, np.float32)).shape
 
 
-def write_component(reader: OrbaxParams, table, model: ModelConfig, directory: Path, dtype,
-                    max_shard_bytes: int) -> int:
-    """One HF component (decoder or vision tower): plan every tensor's shape from metadata,
-    then read each stored leaf once and write the tensors it holds. Returns bytes written."""
+def plan_component(reader: OrbaxParams, table, model: ModelConfig, prefix: str, dtype):
+    """One HF component (decoder or vision tower) under ``prefix``: every tensor's (name, shape,
+    dtype) planned from metadata, and a function writing them, each stored leaf read once."""
     dims = table.dims(model)
     groups: dict[tuple, list] = {}
     for hf, path, transform, index in tensor_rows(table, model):
-        groups.setdefault(path, []).append((index, hf, transform))
+        groups.setdefault(path, []).append((index, prefix + hf, transform))
     plan = []
     for path, rows in groups.items():
         rows.sort(key=lambda r: -1 if r[0] is None else r[0])
         shape = reader.shape(path)
         for index, hf, transform in rows:
             plan.append((hf, _hf_shape(transform, shape if index is None else shape[1:], dims), dtype))
-    writer = ShardedWriter(directory, plan, max_shard_bytes)
 
-    def emit(hf, transform, value):
-        writer.write(hf, np.ascontiguousarray(transform.to_hf(value.astype(dtype, copy=False), dims)))
+    def write(writer: ShardedWriter) -> None:
+        def emit(hf, transform, value):
+            writer.write(hf, np.ascontiguousarray(transform.to_hf(value.astype(dtype, copy=False), dims)))
 
-    for path, rows in groups.items():
-        if rows[0][0] is None:
-            (_, hf, transform), = rows
-            emit(hf, transform, reader.read(path))
-            continue
-        wanted = {index: (hf, transform) for index, hf, transform in rows}
-        for start, block in reader.layer_blocks(path):
-            for offset in range(block.shape[0]):
-                if start + offset in wanted:
-                    emit(*wanted[start + offset], block[offset])
-            del block
-    writer.close()
-    return writer.total_bytes
+        for path, rows in groups.items():
+            if rows[0][0] is None:
+                (_, hf, transform), = rows
+                emit(hf, transform, reader.read(path))
+                continue
+            wanted = {index: (hf, transform) for index, hf, transform in rows}
+            for start, block in reader.layer_blocks(path):
+                for offset in range(block.shape[0]):
+                    if start + offset in wanted:
+                        emit(*wanted[start + offset], block[offset])
+                del block
+
+    return plan, write
 
 
-def write_aligner(reader: OrbaxParams, file: Path, dtype) -> int:
+def plan_aligner(reader: OrbaxParams, prefix: str, dtype):
     """The aligner's Linear layers in torch layout (``fc1.weight`` [out, in], ``fc1.bias``...)."""
     leaves = sorted(p for p in reader.paths if p[:2] == ("params", "aligner"))
-    plan, names = [], []
+    plan = []
     for path in leaves:
-        name = f"{'.'.join(path[2:-1])}.{'weight' if path[-1] == 'kernel' else 'bias'}"
+        name = f"{prefix}{'.'.join(path[2:-1])}.{'weight' if path[-1] == 'kernel' else 'bias'}"
         shape = reader.shape(path)
         plan.append((name, shape[::-1] if path[-1] == "kernel" else shape, dtype))
-        names.append(name)
-    writer = ShardedWriter(file.parent, plan, max_shard_bytes=1 << 62)
-    for path, name in zip(leaves, names):
-        value = reader.read(path).astype(dtype, copy=False)
-        writer.write(name, np.ascontiguousarray(value.T if path[-1] == "kernel" else value))
-    writer.close()
-    (file.parent / writer.files[0]).rename(file)
-    return writer.total_bytes
+
+    def write(writer: ShardedWriter) -> None:
+        for path, (name, _, _) in zip(leaves, plan):
+            value = reader.read(path).astype(dtype, copy=False)
+            writer.write(name, np.ascontiguousarray(value.T if path[-1] == "kernel" else value))
+
+    return plan, write

@@ -1,5 +1,5 @@
 """The sampling options of ``vist2 generate``, shared by the JAX generator and the PyTorch
-runtime (``vist2_jax/export/torch_sampling.py``); no JAX import."""
+runtime (``vist2 generate --torch`` maps it onto transformers' GenerationConfig); no JAX import."""
 
 from __future__ import annotations
 
