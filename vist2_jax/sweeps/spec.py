@@ -16,7 +16,8 @@ runs:                            # size (size=NAME of the recipes), optional nam
 
 A variant is one entry of ``runs`` with one value per grid key, named readably
 (``0.6b-L128_lr0.0001``); ``size`` may be a grid key too. Stage ``i`` of a variant trains
-in ``{root}/runs/VARIANT/STAGE`` from the parameters of stage ``i-1`` (``train.init_from``).
+in ``{root}/runs/VARIANT/STAGE`` from the parameters of stage ``i-1`` (``train.init_from``)
+and, when the recipe names no ``data.tokenizer``, with the tokenizer stage 1 trained.
 Every stage's config is resolved through ``load_config`` when the file is read, so a
 mistyped grid key or value fails at once with one line naming it."""
 
@@ -183,6 +184,9 @@ def load_sweep(path: str | Path, launcher: str = "local") -> Sweep:
                              f"run.workdir={workdir}", *([f"train.init_from={previous}"] if previous else [])]
                 try:
                     config = load_config(recipe, overrides)
+                    if chain and not config.data.tokenizer:  # a chain keeps the tokenizer its first stage made
+                        overrides.append(f"data.tokenizer={chain[0].workdir}/tokenizer.model")
+                        config = load_config(recipe, overrides)
                 except ConfigError as err:
                     raise ConfigError(f"sweep {path}, variant {name}, {stage}: {err}") from None
                 chain.append(Stage(name, stage, index, recipe.as_posix(), tuple(overrides), config, dict(entry)))
