@@ -56,7 +56,7 @@ def log_path(stage: Stage, attempt: int):
 
 def last_log_line(path) -> str:
     try:
-        lines = [line.strip() for line in storage.as_path(path).read_text(errors="replace").splitlines()]
+        lines = [line.strip() for line in storage.as_path(path).read_bytes().decode("utf-8", "replace").splitlines()]
     except OSError:
         return "(no log)"
     return next((line for line in reversed(lines) if line), "(empty log)")
