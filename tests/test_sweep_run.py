@@ -92,12 +92,12 @@ def killed_and_rerun(tmp_path_factory, sp_tokenizer):
     """Two variants x two stages; the runner is SIGKILLed while variant 2's first stage
     trains (after a checkpoint), then run again to the end."""
     folder = tmp_path_factory.mktemp("sweep")
-    overrides = ", ".join([*SMALL, f"data.tokenizer={sp_tokenizer.path}"])
+    overrides = json.dumps([*SMALL, f"data.tokenizer={sp_tokenizer.path}"])
     path = _write_sweep(folder, f"""
 root: {folder}/root
 stages: [first, second]
 retries: 1
-overrides: [{overrides}]
+overrides: {overrides}
 grid:
   model.decoder.hidden_size: [32, 48]
 runs:
@@ -160,12 +160,12 @@ def test_report_rows_plots_and_eval(killed_and_rerun, tmp_path):
 
 
 def test_failing_stage_stops_its_chain_only(tmp_path, sp_tokenizer):
-    overrides = ", ".join([*SMALL, f"data.tokenizer={sp_tokenizer.path}"])
+    overrides = json.dumps([*SMALL, f"data.tokenizer={sp_tokenizer.path}"])
     path = _write_sweep(tmp_path, f"""
 root: {tmp_path}/root
 stages: [first, second]
 retries: 1
-overrides: [{overrides}]
+overrides: {overrides}
 runs:
   - {{size: tiny, name: broken, overrides: [data.source={tmp_path}/no_such_corpus]}}
   - {{size: tiny, name: fine}}
@@ -184,4 +184,4 @@ runs:
     assert " failed " in failed and last_line.strip() in failed and str(broken / "logs" / "attempt-2.log") in failed
     assert any(line.startswith("broken") and " second " in line and "waits for first (failed)" in line
                for line in status)
-    assert sum(line.startswith("fine") and " done " in line for line in status) == 2
+    assert sum(line.startswith("fine") and " done " in line for line in status) == 2, proc.stdout + "\n".join(status)

@@ -79,7 +79,8 @@ def stage_row(stage: Stage) -> dict:
             "steps": steps, "steps_total": stage.steps, "tokens": steps * data.global_batch_size * data.seq_len,
             "train_loss": _last(records, "loss"), "val_loss": _last(records, "eval_loss"),
             "ocr_cer": ocr["cer"], "ocr_cer_blank": ocr["cer_blank_sketch"], **memory,
-            "wall_s": state.get("wall_s", summary.get("wall_s")), "mfu": _last(records, "mfu"),
+            "wall_s": state.get("wall_s", summary.get("wall_s")), "cpu_s": state.get("cpu_s"),
+            "mfu": _last(records, "mfu"),
             "losses": [(r["step"], r["loss"]) for r in records if "loss" in r]}
 
 
@@ -103,7 +104,8 @@ def table(rows: list[dict]) -> str:
             f"{r['memory_gain']:+.3f} [{r['memory_gain_lo']:+.3f}, {r['memory_gain_hi']:+.3f}]")
         cer = "-" if r["ocr_cer"] is None else f"{r['ocr_cer']:.3f} ({_fmt(r['ocr_cer_blank'], '.3f')})"
         steps = f"{r['steps']}/{r['steps_total']}" + ("" if r["status"] == "done" else f" {r['status']}")
-        wall = "-" if r["wall_s"] is None else f"{r['wall_s']:.0f} s"
+        wall = "-" if r["wall_s"] is None else f"{r['wall_s']:.0f} s" + (
+            "" if r["cpu_s"] is None else f" (CPU {r['cpu_s']:.0f} s)")
         mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         lines.append(f"| {r['variant']} | {r['stage']} | {_count(r['params'])} | {r['compression']:g} | {steps} | "
                      f"{_count(r['tokens'])} | {_fmt(r['train_loss'], '.3f')} | {_fmt(r['val_loss'], '.3f')} | {cer} | "
@@ -161,7 +163,7 @@ def write_report(sweep: Sweep, out, tasks: list[str] = (), eval_limit: int = 0) 
     images = plots(rows, stages, out)
     text = "\n".join([f"# Sweep report: {sweep.path}", "",
                       f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; runs under {sweep.root}/runs. "
-                      "tokens = decoder positions (steps x batch x seq_len); wall = training attempts' wall time; "
+                      "tokens = decoder positions (steps x batch x seq_len); wall = training attempts' wall time (with `--launcher local` also their CPU time); "
                       "OCR CER and memory gain are the last figures logged in training (train.eval_tasks) or "
                       "from `--eval`.", "", table(rows), "", *[f"![{name}]({name})" for name in images], ""])
     storage.write_atomic(out / "report.md", text)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import ctypes
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -153,10 +154,12 @@ class Runner:
             return False
         state = st.read_state(stage)
         first, wall = int(state.get("attempt", 0)) + 1, float(state.get("wall_s", 0.0))
+        cpu_s = float(state.get("cpu_s", 0.0))
         last = first + self.sweep.retries
         for attempt in range(first, last + 1):
             if _stop.is_set():
                 return False
+            cpu = _children_cpu_s()
             resumed = st.metrics(stage)
             note = f", resuming from step {resumed[-1]['step']}" if resumed else ""
             started = time.time()
@@ -176,8 +179,11 @@ class Runner:
                     beat = time.time()
             job.close()
             wall += time.time() - started
+            if self.launcher == "local":  # one child at a time: the CPU time is this stage's
+                cpu_s += _children_cpu_s() - cpu
             if st.finished(stage):
-                st.write_state(stage, state="done", exit_code=code, wall_s=wall, ended=time.time())
+                st.write_state(stage, state="done", exit_code=code, wall_s=wall, ended=time.time(),
+                               **({"cpu_s": cpu_s} if self.launcher == "local" else {}))
                 self.echo(f"[{stage.variant}] {stage.name}: done in {wall:.0f} s")
                 return True
             why = "preempted" if (st.summary(stage) or {}).get("preempted") else f"exit code {code}"
@@ -223,6 +229,11 @@ class Runner:
             self.echo("stopped: running stages were told to checkpoint and exit; rerun to continue")
             return 130
         return 0 if ok else 1
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _pid_alive(pid: int) -> bool:
