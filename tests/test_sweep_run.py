@@ -32,8 +32,15 @@ def _write_sweep(folder: Path, body: str, stages: dict[str, str]) -> Path:
     return path
 
 
+def _env() -> dict:
+    """This interpreter's environment for ``vist2`` children, without the 8 forced devices of
+    conftest (the stages run on one CPU device, as ``vist2 train`` would here)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return {**env, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
 def _sweep(*args, timeout=600):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = _env()
     return subprocess.run([sys.executable, "-m", "vist2_jax.cli.main", "sweep", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -105,11 +112,10 @@ runs:
 """, {"first": "data: {stage: ocr}\ntrain: {steps: 40, checkpoint_every: 10, eval_every: 40}\n",
       "second": "data: {stage: olm}\ntrain: {steps: 3, checkpoint_every: 3, eval_every: 3}\n"})
     runs = folder / "root" / "runs"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     runner = subprocess.Popen([sys.executable, "-m", "vist2_jax.cli.main", "sweep", "run", str(path), "--poll-s", "0.2"],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     interrupted = runs / "tiny-w48" / "first"
-    deadline = time.time() + 400
+    deadline = time.time() + 900
     while time.time() < deadline and runner.poll() is None:
         steps = [p.name for p in (interrupted / "checkpoints").glob("*") if p.name.isdigit()]
         if steps:

@@ -16,6 +16,7 @@ import concurrent.futures
 import ctypes
 import os
 import resource
+import shlex
 import signal
 import socket
 import subprocess
@@ -39,22 +40,23 @@ def _die_with_parent() -> None:  # preexec_fn of local children: SIGTERM when th
 
 
 class _Process:
-    """A launcher process that lives as long as the training (local, tpu); its output goes
-    to the attempt's log through the path layer."""
+    """A launcher process that lives as long as the training (local, tpu). Its output goes
+    straight to a file, never through a pipe to the runner, so a child outlives a killed
+    runner (and checkpoints on the SIGTERM it gets) without writing to a broken pipe: the
+    attempt's log itself on local disk, else a local copy uploaded through the path layer."""
 
     def __init__(self, command: list[str], log_path, cwd: str | None, local: bool):
-        self.log = storage.AppendFile(log_path)
-        self.log.replace_lines([f"$ {' '.join(command)}"])
-        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     errors="replace", cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                     preexec_fn=_die_with_parent if local else None)
+        self.log_path = storage.as_path(log_path)
+        self.remote = storage.is_remote(self.log_path)
+        self.file = (Path(storage.scratch_folder("sweep-logs")) / f"{os.getpid()}-{time.time_ns()}.log" if self.remote
+                     else Path(os.fspath(self.log_path)))
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        self.file.write_text(f"$ {shlex.join(command)}\n")
+        with open(self.file, "a") as out:
+            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                         preexec_fn=_die_with_parent if local else None)
         self.pid = self.proc.pid
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.log.append(line.rstrip("\n").rsplit("\r", 1)[-1])
 
     def poll(self) -> int | None:
         return self.proc.poll()
@@ -63,9 +65,12 @@ class _Process:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
 
+    def sync(self) -> None:
+        if self.remote:
+            storage.upload(self.file, self.log_path)
+
     def close(self) -> None:
-        self.reader.join(timeout=30)
-        self.log.close()
+        self.sync()
 
 
 class _Queued:
@@ -103,6 +108,9 @@ class _Queued:
                 return None
             self.ended = 0 if terminal.stdout.strip() == "Completed" else 1
         return self.ended
+
+    def sync(self) -> None:  # the queue keeps the log until the job ends
+        pass
 
     def stop(self) -> None:
         if self.launcher == "slurm":
@@ -175,6 +183,7 @@ class Runner:
                 if _stop.is_set():
                     job.stop()
                 if time.time() - beat >= st.HEARTBEAT_S:
+                    job.sync()
                     st.write_state(stage)
                     beat = time.time()
             job.close()
