@@ -101,7 +101,7 @@ def table(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         gain = "-" if r["memory_gain"] is None else (
-            f"{r['memory_gain']:+.3f} [{r['memory_gain_lo']:+.3f}, {r['memory_gain_hi']:+.3f}]")
+            f"{r['memory_gain']:+.3g} [{r['memory_gain_lo']:+.3g}, {r['memory_gain_hi']:+.3g}]")
         cer = "-" if r["ocr_cer"] is None else f"{r['ocr_cer']:.3f} ({_fmt(r['ocr_cer_blank'], '.3f')})"
         steps = f"{r['steps']}/{r['steps_total']}" + ("" if r["status"] == "done" else f" {r['status']}")
         wall = "-" if r["wall_s"] is None else f"{r['wall_s']:.0f} s" + (
