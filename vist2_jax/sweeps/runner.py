@@ -177,14 +177,15 @@ class Runner:
             st.write_state(stage, state="running", attempt=attempt, launcher=self.launcher, host=socket.gethostname(),
                            pid=os.getpid(), child_pid=job.pid, started=started, log=str(st.log_path(stage, attempt)),
                            wall_s=wall)
-            beat = time.time()
+            beat, stopping = time.time(), False
             while (code := job.poll()) is None:
                 time.sleep(self.poll_s)
-                if _stop.is_set():
-                    job.stop()
+                if _stop.is_set() and not stopping:
+                    job.stop()  # the stage checkpoints and exits
+                    stopping = True
                 if time.time() - beat >= st.HEARTBEAT_S:
                     job.sync()
-                    st.write_state(stage)
+                    st.write_state(stage, wall_s=wall + time.time() - started)  # kept if this runner dies
                     beat = time.time()
             job.close()
             wall += time.time() - started
@@ -195,7 +196,7 @@ class Runner:
                                **({"cpu_s": cpu_s} if self.launcher == "local" else {}))
                 self.echo(f"[{stage.variant}] {stage.name}: done in {wall:.0f} s")
                 return True
-            why = "preempted" if (st.summary(stage) or {}).get("preempted") else f"exit code {code}"
+            why = "preempted" if code == 0 and (st.summary(stage) or {}).get("preempted") else f"exit code {code}"
             final = attempt == last or _stop.is_set()
             outcome = "stopped" if _stop.is_set() else "failed" if final else "running"
             st.write_state(stage, state=outcome, exit_code=code, wall_s=wall, ended=time.time(), reason=why)
