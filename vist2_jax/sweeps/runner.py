@@ -172,8 +172,8 @@ class Runner:
             note = f", resuming from step {resumed[-1]['step']}" if resumed else ""
             started = time.time()
             job = self._start(stage, attempt)
-            self.echo(f"[{stage.variant}] {stage.name}: attempt {attempt - first + 1}/{last - first + 1} with "
-                      f"{self.launcher}{note}; log {st.log_path(stage, attempt)}")
+            self.echo(f"[{stage.variant}] {stage.name}: attempt {attempt} ({attempt - first + 1} of {last - first + 1} "
+                      f"in this run) with {self.launcher}{note}; log {st.log_path(stage, attempt)}")
             st.write_state(stage, state="running", attempt=attempt, launcher=self.launcher, host=socket.gethostname(),
                            pid=os.getpid(), child_pid=job.pid, started=started, log=str(st.log_path(stage, attempt)),
                            wall_s=wall)
