@@ -60,7 +60,7 @@ def run(args) -> int:
 
 def run_sweep(args) -> int:
     from vist2_jax.aot.report import table, update_readme
-    from vist2_jax.cli.sweep import expand
+    from vist2_jax.sweeps.spec import expand
 
     runs = expand(args.sweep)
     order = sorted(runs, key=lambda r: (STAGE_RISK.index(r["stage"]) if r["stage"] in STAGE_RISK
