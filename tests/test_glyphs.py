@@ -91,3 +91,32 @@ def test_glyph_loss_trains_the_tower_through_its_head(tmp_path, tokenizer_path):
 def test_glyph_loss_without_what_it_needs_is_one_line(missing, key):
     with pytest.raises(ConfigError, match=f"^train.glyph_loss_weight: .*{key}"):
         load_config(overrides=[*GLYPHS, missing])
+
+
+def test_compression_table_compares_with_a_text_only_model(tmp_path, tokenizer_path):
+    """The proof run's table on two untrained tiny models: every ratio has OCR with its blank
+    control, a memory gain and a gap to the other model with 95% intervals, JSON + PNG."""
+    import json
+
+    from data_pipelines.tokenizer import load_tokenizer
+    from vist2_jax.evaluation.compression import compression_table, table_lines, write_table
+    from vist2_jax.evaluation.context import EvalContext
+    from vist2_jax.model.vist2 import example_batch
+
+    config = load_config(overrides=[*SMALL, f"data.tokenizer={tokenizer_path}", "model.layout.text_len=16",
+                                    "data.seq_len=256"])
+    tokenizer = load_tokenizer(tokenizer_path)
+    model = Vist2Model(config.model)
+    contexts = [EvalContext(config, nn.unbox(model.init(jax.random.key(seed), example_batch(config.model))), tokenizer)
+                for seed in (0, 1)]
+    table = compression_table(*contexts, ratios=(1, 2), chunks=3, documents=3)
+    assert [row["ratio"] for row in table] == [1, 2]
+    for row in table:
+        assert 0 <= row["ocr_cer"] and 0 <= row["ocr_cer_blank"] and row["documents"] >= 1
+        assert row["memory_gain_lo"] <= row["memory_gain"] <= row["memory_gain_hi"]
+        assert row["compression_gap_lo"] <= row["compression_gap"] <= row["compression_gap_hi"]
+        assert abs(row["compression_gap"] - (row["nll_true"] - row["nll_text_only_model"])) < 1e-6
+    write_table(table, tmp_path, {"date": "today"})
+    assert json.loads((tmp_path / "compression.json").read_text())["table"][1]["text_len"] == 32
+    assert (tmp_path / "compression.png").stat().st_size > 1000
+    assert len(table_lines(table)) == 3

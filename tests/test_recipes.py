@@ -51,3 +51,24 @@ def test_stage_tuning_applies_to_its_stage_only(tmp_path):
     (tmp_path / "sizes" / "s.yaml").write_text("preset: tiny\nstages: {olmm: {}}\n")
     with pytest.raises(ConfigError, match="^stages.olmm: unknown stage"):
         load_config(tmp_path / "olm.yaml", ["size=s"])
+
+
+# docs/design.md §1: the components each stage trains (ViT = vision; "(+ aligner)" included).
+DESIGN_TABLE = {"caption": {"aligner"}, "ocr": {"vision", "aligner"}, "olm": {"decoder", "aligner"},
+                "sft": {"vision", "aligner", "decoder"}}
+
+
+@pytest.mark.parametrize("folder", ["demo", "proof"])
+def test_demo_and_proof_stages_train_the_components_of_the_design_table(folder):
+    from pathlib import Path
+
+    design = (Path(__file__).resolve().parents[1] / "docs" / "design.md").read_text()
+    assert "| 2 mt-ocr | `[V_a][T text_a][V_b][T text_b]...` | ViT + aligner |" in design
+    for stage in ("stage1_caption", "stage2_ocr", "stage3_olm", "stage4_sft"):
+        config = load_config(f"recipes/{folder}/{stage}.yaml")
+        assert set(config.train.trainable) == DESIGN_TABLE[config.data.stage], stage
+    lm, vision = (load_config(f"recipes/{folder}/stage0_{part}.yaml") for part in ("lm", "vision"))
+    assert lm.train.trainable == ("decoder",) and vision.train.trainable == ("vision",)
+    assert vision.train.text_loss_weight == 0 and vision.train.glyph_loss_weight > 0
+    stage2 = load_config(f"recipes/{folder}/stage2_ocr.yaml").train
+    assert 0 < stage2.component_learning_rate.vision < stage2.component_learning_rate.aligner
