@@ -151,7 +151,7 @@ def test_demo_cli_runs_all_four_stages(tmp_path):
                           env={**os.environ, **env}, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     demo = tmp_path / "demo"
-    for stage in ("stage1_caption", "stage2_ocr", "stage3_olm", "stage4_sft"):
+    for stage in ("stage0_lm", "stage0_vision", "stage1_caption", "stage2_ocr", "stage3_olm", "stage4_sft"):
         assert (demo / stage / "metrics.jsonl").is_file()
         assert any((demo / stage / "checkpoints").iterdir())
         assert list((demo / stage / "tensorboard").glob("events.out.tfevents.*"))
@@ -159,7 +159,8 @@ def test_demo_cli_runs_all_four_stages(tmp_path):
     assert list(demo.glob("sketch_*.png"))
     assert "stage 3 validation loss" in proc.stdout
     summary = json.loads((demo / "summary.json").read_text())
-    assert set(summary["stages"]) == {"stage1_caption", "stage2_ocr", "stage3_olm", "stage4_sft"}
+    assert set(summary["stages"]) == {"stage0_lm", "stage0_vision", "stage1_caption", "stage2_ocr", "stage3_olm",
+                                      "stage4_sft"}
 
     # the demo's checkpoints serve inference directly: config, params and tokenizer come from the run
     prompt = tmp_path / "prompt.txt"

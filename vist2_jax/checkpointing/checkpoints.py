@@ -135,8 +135,11 @@ def tree_checksums(tree: Any, prefix: str) -> dict[str, str]:
     for path, leaf in leaves:
         if hasattr(leaf, "dtype") and hasattr(leaf, "shape"):
             sums[prefix + "/" + "/".join(_key_name(k) for k in path)] = lanes = array_checksum(leaf)
-            if jax.process_count() > 1:
-                lanes.block_until_ready()  # one cross-process reduction at a time
+            devices = leaf.sharding.device_set if hasattr(leaf, "sharding") else ()
+            if jax.process_count() > 1 or len(devices) > 1:
+                # one cross-device reduction at a time: several queued at once deadlock the CPU
+                # collectives (gloo across processes, and in-process rendezvous on a busy 2-core host)
+                lanes.block_until_ready()
     return {name: checksum_hex(value) for name, value in sums.items()}
 
 
