@@ -14,13 +14,10 @@ from __future__ import annotations
 import json
 import logging
 
-import numpy as np
-
 from vist2_jax import storage
 from vist2_jax.config.schema import CurriculumPoint
 from vist2_jax.evaluation.context import EvalContext, final_point, row_maker
-from vist2_jax.evaluation.memory import blank_row, document_sums, text_row, visual_spread
-from vist2_jax.evaluation.metrics import bootstrap_ratio
+from vist2_jax.evaluation.memory import evaluate_memory
 from vist2_jax.evaluation.ocr import evaluate_ocr
 
 log = logging.getLogger(__name__)
@@ -34,21 +31,10 @@ def compression_row(vist2: EvalContext, text_only: EvalContext, text_len: int, c
     point = final_point(vist2.config)
     point = CurriculumPoint(text_len=text_len, max_chunks=max(point.max_chunks, 2))
     maker = row_maker(vist2, "olm", point)
-    rows = [maker(i) for i in range(documents)]
-    true_sum, tokens = document_sums(vist2, rows)
-    blank_sum, _ = document_sums(vist2, [blank_row(r) for r in rows])
-    native_sum, native_tokens = document_sums(text_only, [text_row(r) for r in rows])
-    assert np.array_equal(tokens, native_tokens)
-    gain = bootstrap_ratio(blank_sum - true_sum, tokens)
-    gap = bootstrap_ratio(true_sum - native_sum, tokens)
-    total = tokens.sum()
+    memory = evaluate_memory(vist2, rows=[maker(i) for i in range(documents)], text_model=text_only)
     row = {"ratio": text_len / m, "text_len": text_len, "visual_len": m,
            "ocr_cer": ocr["cer"], "ocr_cer_blank": ocr["cer_blank_sketch"], "ocr_chunks": ocr["chunks"],
-           "nll_true": float(true_sum.sum() / total), "nll_blank": float(blank_sum.sum() / total),
-           "nll_text_only_model": float(native_sum.sum() / total),
-           "memory_gain": gain[0], "memory_gain_lo": gain[1], "memory_gain_hi": gain[2],
-           "compression_gap": gap[0], "compression_gap_lo": gap[1], "compression_gap_hi": gap[2],
-           "documents": len(tokens), "tokens": int(total), "visual_spread": visual_spread(vist2, rows)}
+           **{k: v for k, v in memory.items() if k != "nll_text"}, "nll_text_only_model": memory["nll_text"]}
     for key in ("cer_lo", "cer_hi", "cer_blank_sketch_lo", "cer_blank_sketch_hi"):
         if key in ocr:
             row["ocr_" + key.replace("_sketch", "")] = ocr[key]

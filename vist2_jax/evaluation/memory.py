@@ -119,8 +119,11 @@ def document_sums(ctx: EvalContext, rows: list[dict], batch_size: int = 8) -> tu
     return np.asarray(sums), np.asarray(counts)
 
 
-def evaluate_memory(ctx: EvalContext, limit: int = 16, data: str | None = None, rows=None) -> dict:
-    """The three losses, the memory gain and the compression gap over ``limit`` rows."""
+def evaluate_memory(ctx: EvalContext, limit: int = 16, data: str | None = None, rows=None,
+                    text_model: EvalContext | None = None) -> dict:
+    """The three losses, the memory gain and the compression gap over ``limit`` rows.
+    ``text_model`` reads the raw-text rows instead of the run's own model (the gap then is
+    against a text-only model of the same size: the compression table)."""
     if rows is None:
         point = final_point(ctx.config)
         point = type(point)(text_len=point.text_len, max_chunks=max(point.max_chunks, 2))
@@ -130,7 +133,7 @@ def evaluate_memory(ctx: EvalContext, limit: int = 16, data: str | None = None, 
     if not len(tokens):
         raise ConfigError("--data: the memory rows hold no chunk after a sketch (documents too short?)")
     blank_sum, blank_tokens = document_sums(ctx, [blank_row(r) for r in rows])
-    text_sum, text_tokens = document_sums(ctx, [text_row(r) for r in rows])
+    text_sum, text_tokens = document_sums(text_model or ctx, [text_row(r) for r in rows])
     assert np.array_equal(tokens, blank_tokens) and np.array_equal(tokens, text_tokens)
     gain, gain_lo, gain_hi = bootstrap_ratio(blank_sum - true_sum, tokens)
     gap, gap_lo, gap_hi = bootstrap_ratio(true_sum - text_sum, tokens)

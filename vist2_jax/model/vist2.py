@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from vist2_jax.config.schema import ModelConfig
 from vist2_jax.kernels.mask import RowMeta
-from vist2_jax.row_contract import GLYPH_CELL, GLYPH_UNKNOWN, IMAGE_FIELDS, ROW_FIELDS, TEXT, VISUAL
+from vist2_jax.row_contract import GLYPH_BLANK, GLYPH_CELL, GLYPH_UNKNOWN, IMAGE_FIELDS, ROW_FIELDS, TEXT, VISUAL
 from vist2_jax.model.decoder import BSE, Qwen3Decoder
 from vist2_jax.model.layers import DTYPES, constrain
 from vist2_jax.model.loss import blockwise_next_token_loss
@@ -64,10 +64,8 @@ def next_token_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array
 
 def glyph_loss(logits: jax.Array, glyphs: jax.Array) -> dict[str, jax.Array]:
     """Cross-entropy of the glyph head over known cells (``GLYPH_UNKNOWN`` ignored), blank
-    cells weighted 0.1 so the few inked ones dominate; accuracy over inked cells. Sums and
-    counts are returned too, so gradient accumulation stays exact."""
-    from vist2_jax.row_contract import GLYPH_BLANK, GLYPH_UNKNOWN
-
+    cells weighted 0.1 so the few inked ones dominate; accuracy over inked cells; the count
+    of inked cells (``glyph_cells``), which weighs the figures when micro-batches are summed."""
     logits = logits.astype(jnp.float32)
     known = glyphs != GLYPH_UNKNOWN
     labels = jnp.where(known, glyphs, 0).astype(jnp.int32)
@@ -107,10 +105,13 @@ class Vist2Model(nn.Module):
         tokens = self.aligner(self._features(images))
         return tokens.reshape(images.shape[0], images.shape[1], *tokens.shape[1:])
 
+    def _glyph_loss(self, features: jax.Array, glyphs: jax.Array) -> dict[str, jax.Array]:
+        """The glyph head on tower features [B*N, P, D] against maps [B, N, G, G]."""
+        return glyph_loss(self.glyph_head(features), glyphs.reshape(-1, *glyphs.shape[2:]))
+
     def glyph_metrics(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         """The glyph loss of a batch's sketches alone: the tower and its head, no decoder."""
-        features = self._features(batch["images"])
-        return glyph_loss(self.glyph_head(features), batch["glyphs"].reshape(-1, *batch["glyphs"].shape[2:]))
+        return self._glyph_loss(self._features(batch["images"]), batch["glyphs"])
 
     def embed_row(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(decoder input, glyph metrics): token embeddings at text positions, image tokens at
@@ -126,7 +127,7 @@ class Vist2Model(nn.Module):
         visual = self.aligner(features).reshape(images.shape[0], images.shape[1], -1, text.shape[-1])
         glyph = {}
         if self.config.vision.glyph_head and "glyphs" in batch:
-            glyph = glyph_loss(self.glyph_head(features), batch["glyphs"].reshape(-1, *batch["glyphs"].shape[2:]))
+            glyph = self._glyph_loss(features, batch["glyphs"])
         return constrain(place_visual_tokens(text, visual, modality), BSE), glyph
 
     def __call__(self, batch: Mapping[str, jax.Array], with_logits: bool = True) -> dict[str, jax.Array]:

@@ -41,16 +41,22 @@ def task_of_rows(config: Config, modality: jax.Array) -> dict[str, jax.Array]:
     return {"olm": first == TEXT, "ocr": first == VISUAL}
 
 
+def _glyph_sums(out: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """The glyph figures as sums over inked cells (exact under gradient accumulation)."""
+    cells = out["glyph_cells"]
+    return {"glyph_loss_sum": out["glyph_loss"] * cells, "glyph_accuracy_sum": out["glyph_accuracy"] * cells,
+            "glyph_cells": cells}
+
+
 def loss_and_metrics(model: Vist2Model, config: Config, params: Any, batch: Mapping[str, jax.Array]):
     """(objective, sums): the objective to differentiate and token-weighted metric sums.
     With ``train.text_loss_weight=0`` only the tower and its glyph head run (a vision
     pretraining stage, no decoder): its ``loss`` / ``accuracy`` are the glyph figures."""
     if config.train.text_loss_weight == 0:
         out = model.apply(params, batch, method=Vist2Model.glyph_metrics)
-        cells = out["glyph_cells"]
-        sums = {"loss": out["glyph_loss"] * cells, "accuracy": out["glyph_accuracy"] * cells,
-                "z_loss": jnp.zeros(()), "target_tokens": cells, "glyph_loss_sum": out["glyph_loss"] * cells,
-                "glyph_accuracy_sum": out["glyph_accuracy"] * cells, "glyph_cells": cells}
+        sums = _glyph_sums(out)
+        sums.update(loss=sums["glyph_loss_sum"], accuracy=sums["glyph_accuracy_sum"], z_loss=jnp.zeros(()),
+                    target_tokens=sums["glyph_cells"])
         return config.train.glyph_loss_weight * out["glyph_loss"], sums
     out = model.apply(params, batch, with_logits=False)  # blockwise loss, no [B, S, V] logits
     loss = config.train.text_loss_weight * out["loss"]
@@ -62,9 +68,7 @@ def loss_and_metrics(model: Vist2Model, config: Config, params: Any, batch: Mapp
     if "glyph_loss" in out:  # the text-oriented vision objective (docs/design.md §4)
         if config.train.glyph_loss_weight > 0:
             loss = loss + config.train.glyph_loss_weight * out["glyph_loss"]
-        cells = out["glyph_cells"]
-        sums.update(glyph_loss_sum=out["glyph_loss"] * cells, glyph_accuracy_sum=out["glyph_accuracy"] * cells,
-                    glyph_cells=cells)
+        sums.update(_glyph_sums(out))
     for task, rows in task_of_rows(config, batch["modality"]).items():
         sums[f"loss_sum_{task}"] = jnp.sum(jnp.where(rows, out["row_nll"], 0.0))
         sums[f"tokens_{task}"] = jnp.sum(jnp.where(rows, out["row_tokens"], 0.0))
