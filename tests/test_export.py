@@ -411,6 +411,29 @@ def test_export_cli_step_dtype_and_fallback(run, tmp_path, caplog):
     assert proc.returncode == 2 and "not an empty folder" in proc.stderr
 
 
+def test_bytes_damaged_inside_an_array_file_are_not_exported(run, tmp_path, caplog):
+    """Bytes changed in the middle of a parameter data file (still a decodable file, so
+    TensorStore reads it without complaint) fail the array's checksum: the export falls back
+    to the previous checkpoint, and ``--step`` of the damaged one exits 2 naming the array."""
+    damaged = tmp_path / "damaged"
+    subprocess.run(["cp", "-r", str(run["tmp"] / "run"), str(damaged)], check=True)
+    data = max((p for p in (damaged / "checkpoints" / "4" / "params").rglob("d/*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    middle = len(raw) // 2
+    raw[middle:middle + 64] = bytes(b ^ 0x5A for b in raw[middle:middle + 64])
+    data.write_bytes(bytes(raw))
+    with caplog.at_level(logging.ERROR, logger="vist2_jax.export.exporter"):
+        result = export_run(damaged, tmp_path / "fallback")
+    assert result.step == 2 and "checkpoint step 4" in caplog.text
+    proc = subprocess.run([sys.executable, "-m", "vist2_jax.cli.main", "export", str(damaged), "--out",
+                           str(tmp_path / "explicit"), "--step", "4"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith("vist2 export: error: --step 4:"), proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "explicit").exists()
+    assert "params/params/" in proc.stderr  # names the damaged array
+
+
 def upload_folder(local: Path, remote: str) -> None:
     """An object-store copy of a local folder (a run dir): every file uploaded by its path."""
     from vist2_jax import storage
@@ -542,6 +565,17 @@ def test_reader_storage_formats_and_sharded_chunks(tmp_path, ocdbt, zarr3):
     np.testing.assert_array_equal(reader.read(("params", "bias", "b")), np.ones(5, np.float32))
     with pytest.raises(KeyError, match="params/missing"):
         reader.array(("params", "missing"))
+    # with the saved checksums every leaf is checked, a stacked one over all its blocks
+    from vist2_jax.checkpointing.checkpoints import tree_checksums
+    from vist2_jax.export.orbax_reader import UnreadableCheckpoint
+
+    sums = tree_checksums(tree, "item")
+    checked = OrbaxParams(tmp_path / "item", sums)
+    assert len(list(checked.layer_blocks(("params", "stacked")))) == 8
+    checked.read(("params", "bias", "b"))
+    wrong = OrbaxParams(tmp_path / "item", {**sums, "item/params/stacked": "0" * 16})
+    with pytest.raises(UnreadableCheckpoint, match="item/params/stacked differs"):
+        list(wrong.layer_blocks(("params", "stacked")))
 
 
 MEASURE = """

@@ -181,7 +181,13 @@ def _export_step(run_dir, checkpoints, step, out, dtype, max_shard_bytes, font, 
     vision = vision_format(config) if vision == "auto" else vision
     tokenizer_asset = read_item(checkpoints, step, "tokenizer")
     renderer = read_item(checkpoints, step, "renderer")
-    reader = OrbaxParams(checkpoints.directory / str(step) / "params")
+    try:
+        checksums = checkpoints.saved_checksums(step)
+    except Exception as err:  # orbax raises many kinds for a missing or damaged item
+        raise UnreadableCheckpoint(f"step {step} item 'checksums': {one_line_reason(err)}") from None
+    if checksums is None:
+        log.warning("checkpoint step %d was saved without checksums; its arrays are exported unchecked", step)
+    reader = OrbaxParams(checkpoints.directory / str(step) / "params", checksums)
     model = config.model
     out.mkdir(parents=True)
     components = [plan_component(reader, QWEN3_DECODER, model, "language_model.", dtype),

@@ -10,6 +10,11 @@ touches, so an exporter holds one leaf, or one block of layers of a stacked leaf
 The item may be local (TensorStore's ``file`` driver) or on Cloud Storage (``gs://``: its
 ``gcs`` driver, the kvstore Orbax itself writes there with); ``_METADATA`` is read through
 the path layer (``vist2_jax.storage``).
+
+Given the checkpoint's saved ``checksums``, every leaf read is checked against its array
+checksum (for a stacked leaf, the sum of its blocks' checksums once the last block is read),
+so a damaged data file is an :class:`UnreadableCheckpoint` naming the array rather than
+silently exported weights.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import numpy as np
 import tensorstore as ts
 
 from vist2_jax import storage
-from vist2_jax.checkpointing.checkpoints import one_line_reason
+from vist2_jax.checkpointing.checkpoints import (DamagedCheckpoint, array_checksum, checksum_hex,
+                                                 one_line_reason, verify)
 
 
 class UnreadableCheckpoint(Exception):
@@ -30,10 +36,15 @@ class UnreadableCheckpoint(Exception):
 
 
 class OrbaxParams:
-    """The arrays of one PyTree checkpoint item (e.g. ``checkpoints/<step>/params``)."""
+    """The arrays of one PyTree checkpoint item (e.g. ``checkpoints/<step>/params``).
 
-    def __init__(self, directory: storage.PathLike):
+    ``checksums``: the step's saved checksums (``RunCheckpoints.saved_checksums``), keyed
+    ``<item>/<key>/<path>``; None (a checkpoint saved before checksums) reads unchecked."""
+
+    def __init__(self, directory: storage.PathLike, checksums: dict | None = None):
         self.directory = storage.absolute(directory)
+        self.item = self.directory.name
+        self.checksums = checksums
         self._base = _kvstore(self.directory)
         meta_file = self.directory / "_METADATA"
         if not meta_file.is_file():
@@ -84,8 +95,21 @@ class OrbaxParams:
         return int(np.prod(self.shape(path))) * self.dtype(path).itemsize
 
     def read(self, path: tuple[str, ...]) -> np.ndarray:
-        """The whole leaf."""
-        return self._result(self.array(path).read(), path)
+        """The whole leaf, checked against its saved checksum."""
+        value = self._result(self.array(path).read(), path)
+        self._verify(path, np.asarray(array_checksum(value)))
+        return value
+
+    def _verify(self, path: tuple[str, ...], lanes: np.ndarray) -> None:
+        if self.checksums is None:
+            return
+        name = "/".join((self.item, *path))
+        if name not in self.checksums:
+            raise UnreadableCheckpoint(f"{self.directory}: {name} has no checksum in the checkpoint")
+        try:
+            verify(self.checksums, name, checksum_hex(lanes))
+        except DamagedCheckpoint as err:
+            raise UnreadableCheckpoint(f"{self.directory}: {err}") from None
 
     def layer_blocks(self, path: tuple[str, ...]) -> Iterator[tuple[int, np.ndarray]]:
         """``(first_layer, block)`` over a stacked leaf, a block being as many layers as one
@@ -93,8 +117,14 @@ class OrbaxParams:
         array = self.array(path)
         layers = array.shape[0]
         step = max(1, min(layers, int(array.chunk_layout.read_chunk.shape[0] or layers)))
+        per_layer = int(np.prod(array.shape[1:], dtype=np.int64))
+        lanes = np.zeros(2, np.uint64)
         for start in range(0, layers, step):
-            yield start, self._result(array[start:start + step].read(), path)
+            block = self._result(array[start:start + step].read(), path)
+            lanes = (lanes + np.asarray(array_checksum(block, start * per_layer), np.uint64)) % 2**32
+            if start + step >= layers:  # checked before the last block is handed out
+                self._verify(path, lanes)
+            yield start, block
 
 
 def _kvstore(directory) -> dict:
