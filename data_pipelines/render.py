@@ -61,10 +61,17 @@ class RenderConfig:
     foreground: int = 0
     background: int = 255
     fast: bool = True  # use the glyph atlas when the font is monospace
+    # 0: one text box over the page (the paper's sketch). t > 0: the page is a grid of t x t
+    # tiles filled in reading order (row-major), the text wrapped at the tile's width with
+    # no word wrap, so where a character lands depends only on its position in the chunk.
+    tile: int = 0
 
     def __post_init__(self):
         if self.image_size <= 2 * self.margin or not self.font_sizes or min(self.font_sizes) <= 0:
             raise ValueError(f"bad render config: {self}")
+        if self.tile and (self.tile < 0 or self.image_size % self.tile or self.tile <= 2 * self.margin):
+            raise ValueError(f"tile {self.tile} px must divide the {self.image_size} px sketch and exceed "
+                             f"twice its {self.margin} px margin")
         if self.missing_glyphs not in ("replace", "reject"):
             raise ValueError(f"missing_glyphs must be 'replace' or 'reject', got {self.missing_glyphs!r}")
 
@@ -166,7 +173,11 @@ class SketchRenderer:
         self.source = resolve_font(config.font_path, config.font_index, config.font_family, config.font_sha256)
         self.covered = glyph_coverage(self.source)
         self.drawable = self.covered & ~_CONTROL
-        self.sizes = [_Size(self.source, s, config) for s in sorted(set(config.font_sizes), reverse=True)]
+        self.sizes = [_Size(self.source, s, dataclasses.replace(config, image_size=config.tile or config.image_size))
+                      for s in sorted(set(config.font_sizes), reverse=True)]
+        if config.tile and not self.sizes[0].cell:
+            raise FontError(f"the tile layout needs a monospace font; {self.source.family or self.source.file} "
+                            "is proportional")
         rep = config.replacement
         self.replacement = rep if rep and all(self.drawable[ord(c)] for c in rep) else "?"
         self.stats = RenderStats(by_size={s.size: 0 for s in self.sizes})
@@ -188,7 +199,7 @@ class SketchRenderer:
         return {"font_family": self.source.family, "font_file": self.source.file,
                 "font_sha256": self.source.sha256, "font_index": self.source.index,
                 "font_sizes_px": [s.size for s in self.sizes],
-                "image_size": c.image_size, "margin": c.margin, "line_spacing": c.line_spacing,
+                "image_size": c.image_size, "tile": c.tile, "margin": c.margin, "line_spacing": c.line_spacing,
                 "tab_size": c.tab_size, "missing_glyphs": c.missing_glyphs,
                 "replacement": self.replacement, "foreground": c.foreground,
                 "background": c.background, "monospace": bool(self.sizes[0].cell),
@@ -216,8 +227,11 @@ class SketchRenderer:
 
     def layout(self, text: str, where: str = "") -> tuple[_Size, list[str], bool]:
         """(size bucket, lines, grid) for the largest size at which the text fits; ``where``
-        (e.g. ``file.jsonl:12``) is recorded with any missing glyphs."""
+        (e.g. ``file.jsonl:12``) is recorded with any missing glyphs. With tiles, the lines
+        of tile ``i`` are ``lines[i * size.max_rows:(i + 1) * size.max_rows]``."""
         paragraphs = self._paragraphs(text, where)
+        if self.config.tile:
+            return self._tile_layout(" ".join(paragraphs))
         chars = set("".join(paragraphs))
         for size in self.sizes:
             if size.max_rows == 0:
@@ -244,20 +258,44 @@ class SketchRenderer:
         raise RenderRejected(f"{len(text)} characters do not fit a {self.config.image_size}px sketch "
                              f"even at {self.sizes[-1].size}px")
 
+    def _tile_layout(self, stream: str) -> tuple[_Size, list[str], bool]:
+        tiles = (self.config.image_size // self.config.tile) ** 2
+        for size in self.sizes:
+            if size.max_rows and size.cols and size.is_grid(set(stream)) and \
+                    len(stream) <= tiles * size.max_rows * size.cols:
+                return size, [stream[i:i + size.cols] for i in range(0, len(stream), size.cols)] or [""], True
+        self.stats.rejected_no_fit += 1
+        raise RenderRejected(f"{len(stream)} characters do not fit {tiles} tiles of {self.config.tile}px "
+                             f"even at {self.sizes[-1].size}px")
+
+    def _boxes(self, size: _Size, lines: list[str]):
+        """(top, left, box size, lines) of each text box: the page, or each filled tile."""
+        c = self.config
+        if not c.tile:
+            yield 0, 0, c.image_size, lines
+            return
+        per_row = c.image_size // c.tile
+        for index in range(0, -(-len(lines) // size.max_rows)):
+            top, left = divmod(index, per_row)
+            yield top * c.tile, left * c.tile, c.tile, lines[index * size.max_rows:(index + 1) * size.max_rows]
+
     # ---- drawing ------------------------------------------------------------------------
     def render(self, text: str, method: Literal["auto", "atlas", "pillow"] = "auto",
                where: str = "") -> np.ndarray:
         """The sketch of ``text`` as uint8 [S, S, 3]; raises RenderRejected (counted)."""
         size, lines, grid = self.layout(text, where)
-        image = None
-        if method == "atlas" or (method == "auto" and self.config.fast and grid):
-            if grid:
-                image = size.atlas(self.config).draw(lines, size.cols, size.max_rows,
-                                                     self.config.image_size, self.config.margin)
-            if image is None:
-                self.stats.atlas_fallbacks += 1
-        if image is None:
-            image = self._draw_pillow(size, lines)
+        c = self.config
+        image = np.full((c.image_size, c.image_size, 3), c.background, np.uint8)
+        for top, left, box, box_lines in self._boxes(size, lines):
+            drawn = None
+            if method == "atlas" or (method == "auto" and c.fast and grid):
+                if grid:
+                    drawn = size.atlas(c).draw(box_lines, size.cols, size.max_rows, box, c.margin)
+                if drawn is None:
+                    self.stats.atlas_fallbacks += 1
+            if drawn is None:
+                drawn = self._draw_pillow(size, box_lines, box)
+            image[top:top + box, left:left + box] = drawn
         self.stats.rendered += 1
         self.stats.smaller_bucket += size is not self.sizes[0]
         self.stats.by_size[size.size] += 1
@@ -272,6 +310,18 @@ class SketchRenderer:
 
         size, lines, _ = self.layout(text)
         grid = self.config.image_size // cell
+        out = np.full((grid, grid), GLYPH_BLANK, np.uint8)
+        for top, left, box, box_lines in self._boxes(size, lines):
+            if top % cell or left % cell or box % cell:
+                raise ValueError(f"glyph cells of {cell}px do not tile {box}px text boxes")
+            view = out[top // cell:(top + box) // cell, left // cell:(left + box) // cell]
+            view[...] = self._glyph_cells(size, box_lines, box, cell)
+        return out
+
+    def _glyph_cells(self, size: _Size, lines: list[str], box: int, cell: int) -> np.ndarray:
+        from vist2_jax.row_contract import GLYPH_BLANK, glyph_class
+
+        grid = box // cell
         out = np.full((grid, grid), GLYPH_BLANK, np.uint8)
         centres = np.arange(grid) * cell + cell / 2
         margin = self.config.margin
@@ -298,9 +348,9 @@ class SketchRenderer:
         except RenderRejected:
             return None
 
-    def _draw_pillow(self, size: _Size, lines: list[str]) -> np.ndarray:
+    def _draw_pillow(self, size: _Size, lines: list[str], box: int) -> np.ndarray:
         c = self.config
-        canvas = Image.new("L", (c.image_size, c.image_size), c.background)
+        canvas = Image.new("L", (box, box), c.background)
         draw = ImageDraw.Draw(canvas)
         for row, line in enumerate(lines):
             if line.strip(" "):
@@ -323,7 +373,8 @@ def render_config_for(data, image_size: int) -> RenderConfig:
     """The RenderConfig of a run's ``DataConfig`` (``data.font_*``) at the model's image size."""
     return RenderConfig(image_size=image_size, font_path=data.font_path or None,
                         font_family=data.font_family, font_index=data.font_index,
-                        font_sha256=data.font_sha256 or None, font_sizes=tuple(data.font_sizes))
+                        font_sha256=data.font_sha256 or None, font_sizes=tuple(data.font_sizes),
+                        tile=data.sketch_tile)
 
 
 def renderer_for_config(data, image_size: int) -> SketchRenderer:
@@ -356,7 +407,7 @@ def renderer_from_saved(saved: dict, font_path: str | None = None) -> SketchRend
         config = RenderConfig(
             image_size=saved["image_size"], font_path=path, font_family=family or DEFAULT_FAMILY,
             font_index=saved.get("font_index", 0), font_sha256=sha256,
-            font_sizes=tuple(saved["font_sizes_px"]), margin=saved["margin"],
+            font_sizes=tuple(saved["font_sizes_px"]), margin=saved["margin"], tile=saved.get("tile", 0),
             line_spacing=saved["line_spacing"], tab_size=saved["tab_size"],
             missing_glyphs=saved["missing_glyphs"], replacement=saved["replacement"],
             foreground=saved["foreground"], background=saved["background"])

@@ -51,9 +51,11 @@ def test_glyph_map_names_the_character_drawn_in_each_cell():
     assert glyphs.max() < GLYPH_UNKNOWN
 
 
-def test_rows_carry_glyph_maps_only_for_rendered_text(tmp_path, tokenizer_path):
+@pytest.mark.parametrize("tile", [0, 32], ids=["page", "tiles"])
+def test_rows_carry_glyph_maps_only_for_rendered_text(tmp_path, tokenizer_path, tile):
     for stage, known in (("ocr", True), ("caption", False)):
-        config = load_config(overrides=[*SMALL, *GLYPHS, f"data.tokenizer={tokenizer_path}", f"data.stage={stage}"])
+        config = load_config(overrides=[*SMALL, *GLYPHS, f"data.tokenizer={tokenizer_path}", f"data.stage={stage}",
+                                        f"data.sketch_tile={tile}"])
         batch = next(iter(build_pipeline(config, tmp_path / stage).train_dataset()))
         real = batch["glyphs"][batch["image_mask"]]
         assert batch["glyphs"].dtype == np.uint8 and len(real)
@@ -91,6 +93,11 @@ def test_glyph_loss_trains_the_tower_through_its_head(tmp_path, tokenizer_path):
 def test_glyph_loss_without_what_it_needs_is_one_line(missing, key):
     with pytest.raises(ConfigError, match=f"^train.glyph_loss_weight: .*{key}"):
         load_config(overrides=[*GLYPHS, missing])
+
+
+def test_a_sketch_tile_that_does_not_divide_the_sketch_is_one_line():
+    with pytest.raises(ConfigError, match="^data.sketch_tile: 48 px must be 0 .* the 128 px sketch"):
+        load_config(overrides=["preset=tiny", "data.sketch_tile=48"])
 
 
 def test_compression_table_compares_with_a_text_only_model(tmp_path, tokenizer_path):

@@ -189,6 +189,44 @@ def test_proportional_font_uses_pillow():
     assert r.render("The proportional font").shape == (128, 128, 3)
 
 
+def test_tile_layout_puts_each_character_by_its_position_in_the_chunk(corpus_chunks):
+    """With ``tile``, character i of the (whitespace-joined) chunk is drawn in tile
+    i // (cols * rows), row-major, so where it lands depends on its position alone; the
+    glyph map follows the same boxes; atlas and Pillow agree; the saved config rebuilds it."""
+    from data_pipelines.render import renderer_from_saved
+    from vist2_jax.row_contract import GLYPH_BLANK, glyph_class
+
+    r = SketchRenderer(RenderConfig(image_size=128, tile=32))
+    text = "abcdefghij" * 3 + "\nXYZ"
+    size, lines, grid = r.layout(text)
+    per_tile = size.cols * size.max_rows
+    assert grid and "".join(lines) == text.replace("\n", " ")
+    image, glyphs = r.render(text), r.glyph_map(text, 4)
+    ink = image[..., 0] < 128
+    tiles_with_ink = [bool(ink[y:y + 32, x:x + 32].any()) for y in range(0, 128, 32) for x in range(0, 128, 32)]
+    assert tiles_with_ink == [i < -(-len(text) // per_tile) for i in range(16)]
+    for i, ch in enumerate(text.replace("\n", " ")):
+        if ch == " ":
+            continue
+        top, left = divmod(i // per_tile, 4)
+        assert (glyphs[top * 8:(top + 1) * 8, left * 8:(left + 1) * 8] == glyph_class(ch)).any(), (i, ch)
+    assert (glyphs[24:, :] == GLYPH_BLANK).all()  # the last row of tiles holds nothing
+    np.testing.assert_array_equal(r.render(text, method="pillow"), image)
+    for chunk in corpus_chunks[:3]:
+        try:
+            np.testing.assert_array_equal(r.render(chunk[:150], method="pillow"), r.render(chunk[:150]))
+        except RenderRejected:
+            pass
+    again = renderer_from_saved(r.renderer_config())
+    assert again.config.tile == 32 and np.array_equal(again.render(text), image)
+    with pytest.raises(RenderRejected, match="tiles"):
+        r.render("x" * 16 * 64)
+    with pytest.raises(ValueError, match="must divide"):
+        RenderConfig(image_size=128, tile=48)
+    with pytest.raises(fonts.FontError, match="monospace"):
+        SketchRenderer(RenderConfig(image_size=128, tile=32, font_family="DejaVu Sans"))
+
+
 def _parser():
     from vist2_jax.cli.main import build_parser
 

@@ -186,6 +186,10 @@ class DataConfig:
     font_index: int = 0
     font_sha256: str = ""
     font_sizes: tuple[int, ...] = (10, 9, 8, 7)
+    # 0: the paper's page (one text box, word-wrapped); t > 0: t x t px tiles filled in reading
+    # order, character-wrapped (monospace fonts); t = patch_size * merge puts each visual
+    # token's text in its own tile (docs/design.md §4)
+    sketch_tile: int = 0
     eval_rows: int = 16
     glyph_targets: bool = False  # fill each sketch's glyph map (row field ``glyphs``) for train.glyph_loss_weight
     data_dir: str = ""
@@ -387,6 +391,9 @@ class Config:
         self.train.validate("train")
         self.mesh.validate("mesh")
         self.run.validate("run")
+        tile, size = self.data.sketch_tile, self.model.layout.image_size
+        _require(tile == 0 or (tile > 4 and size % tile == 0), "data.sketch_tile",
+                 f"{tile} px must be 0 (the page) or a tile size dividing the {size} px sketch")
         if self.train.glyph_loss_weight > 0:
             _require(self.model.vision.glyph_head, "train.glyph_loss_weight",
                      "needs model.vision.glyph_head=true (the classifier the glyph loss trains)")
