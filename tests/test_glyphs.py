@@ -65,6 +65,33 @@ def test_rows_carry_glyph_maps_only_for_rendered_text(tmp_path, tokenizer_path, 
             assert (real != GLYPH_BLANK).mean() > 0.1
 
 
+def test_shuffled_ocr_rows_hold_the_corpus_tokens_out_of_order(tmp_path, tokenizer_path):
+    """data.ocr_shuffle: OCR text spans are document windows with their tokens in random
+    order (so only reading predicts them): adjacent tokens of a natural row are adjacent in
+    the corpus, those of a shuffled row mostly are not; the sketches show the spans' text."""
+    from data_pipelines.corpus import embedded_documents
+    from data_pipelines.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_path)
+    pairs = set()
+    for document in embedded_documents():
+        ids = tokenizer.encode(document)
+        pairs.update(zip(ids, ids[1:]))
+    share = {}
+    for shuffle in (False, True):
+        config = load_config(overrides=[*SMALL, f"data.tokenizer={tokenizer_path}", "data.stage=ocr",
+                                        f"data.ocr_shuffle={str(shuffle).lower()}"])
+        batch = next(iter(build_pipeline(config, tmp_path / str(shuffle)).train_dataset()))
+        tokens, chunks = batch["tokens"][0], batch["chunk_id"][0]
+        text = (batch["loss_mask"][0] > 0) & (tokens < tokenizer.vocab_size)
+        adjacent = [(a, b) for i, (a, b) in enumerate(zip(tokens, tokens[1:]))
+                    if text[i] and text[i + 1] and chunks[i] == chunks[i + 1]]
+        assert len(adjacent) > 20
+        share[shuffle] = sum((int(a), int(b)) in pairs for a, b in adjacent) / len(adjacent)
+        assert (batch["images"][0][batch["image_mask"][0]] < 128).any()  # ink: the spans were drawn
+    assert share[False] > 0.9 and share[True] < 0.5, share
+
+
 def test_glyph_loss_trains_the_tower_through_its_head(tmp_path, tokenizer_path):
     from vist2_jax.training.step import make_train_step
 

@@ -190,6 +190,9 @@ class DataConfig:
     # order, character-wrapped (monospace fonts); t = patch_size * merge puts each visual
     # token's text in its own tile (docs/design.md §4)
     sketch_tile: int = 0
+    # OCR rows read each document window with its tokens in random order: the text can then
+    # be neither recited from memory nor guessed from the language prior, only read
+    ocr_shuffle: bool = False
     eval_rows: int = 16
     glyph_targets: bool = False  # fill each sketch's glyph map (row field ``glyphs``) for train.glyph_loss_weight
     data_dir: str = ""
