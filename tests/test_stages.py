@@ -182,6 +182,30 @@ def test_demo_cli_runs_all_four_stages(tmp_path):
     assert report["num_scored"] == 3 and all(lp < 0 for lp in report["logprobs"][1:])
 
 
+def test_a_stopped_demo_stage_does_not_start_the_next(tmp_path):
+    """SIGTERM during a demo stage saves that stage (as `vist2 train` does) and ends the demo
+    with one line: the next stage never starts from a half-trained one."""
+    import signal
+    import time
+
+    env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    demo = tmp_path / "demo"
+    proc = subprocess.Popen([sys.executable, "-m", "vist2_jax.cli.main", "demo", "--workdir", str(demo),
+                             "--steps-scale", "0.5", "model.decoder.num_layers=1", "model.vision.num_layers=1",
+                             "run.progress=false"], env={**os.environ, **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    metrics, deadline = demo / "stage0_lm" / "metrics.jsonl", time.time() + 300
+    while not (metrics.exists() and '"loss"' in metrics.read_text()):
+        assert proc.poll() is None and time.time() < deadline, "stage 0 never logged a step"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "vist2 demo: stage0_lm stopped at step" in stderr and "Traceback" not in stderr
+    assert any(p.name.isdigit() for p in (demo / "stage0_lm" / "checkpoints").iterdir())
+    assert not (demo / "stage0_vision").exists()
+
+
 def test_sweep_and_launchers_dry_run():
     proc = subprocess.run([sys.executable, "-m", "vist2_jax.cli.main", "sweep", str(ROOT / "recipes" / "sweep.yaml"),
                            "--json"], capture_output=True, text=True, cwd=ROOT)

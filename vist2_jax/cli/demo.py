@@ -79,6 +79,10 @@ def run(args) -> int:
         print(f"== {stage}: {config.train.steps} steps, trainable {', '.join(config.train.trainable)}",
               file=sys.stderr, flush=True)
         result = train(config)
+        if result.preempted:  # SIGTERM / Ctrl-C: the stage saved its step; later stages must not start
+            print(f"vist2 demo: {stage} stopped at step {result.steps_done} (checkpoint saved); run the same "
+                  "command again to resume", file=sys.stderr, flush=True)
+            return 0  # as `vist2 train` after a preemption: saved and resumable
         results.append((stage, config, result.summary))
         previous = workdir / stage
         if stage == "stage3_olm":
