@@ -157,10 +157,25 @@ def test_memory_gain_of_a_model_blind_to_its_sketches_is_zero(tiny_config, olm_r
     # chunks >= 2 count, L=8 targets each: 2 + 2x1 + 3 + 2 chunks in 5 documents
     assert blind["documents"] == 5 and blind["tokens"] == 9 * 8
     assert blind["visual_spread"] == 0.0  # every sketch reaches the decoder as zeros
+    assert blind["memory_gain_foreign"] == 0.0 and blind["nll_foreign"] == blind["nll_true"]
     seeing = evaluate_memory(EvalContext(tiny_config, params, tokenizer=None), rows=olm_rows)
     assert seeing["visual_spread"] > 0.01
     assert seeing["memory_gain"] != 0.0  # blanking reaches the decoder when the aligner is live
     assert seeing["nll_text"] != seeing["nll_true"]
+    assert seeing["memory_gain_foreign"] != 0.0  # other documents' sketches reach it too
+
+
+def test_foreign_rows_give_every_real_slot_a_sketch_of_another_row(olm_rows):
+    from vist2_jax.evaluation.memory import foreign_rows
+
+    swapped = foreign_rows(olm_rows)
+    pool = [(i, k) for i, row in enumerate(olm_rows) for k in np.flatnonzero(row["image_mask"])]
+    for i, (row, new) in enumerate(zip(olm_rows, swapped)):
+        assert np.array_equal(new["image_mask"], row["image_mask"]) and np.array_equal(new["tokens"], row["tokens"])
+        for k in np.flatnonzero(row["image_mask"]):
+            source = [(j, s) for j, s in pool if np.array_equal(olm_rows[j]["images"][s], new["images"][k])]
+            assert source and all(j != i for j, _ in source), (i, k)  # a sketch of another row
+        assert np.array_equal(new["images"][~row["image_mask"]], row["images"][~row["image_mask"]])
 
 
 def test_collapse_guard_fires_on_a_constant_aligner_and_not_on_a_fresh_model(tiny_config, olm_rows):

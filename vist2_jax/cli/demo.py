@@ -165,9 +165,11 @@ ROWS = (  # (stage, metric key, label, interval key prefix or None)
     ("stage2_ocr", "eval_ocr_cer_gap", "stage 2 OCR CER gap (blank-true)", "eval_ocr_cer_gap"),
     ("stage2_ocr", "eval_ocr_exact_match", "stage 2 OCR exact match", None),
     ("stage3_olm", "eval_memory_gain", "stage 3 memory gain (blank-true)", "eval_memory_gain"),
+    ("stage3_olm", "eval_memory_gain_foreign", "stage 3 memory gain (foreign-true)", "eval_memory_gain_foreign"),
     ("stage3_olm", "eval_memory_compression_gap", "stage 3 compression gap (true-text)", None),
     ("stage3_olm", "eval_memory_nll_true", "stage 3 loss, true sketches", None),
     ("stage3_olm", "eval_memory_nll_blank", "stage 3 loss, blank sketches", None),
+    ("stage3_olm", "eval_memory_nll_foreign", "stage 3 loss, other documents' sketches", None),
     ("stage3_olm", "eval_memory_nll_text", "stage 3 loss, raw text context", None),
     ("stage3_olm", "eval_memory_visual_spread", "stage 3 image-dependent share of V", None),
 )

@@ -17,8 +17,9 @@ from vist2_jax.evaluation.ocr import evaluate_ocr
 log = logging.getLogger(__name__)
 OCR_KEYS = ("cer", "cer_lo", "cer_hi", "exact_match", "cer_blank_sketch", "cer_blank_sketch_lo",
             "cer_blank_sketch_hi", "cer_gap", "cer_gap_lo", "cer_gap_hi")
-MEMORY_KEYS = ("memory_gain", "memory_gain_lo", "memory_gain_hi", "compression_gap", "nll_true",
-               "nll_blank", "nll_text", "visual_spread")
+MEMORY_KEYS = ("memory_gain", "memory_gain_lo", "memory_gain_hi", "memory_gain_foreign", "memory_gain_foreign_lo",
+               "memory_gain_foreign_hi", "compression_gap", "nll_true", "nll_blank", "nll_foreign", "nll_text",
+               "visual_spread")
 COLLAPSE_IMAGES = 16
 
 

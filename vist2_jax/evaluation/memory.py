@@ -3,11 +3,15 @@
 
 * ``true``: the rows as trained, each chunk reading the sketches of the earlier ones;
 * ``blank``: every sketch replaced by an all-white image (the memory holds no text);
+* ``foreign``: every sketch replaced by a sketch of another document's chunk (an image like
+  those trained on, but of the wrong text: blank pages are never seen in training, so
+  ``blank`` alone also counts the harm of an unfamiliar image);
 * ``text``: the uncompressed reference, visual spans removed and each document one causal
   text span, so a chunk reads the earlier chunks' text itself.
 
 Only targets of chunks >= 2 count (chunk 1 has no memory, identical in all three).
-``memory_gain`` = blank - true and ``compression_gap`` = true - text, in nats/token,
+``memory_gain`` = blank - true, ``memory_gain_foreign`` = foreign - true (what the true
+sketches' own text is worth) and ``compression_gap`` = true - text, in nats/token,
 each with a bootstrap 95% interval over documents. ``visual_spread`` says why a gain is
 missing: the image-dependent share of the aligner outputs (0: every sketch reaches the
 decoder as the same vectors).
@@ -38,6 +42,20 @@ def memory_weights(row: dict) -> np.ndarray:
 def blank_row(row: dict) -> dict:
     images = np.where(row["image_mask"][:, None, None, None], np.uint8(WHITE), row["images"])
     return {**row, "images": images}
+
+
+def foreign_rows(rows: list[dict]) -> list[dict]:
+    """The rows with every sketch swapped for one from half the pool of real sketches away
+    (the pool: all real slots of all rows, in order), so each reads another document."""
+    slots = [(i, k) for i, row in enumerate(rows) for k in np.flatnonzero(row["image_mask"])]
+    if len(slots) < 2:
+        raise ConfigError("memory: the foreign-sketch control needs at least two sketches")
+    images = [row["images"].copy() for row in rows]
+    shift = len(slots) // 2
+    for n, (i, k) in enumerate(slots):
+        source_row, source_slot = slots[(n + shift) % len(slots)]
+        images[i][k] = rows[source_row]["images"][source_slot]
+    return [{**row, "images": image} for row, image in zip(rows, images)]
 
 
 def text_row(row: dict) -> dict:
@@ -133,13 +151,16 @@ def evaluate_memory(ctx: EvalContext, limit: int = 16, data: str | None = None, 
     if not len(tokens):
         raise ConfigError("--data: the memory rows hold no chunk after a sketch (documents too short?)")
     blank_sum, blank_tokens = document_sums(ctx, [blank_row(r) for r in rows])
+    foreign_sum, _ = document_sums(ctx, foreign_rows(rows))
     text_sum, text_tokens = document_sums(text_model or ctx, [text_row(r) for r in rows])
     assert np.array_equal(tokens, blank_tokens) and np.array_equal(tokens, text_tokens)
     gain, gain_lo, gain_hi = bootstrap_ratio(blank_sum - true_sum, tokens)
+    own, own_lo, own_hi = bootstrap_ratio(foreign_sum - true_sum, tokens)
     gap, gap_lo, gap_hi = bootstrap_ratio(true_sum - text_sum, tokens)
     total = tokens.sum()
     return {"nll_true": float(true_sum.sum() / total), "nll_blank": float(blank_sum.sum() / total),
             "nll_text": float(text_sum.sum() / total), "memory_gain": gain, "memory_gain_lo": gain_lo,
-            "memory_gain_hi": gain_hi, "compression_gap": gap, "compression_gap_lo": gap_lo,
+            "memory_gain_hi": gain_hi, "memory_gain_foreign": own, "memory_gain_foreign_lo": own_lo,
+            "memory_gain_foreign_hi": own_hi, "nll_foreign": float(foreign_sum.sum() / total), "compression_gap": gap, "compression_gap_lo": gap_lo,
             "compression_gap_hi": gap_hi, "documents": len(tokens), "tokens": int(total),
             "visual_spread": visual_spread(ctx, rows)}
