@@ -151,9 +151,9 @@ def evaluate_memory(ctx: EvalContext, limit: int = 16, data: str | None = None, 
     if not len(tokens):
         raise ConfigError("--data: the memory rows hold no chunk after a sketch (documents too short?)")
     blank_sum, blank_tokens = document_sums(ctx, [blank_row(r) for r in rows])
-    foreign_sum, _ = document_sums(ctx, foreign_rows(rows))
+    foreign_sum, foreign_tokens = document_sums(ctx, foreign_rows(rows))
     text_sum, text_tokens = document_sums(text_model or ctx, [text_row(r) for r in rows])
-    assert np.array_equal(tokens, blank_tokens) and np.array_equal(tokens, text_tokens)
+    assert all(np.array_equal(tokens, other) for other in (blank_tokens, foreign_tokens, text_tokens))
     gain, gain_lo, gain_hi = bootstrap_ratio(blank_sum - true_sum, tokens)
     own, own_lo, own_hi = bootstrap_ratio(foreign_sum - true_sum, tokens)
     gap, gap_lo, gap_hi = bootstrap_ratio(true_sum - text_sum, tokens)
@@ -161,6 +161,7 @@ def evaluate_memory(ctx: EvalContext, limit: int = 16, data: str | None = None, 
     return {"nll_true": float(true_sum.sum() / total), "nll_blank": float(blank_sum.sum() / total),
             "nll_text": float(text_sum.sum() / total), "memory_gain": gain, "memory_gain_lo": gain_lo,
             "memory_gain_hi": gain_hi, "memory_gain_foreign": own, "memory_gain_foreign_lo": own_lo,
-            "memory_gain_foreign_hi": own_hi, "nll_foreign": float(foreign_sum.sum() / total), "compression_gap": gap, "compression_gap_lo": gap_lo,
+            "memory_gain_foreign_hi": own_hi, "nll_foreign": float(foreign_sum.sum() / total),
+            "compression_gap": gap, "compression_gap_lo": gap_lo,
             "compression_gap_hi": gap_hi, "documents": len(tokens), "tokens": int(total),
             "visual_spread": visual_spread(ctx, rows)}

@@ -165,10 +165,11 @@ def upload_export(folder: Path, out) -> None:
         raise
 
 
-def read_item(checkpoints: RunCheckpoints, step: int, name: str) -> dict:
-    """A JSON item of a checkpoint; UnreadableCheckpoint when it cannot be read."""
+def read_item(checkpoints: RunCheckpoints, step: int, name: str) -> dict | None:
+    """A JSON item of a checkpoint (``checksums``: the saved array checksums, None for a
+    checkpoint saved before them); UnreadableCheckpoint when it cannot be read."""
     try:
-        return checkpoints.read_json(step, name)
+        return checkpoints.saved_checksums(step) if name == "checksums" else checkpoints.read_json(step, name)
     except Exception as err:  # orbax raises many kinds for missing or damaged items
         raise UnreadableCheckpoint(f"step {step} item {name!r}: {one_line_reason(err)}") from None
 
@@ -181,10 +182,7 @@ def _export_step(run_dir, checkpoints, step, out, dtype, max_shard_bytes, font, 
     vision = vision_format(config) if vision == "auto" else vision
     tokenizer_asset = read_item(checkpoints, step, "tokenizer")
     renderer = read_item(checkpoints, step, "renderer")
-    try:
-        checksums = checkpoints.saved_checksums(step)
-    except Exception as err:  # orbax raises many kinds for a missing or damaged item
-        raise UnreadableCheckpoint(f"step {step} item 'checksums': {one_line_reason(err)}") from None
+    checksums = read_item(checkpoints, step, "checksums")
     if checksums is None:
         log.warning("checkpoint step %d was saved without checksums; its arrays are exported unchecked", step)
     reader = OrbaxParams(checkpoints.directory / str(step) / "params", checksums)
