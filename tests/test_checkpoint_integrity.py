@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vist2_jax.checkpointing.checkpoints import RunCheckpoints, array_checksum, one_line_reason
+from vist2_jax.checkpointing.checkpoints import RunCheckpoints, array_checksum, host_array_checksum, one_line_reason
 
 RENDERER = {"font": "bundled:DejaVuSansMono.ttf", "image_size": 64}
 
@@ -71,6 +71,15 @@ def test_array_checksum_is_independent_of_sharding_and_sees_one_changed_or_swapp
     for dtype in (jnp.bfloat16, jnp.int32, jnp.uint8, jnp.bool_):
         y = jnp.ones((3, 5), dtype)
         assert not np.array_equal(np.asarray(array_checksum(y)), np.asarray(array_checksum(y.at[2, 4].set(y[0, 0] == 0))))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16, jnp.int32, jnp.uint8, jnp.bool_])
+def test_host_checksum_equals_the_device_checksum_block_by_block(dtype):
+    """The exporter's NumPy checksum (streamed in blocks) gives the lanes the saver's JAX one does."""
+    x = np.asarray((np.random.default_rng(1).normal(size=(37, 11)) * 100).astype(dtype))
+    for first in (0, 5, 2**31 + 7):
+        np.testing.assert_array_equal(host_array_checksum(x, first, block=50),
+                                      np.asarray(array_checksum(jnp.asarray(x), first)))
 
 
 @pytest.mark.parametrize("item", ["params", "opt_state"])

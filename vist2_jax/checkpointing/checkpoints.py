@@ -67,9 +67,9 @@ _ARRAY_ITEMS = ("params", "opt_state")
 def _fmix32(h):
     """MurmurHash3's 32-bit finaliser (uint32 in, uint32 out; multiplications wrap)."""
     h = h ^ (h >> 16)
-    h = h * jnp.uint32(0x85EBCA6B)
+    h = h * np.uint32(0x85EBCA6B)
     h = h ^ (h >> 13)
-    h = h * jnp.uint32(0xC2B2AE35)
+    h = h * np.uint32(0xC2B2AE35)
     return h ^ (h >> 16)
 
 
@@ -107,6 +107,27 @@ def _array_checksum(x: jax.Array, first_element: jax.Array) -> jax.Array:
         terms = _fmix32((bits * jnp.uint32(factor)) ^ _fmix32(index + jnp.uint32(seed)))
         lanes.append(jnp.sum(terms, dtype=jnp.uint32))
     return jnp.stack(lanes)
+
+
+def host_array_checksum(x: np.ndarray, first_element: int = 0, block: int = 1 << 20) -> np.ndarray:
+    """:func:`array_checksum` of a host array computed with NumPy, ``block`` elements at a
+    time: the same two lanes, without starting a JAX backend or holding temporaries the size
+    of ``x`` (the exporter checks each leaf it streams)."""
+    x = np.ascontiguousarray(x)
+    if x.dtype == np.bool_:
+        x = x.view(np.uint8)
+    size = x.dtype.itemsize
+    words = x.reshape(-1).view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}[size])
+    base = (first_element * (2 if size == 8 else 1)) % 2**32
+    lanes = np.zeros(2, np.uint32)
+    with np.errstate(over="ignore"):
+        for start in range(0, words.size, block):
+            bits = words[start:start + block].astype(np.uint32)
+            index = (np.arange(start, start + bits.size, dtype=np.uint64) + base).astype(np.uint32)
+            for lane, (seed, factor) in enumerate(((0x9E3779B9, 0xCC9E2D51), (0x7F4A7C15, 0x1B873593))):
+                terms = _fmix32((bits * np.uint32(factor)) ^ _fmix32(index + np.uint32(seed)))
+                lanes[lane] += np.sum(terms, dtype=np.uint32)
+    return lanes
 
 
 def _bytes_written_here(state: dict) -> int:

@@ -27,7 +27,7 @@ import numpy as np
 import tensorstore as ts
 
 from vist2_jax import storage
-from vist2_jax.checkpointing.checkpoints import (DamagedCheckpoint, array_checksum, checksum_hex,
+from vist2_jax.checkpointing.checkpoints import (DamagedCheckpoint, checksum_hex, host_array_checksum,
                                                  one_line_reason, verify)
 
 
@@ -97,7 +97,7 @@ class OrbaxParams:
     def read(self, path: tuple[str, ...]) -> np.ndarray:
         """The whole leaf, checked against its saved checksum."""
         value = self._result(self.array(path).read(), path)
-        self._verify(path, np.asarray(array_checksum(value)))
+        self._verify(path, host_array_checksum(value))
         return value
 
     def _verify(self, path: tuple[str, ...], lanes: np.ndarray) -> None:
@@ -121,7 +121,7 @@ class OrbaxParams:
         lanes = np.zeros(2, np.uint64)
         for start in range(0, layers, step):
             block = self._result(array[start:start + step].read(), path)
-            lanes = (lanes + np.asarray(array_checksum(block, start * per_layer), np.uint64)) % 2**32
+            lanes = (lanes + host_array_checksum(block, start * per_layer).astype(np.uint64)) % 2**32
             if start + step >= layers:  # checked before the last block is handed out
                 self._verify(path, lanes)
             yield start, block
