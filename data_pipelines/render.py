@@ -33,8 +33,18 @@ from data_pipelines.render_stats import RenderStats, codepoint
 
 log = logging.getLogger(__name__)
 _TOKENS = re.compile(r" +|[^ ]+")
+GROUP_SEPARATOR = "\x1d"  # between the token groups of token-aligned tiles (never drawn)
 _CONTROL = np.zeros(0x110000, bool)
 _CONTROL[0x00:0x20] = _CONTROL[0x7F:0xA0] = True
+
+
+def _prefix_ends(ids, decode, view=lambda text: text, step: int = 1) -> np.ndarray:
+    """For i = 0, step, 2*step, ... and len(ids): how many characters of ``view(decode(ids))``
+    the first i tokens produce (non-decreasing, even where a prefix decodes to a partial
+    character)."""
+    cuts = [*range(0, len(ids), step), len(ids)]
+    lengths = [len(view(decode(ids[:i]))) for i in cuts]
+    return np.minimum.accumulate(lengths[::-1])[::-1]
 
 
 class RenderRejected(ValueError):
@@ -65,6 +75,10 @@ class RenderConfig:
     # tiles filled in reading order (row-major), the text wrapped at the tile's width with
     # no word wrap, so where a character lands depends only on its position in the chunk.
     tile: int = 0
+    # r > 0 (tiles only): token-aligned tiles, each showing exactly r tokens of the chunk (the
+    # text of tokens k*r .. k*r + r - 1 fills tile k); the text comes in groups split by
+    # GROUP_SEPARATOR (``SketchRenderer.sketch_text``).
+    tile_tokens: int = 0
 
     def __post_init__(self):
         if self.image_size <= 2 * self.margin or not self.font_sizes or min(self.font_sizes) <= 0:
@@ -72,6 +86,8 @@ class RenderConfig:
         if self.tile and (self.tile < 0 or self.image_size % self.tile or self.tile <= 2 * self.margin):
             raise ValueError(f"tile {self.tile} px must divide the {self.image_size} px sketch and exceed "
                              f"twice its {self.margin} px margin")
+        if self.tile_tokens and (self.tile_tokens < 0 or not self.tile):
+            raise ValueError(f"tile_tokens={self.tile_tokens} needs the tile layout (tile > 0)")
         if self.missing_glyphs not in ("replace", "reject"):
             raise ValueError(f"missing_glyphs must be 'replace' or 'reject', got {self.missing_glyphs!r}")
 
@@ -183,6 +199,11 @@ class SketchRenderer:
         self.stats = RenderStats(by_size={s.size: 0 for s in self.sizes})
 
     @property
+    def tiles(self) -> int:
+        """Tiles per sketch (1 for the page)."""
+        return (self.config.image_size // self.config.tile) ** 2 if self.config.tile else 1
+
+    @property
     def counters(self) -> dict[str, int]:
         """The headline counts (``stats`` has the detail)."""
         st = self.stats
@@ -199,7 +220,8 @@ class SketchRenderer:
         return {"font_family": self.source.family, "font_file": self.source.file,
                 "font_sha256": self.source.sha256, "font_index": self.source.index,
                 "font_sizes_px": [s.size for s in self.sizes],
-                "image_size": c.image_size, "tile": c.tile, "margin": c.margin, "line_spacing": c.line_spacing,
+                "image_size": c.image_size, "tile": c.tile, "tile_tokens": c.tile_tokens, "margin": c.margin,
+                "line_spacing": c.line_spacing,
                 "tab_size": c.tab_size, "missing_glyphs": c.missing_glyphs,
                 "replacement": self.replacement, "foreground": c.foreground,
                 "background": c.background, "monospace": bool(self.sizes[0].cell),
@@ -225,10 +247,30 @@ class SketchRenderer:
         return ["".join(ch if drawable[ord(ch)] or ch == " " else self.replacement for ch in p)
                 for p in paragraphs]
 
+    def sketch_text(self, ids, decode) -> str:
+        """The text a chunk of token ``ids`` is drawn from: ``decode(ids)``; with token-aligned
+        tiles (``tile_tokens`` = r) the same characters cut after every r tokens by
+        GROUP_SEPARATOR, so that each group fills a tile of its own."""
+        ids = list(ids)
+        r = self.config.tile_tokens
+        if not r:
+            return decode(ids)
+        if len(ids) > r * self.tiles:  # can never fit: cut cheaply, the layout rejects it at once
+            return GROUP_SEPARATOR.join(decode(ids[i:i + r]) for i in range(0, len(ids), r))
+        text = decode(ids)
+        cuts = np.minimum(_prefix_ends(ids, decode, step=r), len(text)).tolist()
+        return GROUP_SEPARATOR.join(text[a:b] for a, b in zip(cuts, cuts[1:]))
+
     def layout(self, text: str, where: str = "") -> tuple[_Size, list[str], bool]:
         """(size bucket, lines, grid) for the largest size at which the text fits; ``where``
         (e.g. ``file.jsonl:12``) is recorded with any missing glyphs. With tiles, the lines
         of tile ``i`` are ``lines[i * size.max_rows:(i + 1) * size.max_rows]``."""
+        if self.config.tile_tokens:
+            groups = text.split(GROUP_SEPARATOR)
+            if len(groups) > self.tiles:
+                self.stats.rejected_no_fit += 1
+                raise RenderRejected(f"{len(groups)} token groups do not fit {self.tiles} tiles")
+            return self._group_layout([" ".join(self._paragraphs(group, where)) for group in groups])
         paragraphs = self._paragraphs(text, where)
         if self.config.tile:
             return self._tile_layout(" ".join(paragraphs))
@@ -267,6 +309,23 @@ class SketchRenderer:
         self.stats.rejected_no_fit += 1
         raise RenderRejected(f"{len(stream)} characters do not fit {tiles} tiles of {self.config.tile}px "
                              f"even at {self.sizes[-1].size}px")
+
+    def _group_layout(self, groups: list[str]) -> tuple[_Size, list[str], bool]:
+        """Token-aligned tiles: group k alone in tile k, at the largest size where every group
+        fits its tile (each tile gets exactly ``max_rows`` lines, so tile i's lines are
+        ``lines[i * max_rows:(i + 1) * max_rows]`` as for the character-filled tiles)."""
+        tiles = self.tiles
+        chars = set("".join(groups))
+        for size in self.sizes:
+            capacity = size.max_rows * size.cols
+            if len(groups) <= tiles and capacity and size.is_grid(chars) and \
+                    all(len(group) <= capacity for group in groups):
+                return size, [group[i * size.cols:(i + 1) * size.cols] for group in groups
+                              for i in range(size.max_rows)], True
+        self.stats.rejected_no_fit += 1
+        longest = max(groups, key=len)
+        raise RenderRejected(f"{len(groups)} token groups do not fit {tiles} tiles of {self.config.tile}px "
+                             f"even at {self.sizes[-1].size}px (longest: {len(longest)} characters)")
 
     def _boxes(self, size: _Size, lines: list[str]):
         """(top, left, box size, lines) of each text box: the page, or each filled tile."""
@@ -316,6 +375,48 @@ class SketchRenderer:
                 raise ValueError(f"glyph cells of {cell}px do not tile {box}px text boxes")
             view = out[top // cell:(top + box) // cell, left // cell:(left + box) // cell]
             view[...] = self._glyph_cells(size, box_lines, box, cell)
+        return out
+
+    def tile_token_ids(self, ids, decode, slots: int, per_slot: int) -> np.ndarray:
+        """int32 [slots, per_slot]: with the tile layout, the ids of the tokens whose (non-space)
+        characters tile k shows, in reading order; a token cut by a tile edge counts in both
+        tiles, a tile keeps its first ``per_slot``; ``TILE_TOKEN_NONE`` elsewhere. ``decode``
+        turns ids into the text the sketch shows. The target of the tile-token objective
+        (docs/design.md §4): the renderer knows which tokens each visual token must carry.
+        With token-aligned tiles (``tile_tokens`` = r) tile k's are tokens k*r .. k*r + r - 1."""
+        from vist2_jax.row_contract import TILE_TOKEN_NONE
+
+        if not self.config.tile:
+            raise ValueError("tile tokens need the tile layout (data.sketch_tile > 0)")
+        ids = list(ids)
+        out = np.full((slots, per_slot), TILE_TOKEN_NONE, np.int32)
+        if self.config.tile_tokens:  # token-aligned tiles: tile k shows tokens k*r .. k*r + r - 1
+            r = self.config.tile_tokens
+            for i, token in enumerate(ids[:slots * r]):
+                if i % r < per_slot:
+                    out[i // r, i % r] = token
+            return out
+        text = decode(ids)
+        size, _, _ = self.layout(text)
+        capacity = size.max_rows * size.cols
+        tab = self.config.tab_size
+
+        def stream(piece: str) -> str:  # the characters _tile_layout lays out, in order
+            return " ".join(p.expandtabs(tab) for p in piece.splitlines())
+
+        full = stream(text)
+        ends = np.minimum(_prefix_ends(ids, decode, stream), len(full))
+        used = np.zeros(slots, np.int64)
+        for i, token in enumerate(ids):
+            start, stop = int(ends[i]), int(ends[i + 1])
+            chars = full[start:stop]
+            lead = len(chars) - len(chars.lstrip(" "))
+            if lead == len(chars):
+                continue  # spaces only: nothing to see
+            for tile in range((start + lead) // capacity, min(slots, (stop - 1) // capacity + 1)):
+                if used[tile] < per_slot:
+                    out[tile, used[tile]] = token
+                    used[tile] += 1
         return out
 
     def _glyph_cells(self, size: _Size, lines: list[str], box: int, cell: int) -> np.ndarray:
@@ -374,7 +475,7 @@ def render_config_for(data, image_size: int) -> RenderConfig:
     return RenderConfig(image_size=image_size, font_path=data.font_path or None,
                         font_family=data.font_family, font_index=data.font_index,
                         font_sha256=data.font_sha256 or None, font_sizes=tuple(data.font_sizes),
-                        tile=data.sketch_tile)
+                        tile=data.sketch_tile, tile_tokens=data.sketch_tile_tokens)
 
 
 def renderer_for_config(data, image_size: int) -> SketchRenderer:
@@ -408,6 +509,7 @@ def renderer_from_saved(saved: dict, font_path: str | None = None) -> SketchRend
             image_size=saved["image_size"], font_path=path, font_family=family or DEFAULT_FAMILY,
             font_index=saved.get("font_index", 0), font_sha256=sha256,
             font_sizes=tuple(saved["font_sizes_px"]), margin=saved["margin"], tile=saved.get("tile", 0),
+            tile_tokens=saved.get("tile_tokens", 0),
             line_spacing=saved["line_spacing"], tab_size=saved["tab_size"],
             missing_glyphs=saved["missing_glyphs"], replacement=saved["replacement"],
             foreground=saved["foreground"], background=saved["background"])

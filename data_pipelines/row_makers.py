@@ -35,7 +35,7 @@ from data_pipelines.rows import RowBuilder
 from data_pipelines.shapes import captioned_shapes
 from data_pipelines.split import DocumentSplit
 from vist2_jax.config.schema import CurriculumPoint, DataConfig, LayoutConfig
-from vist2_jax.row_contract import GLYPH_CELL, close_chunk, reader_chunk_id
+from vist2_jax.row_contract import GLYPH_CELL, TILE_TOKENS, close_chunk, reader_chunk_id
 
 log = logging.getLogger(__name__)
 MAX_DOCS_PER_ROW = 16
@@ -109,7 +109,7 @@ class RowMaker:
     def builder(self) -> RowBuilder:
         data, layout = self.data, self.layout
         return RowBuilder(data.seq_len, layout.visual_len, data.images_per_row,
-                          (layout.image_size, layout.image_size), self.tokenizer.chunk_id)
+                          (layout.image_size, layout.image_size), self.tokenizer.chunk_id, layout.visual_stride)
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
         index = int(index)
@@ -144,12 +144,14 @@ class RowMaker:
     def _rule_chunks(self, tokens, text_len: int, count: int, sample: Sample):
         """Up to ``count`` chunks from the start of ``tokens`` by the chunk rule (row_contract
         ``close_chunk``: at most L tokens, closed before a token the sketch cannot take), with
-        their sketches and glyph maps (None each unless ``data.glyph_targets``); None (skipped
-        and counted) when not even one token can be drawn."""
+        their sketches and the renderer's targets for each (``add_image`` keyword arguments:
+        the glyph map and, with tiles, the tile tokens, under ``data.glyph_targets``; empty
+        otherwise); None (skipped and counted) when not even one token can be drawn."""
         def try_render(ids):
-            return self.renderer.try_render(self.tokenizer.decode(ids), where=sample.location)
+            text = self.renderer.sketch_text(ids, self.tokenizer.decode)
+            return self.renderer.try_render(text, where=sample.location)
 
-        chunks, images, glyphs, start = [], [], [], 0
+        chunks, images, targets, start = [], [], [], 0
         while len(chunks) < count and start < len(tokens):
             window = tokens[start:start + text_len]
             try:
@@ -166,11 +168,20 @@ class RowMaker:
                 self.counters["closed_early"] += 1
             chunks.append(window[:k])
             images.append(image)
-            glyphs.append(self.renderer.glyph_map(self.tokenizer.decode(window[:k]), GLYPH_CELL)
-                          if self.data.glyph_targets else None)
+            targets.append(self._targets(window[:k]))
             start += k
         self.counters["images"] += len(images)
-        return chunks, images, glyphs
+        return chunks, images, targets
+
+    def _targets(self, chunk) -> dict[str, np.ndarray]:
+        """What the renderer knows about a chunk's sketch, as ``add_image`` keywords."""
+        if not self.data.glyph_targets:
+            return {}
+        decode = self.tokenizer.decode
+        out = {"glyphs": self.renderer.glyph_map(self.renderer.sketch_text(chunk, decode), GLYPH_CELL)}
+        if self.renderer.config.tile:
+            out["tile_tokens"] = self.renderer.tile_token_ids(chunk, decode, self.layout.visual_len, TILE_TOKENS)
+        return out
 
     def _window(self, rng, sample: Sample, text_len: int, max_chunks: int):
         tokens = sample.tokens
@@ -225,8 +236,8 @@ class RowMaker:
         if made is None:
             return True
         row.start_document()
-        for c, (chunk, image, glyphs) in enumerate(zip(*made)):
-            row.add_image(image, chunk_id=2 * c + 1, glyphs=glyphs)
+        for c, (chunk, image, targets) in enumerate(zip(*made)):
+            row.add_image(image, chunk_id=2 * c + 1, **targets)
             row.add_text(chunk, chunk_id=reader_chunk_id(2 * c + 1))
         self.counters["documents"] += 1
         return True
@@ -240,7 +251,7 @@ class RowMaker:
         response_made = self._rule_chunks(sample.tokens, L, point.max_chunks, sample)
         if query_made is None or response_made is None:
             return True
-        (query, query_images, query_glyphs), (response, response_images, response_glyphs) = query_made, response_made
+        (query, query_images, query_targets), (response, response_images, response_targets) = query_made, response_made
         # Keep the most recent query chunks that leave room for one response chunk (left
         # truncation of an over-long context, counted).
         room = min((row.free() - row.text_cost(len(response[0]) if response else 0)) // m,
@@ -249,20 +260,20 @@ class RowMaker:
             return False
         if len(query) > room:
             self.counters["query_truncated"] = self.counters.get("query_truncated", 0) + 1
-            query, query_images, query_glyphs = query[-room:], query_images[-room:], query_glyphs[-room:]
+            query, query_images, query_targets = query[-room:], query_images[-room:], query_targets[-room:]
         n_resp = self._chunks_that_fit(row, L, len(response), with_last_image=False,
                                        reserve_positions=len(query) * m, reserve_slots=len(query))
         if n_resp == 0:
             return False
         response = response[:n_resp]
         row.start_document()
-        for q, (image, glyphs) in enumerate(zip(query_images, query_glyphs)):
-            row.add_image(image, chunk_id=q + 1, glyphs=glyphs)
+        for q, (image, targets) in enumerate(zip(query_images, query_targets)):
+            row.add_image(image, chunk_id=q + 1, **targets)
         for r, chunk in enumerate(response):
             chunk_id = len(query) + r + 1
             row.add_text(chunk, chunk_id=chunk_id)
             if r < len(response) - 1:
-                row.add_image(response_images[r], chunk_id=chunk_id, glyphs=response_glyphs[r])
+                row.add_image(response_images[r], chunk_id=chunk_id, **response_targets[r])
         self.counters["documents"] += 1
         return True
 

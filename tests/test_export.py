@@ -24,7 +24,7 @@ torch.set_num_threads(1)  # tiny models: more threads only spin on a busy CPU bo
 
 from conftest import make_olm_batch  # noqa: E402
 from data_pipelines.pipeline import resolve_tokenizer  # noqa: E402
-from data_pipelines.render import RenderConfig, SketchRenderer  # noqa: E402
+from data_pipelines.render import RenderConfig, SketchRenderer, render_config_for  # noqa: E402
 from vist2_jax.config import load_config  # noqa: E402
 from vist2_jax.config.loader import to_dict  # noqa: E402
 from vist2_jax.checkpointing.runs import resolve_run_dir  # noqa: E402
@@ -48,8 +48,7 @@ def save_run(workdir: Path, config, states: dict, tokenizer) -> None:
     items the trainer saves (params, opt_state, config, tokenizer, renderer)."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    renderer = SketchRenderer(RenderConfig(image_size=config.model.layout.image_size,
-                                           font_sizes=config.data.font_sizes)).renderer_config()
+    renderer = SketchRenderer(render_config_for(config.data, config.model.layout.image_size)).renderer_config()
     checkpoints = RunCheckpoints(workdir, keep=10, async_save=False)
     for step, params in states.items():
         checkpoints.save(step, {"params": params, "opt_state": {"count": np.asarray(step, np.int32)}}, None,
@@ -109,7 +108,7 @@ def test_export_folder_is_a_hf_model(run):
         "AutoConfig": "configuration_vist2.Vist2Config", "AutoModelForCausalLM": "modeling_vist2.Vist2ForCausalLM"}
     assert config["layout"] == {"text_len": layout.text_len, "visual_len": layout.visual_len,
                                 "image_size": layout.image_size, "patch_size": layout.patch_size,
-                                "merge": layout.merge, "visual_attends_past_visual": False}
+                                "merge": layout.merge, "visual_attends_past_visual": False, "visual_stride": 1}
     assert config["projector"] == run["config"].model.aligner.projector
     assert config["special_ids"]["chunk"] == run["tokenizer"].special_ids["chunk"]
     assert (out / config["tokenizer_file"]).read_bytes() == Path(run["tokenizer"].path).read_bytes()
@@ -173,13 +172,15 @@ def test_interleaved_row_logits_match_jax(run, record_property):
 
 
 def test_siglip2_tanh_aligner_and_visual_past_visual(run, record_property):
-    """The other options of a run: SigLIP2 tower layout, the paper's tanh aligner, and
-    visual tokens reading earlier chunks' visual tokens; row logits and greedy gcc match."""
+    """The other options of a run: SigLIP2 tower layout, the paper's tanh aligner, visual
+    tokens reading earlier chunks' visual tokens, token-aligned tiles of 2 tokens and visual
+    positions strided by 2; row logits match, and greedy gcc gives JAX's tokens and logits."""
     tmp = run["tmp"]
     config = load_config(overrides=[
         "model.decoder.num_layers=2", "model.vision.num_layers=2", "model.decoder.vocab_size=512",
         "model.layout.image_size=64", "model.layout.visual_len=4", "model.layout.text_len=8",
-        "model.aligner.projector=tanh", "model.layout.visual_attends_past_visual=true"])
+        "model.aligner.projector=tanh", "model.layout.visual_attends_past_visual=true",
+        "model.layout.visual_stride=2", "data.sketch_tile=32", "data.sketch_tile_tokens=2"])
     batch = make_olm_batch(config.model, chunk_counts=((4,), (2, 2)), seq_len=112, seed=5)
     model = Vist2Model(config.model)
     params = nn.unbox(jax.jit(model.init)(jax.random.key(1), batch))
@@ -196,6 +197,15 @@ def test_siglip2_tanh_aligner_and_visual_past_visual(run, record_property):
     tokens, out = hf_generate(exported, run["hf_tokenizer"], [prompt], 24)
     scores = exported(torch.tensor([prompt + tokens[0]])).logits[0, len(prompt) - 1:-1]
     assert float((torch.stack(out.logits, dim=1)[0] - scores).abs().max()) < TOL
+    renderer = renderer_from_saved(json.loads((tmp / "out_tanh" / "renderer.json").read_text()))
+    assert renderer.config.tile_tokens == 2 and exported.stride == 2
+    decode = detokenizer(run["tokenizer"])
+    ref = Generator(config.model, params, render_fn=renderer.render, detokenize=decode,
+                    chunk_token=run["tokenizer"].special_ids["chunk"],
+                    sketch_text=lambda ids: renderer.sketch_text(ids, decode)).generate([prompt], "gcc", 24,
+                                                                                        record_logits=True)
+    assert ref.tokens[0] == tokens[0]
+    assert float(np.abs(torch.stack(out.logits, dim=1)[0].numpy() - ref.logits[0, :24]).max()) < TOL
 
 
 def prompts_of(run, lengths=(13, 5, 22)):
@@ -287,6 +297,9 @@ class CappedRenderer:
 
     def __init__(self, inner, tokenizer, cap):
         self.inner, self.tokenizer, self.cap = inner, tokenizer, cap
+
+    def sketch_text(self, ids, decode):
+        return self.inner.sketch_text(ids, decode)
 
     def render(self, text, **kwargs):
         from data_pipelines.render import RenderRejected

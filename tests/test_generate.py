@@ -44,13 +44,15 @@ def setup(tiny_config):
 
 
 def training_logits(config, model, params, render, chunks):
-    """One training forward over the OLM row of ``chunks``; returns (logits, row)."""
+    """One training forward over the OLM row of ``chunks`` (visual positions strided by
+    ``layout.visual_stride``); returns (logits, row)."""
     lay = config.layout
     images = [render(detokenize(c)) for c in chunks[:-1]]
     seq_len = sum(len(c) + 1 for c in chunks) + (len(chunks) - 1) * lay.visual_len
     row = pack_olm_row([chunks], [images + [None]], seq_len=seq_len + 3, visual_len=lay.visual_len,
                        num_image_slots=max(len(images), 1),
-                       image_shape=(lay.image_size, lay.image_size), chunk_token=CHUNK_ID)
+                       image_shape=(lay.image_size, lay.image_size), chunk_token=CHUNK_ID,
+                       visual_stride=lay.visual_stride)
     batch = stack_rows([row])
     return np.asarray(jax.jit(model.apply)(params, batch)["logits"])[0], batch
 
@@ -102,6 +104,27 @@ def test_teacher_forced_generation_matches_training_forward(setup, mode, prompt_
     assert err < 1e-4
     assert result.peak_entries == peak_entries(mode, prompt_len, new, L, m)
     assert result.tokens[0] == stream[prompt_len:]
+
+
+def test_strided_visual_positions_generate_as_they_train(setup):
+    """model.layout.visual_stride=2 (a visual token takes two positions, docs/design.md §2):
+    teacher-forced gcc reproduces the training forward over the row built with that stride."""
+    import dataclasses
+
+    config, model, params, render, _ = setup
+    config = dataclasses.replace(config, layout=dataclasses.replace(config.layout, visual_stride=2))
+    gen = Generator(config, params, render_fn=render, detokenize=detokenize, prefill_chunk=16)
+    L = config.layout.text_len
+    stream = _stream(config, 13 + 20, seed=3)
+    result = gen.generate([stream[:13]], "gcc", 20, forced_tokens=np.array([stream[13:]]), record_logits=True)
+    chunks = [stream[i:i + L] for i in range(0, len(stream), L)]
+    logits, batch = training_logits(config, model, params, render, chunks)
+    visual = batch["positions"][0][batch["modality"][0] == 2]
+    assert (np.diff(visual[:config.layout.visual_len]) == 2).all()
+    rows = predicting_rows(chunks, 13, 20, L, config.layout.visual_len)
+    assert float(np.abs(result.logits[0] - logits[rows]).max()) < 1e-4
+    unstrided = training_logits(setup[0], model, params, render, chunks)[0]
+    assert float(np.abs(unstrided[rows] - logits[rows]).max()) > 1e-3  # the stride reaches RoPE
 
 
 def test_text_mode_matches_plain_causal_forward(setup, record_property):

@@ -1,10 +1,13 @@
-"""The text-oriented vision objective: the renderer's glyph map, the rows that carry it,
-and the glyph head trained by it (docs/design.md §4)."""
+"""The text-oriented vision objectives: the renderer's glyph map, the rows that carry it,
+and the glyph head trained by it; with one tile per visual token, the tokens each tile
+shows (``tile_tokens``), token-aligned tiles, strided rows and the tile-token loss that
+reads each visual token through the decoder's embedding table (docs/design.md §2, §4)."""
 
 from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -12,11 +15,14 @@ from data_pipelines.pipeline import build_pipeline
 from data_pipelines.render import RenderConfig, SketchRenderer
 from vist2_jax.config import load_config
 from vist2_jax.config.schema import ConfigError
-from vist2_jax.model.vist2 import Vist2Model
-from vist2_jax.row_contract import GLYPH_BLANK, GLYPH_CELL, GLYPH_UNKNOWN, glyph_class
+from vist2_jax.model.vist2 import Vist2Model, tile_token_loss
+from vist2_jax.row_contract import (GLYPH_BLANK, GLYPH_CELL, GLYPH_UNKNOWN, TILE_TOKEN_NONE, TILE_TOKENS, VISUAL,
+                                    glyph_class)
 from vist2_jax.training.optimizer import make_optimizer
 
 GLYPHS = ["model.vision.glyph_head=true", "data.glyph_targets=true", "train.glyph_loss_weight=1"]
+TILES = ["model.vision.glyph_head=true", "data.glyph_targets=true", "data.sketch_tile=32",
+         "train.tile_token_loss_weight=1"]
 SMALL = ["model.decoder.num_layers=1", "model.vision.num_layers=1", "data.seq_len=128", "data.global_batch_size=2",
          "data.images_per_row=2", "data.eval_rows=2", "run.progress=false", "mesh.fsdp=1"]
 
@@ -92,22 +98,29 @@ def test_shuffled_ocr_rows_hold_the_corpus_tokens_out_of_order(tmp_path, tokeniz
     assert share[False] > 0.9 and share[True] < 0.5, share
 
 
-def test_glyph_loss_trains_the_tower_through_its_head(tmp_path, tokenizer_path):
+def _train_on_one_batch(tmp_path, tokenizer_path, objective: list[str], metric: str, steps: int = 6):
+    """(initial params, final state, last metrics, ``metric`` per step): real train steps of the
+    tower and aligner on one OCR batch at 3e-3."""
     from vist2_jax.training.step import make_train_step
 
-    config = load_config(overrides=[*SMALL, *GLYPHS, f"data.tokenizer={tokenizer_path}", "data.stage=ocr",
+    config = load_config(overrides=[*SMALL, *objective, f"data.tokenizer={tokenizer_path}", "data.stage=ocr",
                                     "train.trainable=[vision,aligner]", "train.steps=10", "train.warmup_steps=0",
                                     "train.learning_rate=3e-3"])
     batch = next(iter(build_pipeline(config, tmp_path).train_dataset()))
     params = nn.unbox(jax.jit(Vist2Model(config.model).init)(jax.random.key(0), batch))
-    assert "glyph_head" in params["params"]
     optimizer = make_optimizer(config.train, params)
     state = {"step": np.int32(0), "params": params, "opt_state": optimizer.init(params)}
     step = jax.jit(make_train_step(config, optimizer))
-    losses = []
-    for _ in range(6):
+    values = []
+    for _ in range(steps):
         state, metrics = step(state, batch)
-        losses.append(float(metrics["glyph_loss"]))
+        values.append(float(metrics[metric]))
+    return params, state, metrics, values
+
+
+def test_glyph_loss_trains_the_tower_through_its_head(tmp_path, tokenizer_path):
+    params, state, metrics, losses = _train_on_one_batch(tmp_path, tokenizer_path, GLYPHS, "glyph_loss")
+    assert "glyph_head" in params["params"]
     assert losses[-1] < 0.8 * losses[0]  # the head and the tower learn the glyphs of the batch
     assert float(metrics["grad_norm_vision"]) > 0
     head = jax.tree_util.tree_leaves(state["params"]["params"]["glyph_head"])
@@ -154,3 +167,161 @@ def test_compression_table_compares_with_a_text_only_model(tmp_path, tokenizer_p
     assert json.loads((tmp_path / "compression.json").read_text())["table"][1]["text_len"] == 32
     assert (tmp_path / "compression.png").stat().st_size > 1000
     assert len(table_lines(table)) == 3
+
+
+def test_tile_token_ids_name_the_tokens_each_tile_shows():
+    pieces = ["The", " quick", " brown", "\n", "fox", " ", "jumps", "\t", "over", " the", " lazy",
+              " dog", ".", "a", "b", "c", "d", "e", "f", "g", "h"]
+    ids = list(range(len(pieces)))
+
+    def decode(chosen):
+        return "".join(pieces[i] for i in chosen)
+
+    renderer = SketchRenderer(RenderConfig(image_size=128, tile=32))
+    slots = (128 // 32) ** 2
+    out = renderer.tile_token_ids(ids, decode, slots, TILE_TOKENS)
+    assert out.shape == (slots, TILE_TOKENS) and out.dtype == np.int32
+    # Expected, the other way round: which token owns each character of the drawn stream
+    # (line breaks as one space, tabs expanded), and the tiles those characters fall in.
+    size, lines, _ = renderer.layout(decode(ids))
+    capacity = size.max_rows * size.cols
+    owner, text, line_start, tab = [], "", 0, renderer.config.tab_size
+    for i, piece in enumerate(pieces):
+        if piece == "\n":
+            piece, line_start = " ", len(text) + 1
+        elif piece == "\t":
+            piece = " " * (tab - (len(text) - line_start) % tab)
+        owner += [i] * len(piece)
+        text += piece
+    stream = "".join(lines)
+    assert stream.rstrip() == text.rstrip()  # the layout draws exactly these characters, in order
+    for tile in range(slots):
+        drawn = "".join(lines[tile * size.max_rows:(tile + 1) * size.max_rows])
+        assert drawn == stream[tile * capacity:(tile + 1) * capacity]
+        wanted = []
+        for pos in range(tile * capacity, min(len(text), (tile + 1) * capacity)):
+            if text[pos] != " " and owner[pos] not in wanted:
+                wanted.append(owner[pos])
+        got = [int(t) for t in out[tile] if t != TILE_TOKEN_NONE]
+        assert got == wanted[:TILE_TOKENS], (tile, drawn)
+    assert pieces.index(" quick") in out[0] and pieces.index(" quick") in out[1]  # cut by a tile edge: both
+    assert pieces.index("\t") not in out and pieces.index(" ") not in out  # nothing drawn
+    crowded = [i for i, t in enumerate(out) if (t != TILE_TOKEN_NONE).sum() == TILE_TOKENS]
+    assert crowded  # eight one-letter tokens in a tile of eight characters: the first TILE_TOKENS kept
+    with pytest.raises(ValueError, match="tile layout"):
+        SketchRenderer(RenderConfig(image_size=128)).tile_token_ids(ids, decode, slots, TILE_TOKENS)
+
+
+@pytest.mark.parametrize("tile", [0, 32], ids=["page", "tiles"])
+def test_ocr_rows_carry_the_tokens_their_text_span_reads(tmp_path, tokenizer_path, tile):
+    config = load_config(overrides=[*SMALL, "data.glyph_targets=true", f"data.tokenizer={tokenizer_path}",
+                                    "data.stage=ocr", f"data.sketch_tile={tile}"])
+    batch = next(iter(build_pipeline(config, tmp_path).train_dataset()))
+    m = config.model.layout.visual_len
+    assert batch["tile_tokens"].shape == (2, 2, m, TILE_TOKENS) and batch["tile_tokens"].dtype == np.int32
+    assert (batch["tile_tokens"][~batch["image_mask"]] == TILE_TOKEN_NONE).all()
+    if not tile:
+        assert (batch["tile_tokens"] == TILE_TOKEN_NONE).all()  # a page has no per-token tiles
+        return
+    for b in range(2):
+        visual = np.flatnonzero(batch["modality"][b] == VISUAL)
+        for slot in range(int(batch["image_mask"][b].sum())):
+            chunk = batch["chunk_id"][b][visual[slot * m]]
+            read = set(batch["tokens"][b][batch["chunk_id"][b] == chunk + 1].tolist())  # the span reading it
+            named = batch["tile_tokens"][b, slot]
+            named = named[named != TILE_TOKEN_NONE]
+            assert len(named) >= 5 and set(named.tolist()) <= read
+            # reading order: the first tile names the span's first drawn tokens
+            assert batch["tile_tokens"][b, slot, 0, 0] in batch["tokens"][b][batch["chunk_id"][b] == chunk + 1][1:4]
+
+
+def test_tile_token_loss_is_the_mean_label_cross_entropy_and_leaves_the_table_alone():
+    rng = np.random.default_rng(0)
+    visual = rng.normal(size=(2, 3, 4, 8)).astype(np.float32)
+    table = rng.normal(size=(11, 8)).astype(np.float32)
+    labels = np.full((2, 3, 4, TILE_TOKENS), TILE_TOKEN_NONE, np.int32)
+    labels[0, 0, 0, :2] = [3, 5]
+    labels[1, 2, 3, :1] = [7]
+    labels[0, 1, 2, :3] = [0, 10, 10]
+    out = tile_token_loss(jnp.asarray(visual), jnp.asarray(table), jnp.asarray(labels))
+    logits = visual @ table.T
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = [-logp[i, j, k, t] for (i, j, k) in np.argwhere((labels != TILE_TOKEN_NONE).any(-1))
+           for t in labels[i, j, k] if t != TILE_TOKEN_NONE]
+    assert float(out["tile_token_loss"]) == pytest.approx(np.mean(nll), rel=1e-5)
+    assert float(out["tile_token_labels"]) == 6 and float(out["tile_token_tiles"]) == 3
+    top = logits.argmax(-1)
+    hits = [top[i, j, k] in labels[i, j, k] for (i, j, k) in np.argwhere((labels != TILE_TOKEN_NONE).any(-1))]
+    assert float(out["tile_token_accuracy"]) == pytest.approx(np.mean(hits))
+    grad_visual, grad_table = jax.grad(lambda v, t: tile_token_loss(v, t, jnp.asarray(labels))["tile_token_loss"],
+                                       argnums=(0, 1))(jnp.asarray(visual), jnp.asarray(table))
+    assert float(jnp.abs(grad_table).max()) == 0.0  # the decoder's space is the target, not moved
+    assert float(jnp.abs(grad_visual[0, 0, 0]).max()) > 0 and float(jnp.abs(grad_visual[0, 0, 1]).max()) == 0
+
+
+def test_tile_token_objective_moves_the_visual_tokens_into_the_token_space(tmp_path, tokenizer_path):
+    params, state, metrics, losses = _train_on_one_batch(tmp_path, tokenizer_path, TILES, "tile_token_loss")
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 0.3, losses
+    assert 0 <= float(metrics["tile_token_accuracy"]) <= 1
+    assert np.array_equal(state["params"]["params"]["decoder"]["embedding"],
+                          params["params"]["decoder"]["embedding"])  # frozen decoder: its table is the target
+
+
+@pytest.mark.parametrize("change, key", [("data.sketch_tile=0", "data.sketch_tile=0 must equal patch_size x merge"),
+                                         ("data.glyph_targets=false", "data.glyph_targets"),
+                                         ("train.trainable=[decoder]", "train.trainable"),
+                                         ("train.tile_token_loss_weight=-1", "must be >= 0")])
+def test_tile_token_loss_without_what_it_needs_is_one_line(change, key):
+    with pytest.raises(ConfigError, match=f"^train.tile_token_loss_weight: .*{key}"):
+        load_config(overrides=[*TILES, change])
+
+
+def test_token_aligned_tiles_show_r_tokens_each_and_keep_the_text_exact():
+    pieces = ["The", " quick", " brown", "\n", "fox", "\t", "jumps", " over", " the", " lazy", " dog"]
+
+    def decode(chosen):
+        return "".join(pieces[i] for i in chosen)
+
+    ids = list(range(len(pieces)))
+    renderer = SketchRenderer(RenderConfig(image_size=128, tile=32, tile_tokens=2))
+    drawn = renderer.sketch_text(ids, decode)
+    groups = drawn.split("\x1d")
+    assert "".join(groups) == decode(ids)  # the same characters, only cut into groups
+    assert groups == [decode(ids[i:i + 2]) for i in range(0, len(ids), 2)]
+    size, lines, _ = renderer.layout(drawn)
+    for k, group in enumerate(groups):  # tile k shows group k, line breaks and tabs as in a page
+        shown = "".join(lines[k * size.max_rows:(k + 1) * size.max_rows])
+        assert shown == " ".join(p.expandtabs(renderer.config.tab_size) for p in group.splitlines())
+    image = renderer.render(drawn)
+    ink = (image[..., 0] < 128).reshape(4, 32, 4, 32).any(axis=(1, 3)).reshape(-1)
+    assert ink[:len(groups)].all() and not ink[len(groups):].any()  # six tiles drawn, ten blank
+    glyphs = renderer.glyph_map(drawn, 4)
+    assert (glyphs[:8, :8] != 0).any() and (glyphs[-16:] == 0).all()  # tiles 8-15: nothing
+    targets = renderer.tile_token_ids(ids, decode, 16, TILE_TOKENS)
+    assert targets[:6, :2].tolist() == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, TILE_TOKEN_NONE]]
+    assert (targets[6:] == TILE_TOKEN_NONE).all() and (targets[:, 2:] == TILE_TOKEN_NONE).all()
+    from data_pipelines.render import RenderRejected, renderer_from_saved
+
+    assert renderer_from_saved(renderer.renderer_config()).config.tile_tokens == 2
+    with pytest.raises(RenderRejected, match="token groups do not fit"):
+        renderer.render(renderer.sketch_text([0] * 2 + [1] * 3, lambda c: "x" * 40 * len(c)))
+    with pytest.raises(ValueError, match="tile layout"):
+        RenderConfig(image_size=128, tile_tokens=2)
+
+
+def test_strided_rows_give_each_visual_token_r_positions(tmp_path, tokenizer_path):
+    config = load_config(overrides=[*SMALL, *TILES, f"data.tokenizer={tokenizer_path}", "data.stage=ocr",
+                                    "data.sketch_tile_tokens=2", "model.layout.visual_stride=2",
+                                    "data.curriculum=[{start_step: 0, text_len: 32, max_chunks: 2}]"])
+    batch = next(iter(build_pipeline(config, tmp_path).train_dataset()))
+    m = config.model.layout.visual_len
+    positions, modality = batch["positions"][0], batch["modality"][0]
+    visual = np.flatnonzero(modality == VISUAL)
+    first = positions[visual[:m]]
+    assert (np.diff(first) == 2).all()
+    marker = visual[m - 1] + 1  # the reading span starts right after the span, 2 positions on
+    assert positions[marker] == first[-1] + 2 and modality[marker] == 1
+    tiles = batch["tile_tokens"][0, 0]
+    text = batch["tokens"][0][marker + 1:marker + 1 + 2 * m]
+    n = int((tiles[:, :2] != TILE_TOKEN_NONE).sum())
+    assert n >= 8 and tiles[:, :2].reshape(-1)[:n].tolist() == text[:n].tolist()  # tile k: tokens 2k, 2k+1

@@ -246,6 +246,24 @@ def test_render_cli_writes_png(tmp_path, capsys):
     assert "64x64x3" in capsys.readouterr().out
 
 
+def test_render_cli_draws_token_aligned_tiles_with_the_tokenizer(tmp_path, sp_tokenizer):
+    from vist2_jax.cli.errors import UsageError
+
+    text = tmp_path / "chunk.txt"
+    text.write_text("Four per tile.", encoding="utf-8")  # at most 4 tiles x 4 tokens
+    tiles = ["model.layout.image_size=64", "model.layout.visual_len=4", "model.layout.text_len=8",
+             "data.sketch_tile=32", "data.sketch_tile_tokens=4"]
+    args = _parser().parse_args(["render", "--text-file", str(text), "--out", str(tmp_path / "x.png"), *tiles])
+    with pytest.raises(UsageError, match="data.tokenizer"):
+        args.func(args)
+    args = _parser().parse_args(["render", "--text-file", str(text), "--out", str(tmp_path / "x.png"), *tiles,
+                                 f"data.tokenizer={sp_tokenizer.path}"])
+    assert args.func(args) == 0
+    ink = (np.asarray(Image.open(tmp_path / "x.png"))[..., 0] < 128).reshape(2, 32, 2, 32).any(axis=(1, 3))
+    groups = -(-len(sp_tokenizer.encode(text.read_text())) // 4)
+    assert ink.reshape(-1)[:groups].all() and not ink.reshape(-1)[groups:].any()
+
+
 def test_render_cli_errors(tmp_path):
     from vist2_jax.cli.errors import UsageError
 

@@ -29,8 +29,13 @@ ROW_FIELDS: Mapping[str, type] = {
 # Per-image fields: ``images`` uint8 [B, N, H, W, 3], ``image_mask`` bool [B, N], and
 # ``glyphs`` uint8 [B, N, H/GLYPH_CELL, W/GLYPH_CELL]: which character each GLYPH_CELL-pixel
 # cell of a sketch shows (the renderer knows; the dense target of the text-oriented vision
-# objective, docs/design.md §4), GLYPH_UNKNOWN where nobody knows (photos, empty slots).
-IMAGE_FIELDS: Mapping[str, type] = {"images": np.uint8, "image_mask": np.bool_, "glyphs": np.uint8}
+# objective, docs/design.md §4), GLYPH_UNKNOWN where nobody knows (photos, empty slots); and
+# ``tile_tokens`` int32 [B, N, m, TILE_TOKENS]: with one tile per visual token, the ids of the
+# text tokens drawn in visual token k's tile (the tile-token objective, §4), TILE_TOKEN_NONE
+# in the unused entries and wherever nobody knows.
+IMAGE_FIELDS: Mapping[str, type] = {"images": np.uint8, "image_mask": np.bool_, "glyphs": np.uint8,
+                                    "tile_tokens": np.int32}
+TILE_TOKENS, TILE_TOKEN_NONE = 6, -1
 GLYPH_CELL = 4  # pixels per side of one glyph-target cell (narrower than any glyph: none is skipped)
 GLYPH_BLANK, GLYPH_OTHER, GLYPH_UNKNOWN = 0, 95, 255  # 1..94: printable ASCII '!'..'~'
 GLYPH_CLASSES = 96

@@ -29,7 +29,7 @@ import numpy as np
 from vist2_jax.aot.topology import Slice, slice_devices
 from vist2_jax.config.schema import Config
 from vist2_jax.parallel.sharding import LOGICAL_AXIS_RULES, make_mesh
-from vist2_jax.row_contract import CHUNK_ID, GLYPH_CELL, IMAGE_FIELDS, ROW_FIELDS
+from vist2_jax.row_contract import CHUNK_ID, GLYPH_CELL, IMAGE_FIELDS, ROW_FIELDS, TILE_TOKENS
 from vist2_jax.training.distributed import batch_sharding
 
 GIB = 2 ** 30
@@ -96,7 +96,7 @@ def representative_batch(config: Config) -> dict[str, np.ndarray]:
     layout, data = config.model.layout, config.data
     last = data.curriculum[-1] if data.curriculum else None
     text_len, max_chunks = (last.text_len, last.max_chunks) if last else (layout.text_len, 8)
-    row = RowBuilder(data.seq_len, layout.visual_len, data.images_per_row, (1, 1), CHUNK_ID)
+    row = RowBuilder(data.seq_len, layout.visual_len, data.images_per_row, (1, 1), CHUNK_ID, layout.visual_stride)
     image = np.zeros((1, 1, 3), np.uint8)
     try:
         while True:
@@ -125,6 +125,8 @@ def abstract_batch(config: Config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
     shapes["image_mask"] = ((data.global_batch_size, data.images_per_row), IMAGE_FIELDS["image_mask"])
     cells = layout.image_size // GLYPH_CELL
     shapes["glyphs"] = ((data.global_batch_size, data.images_per_row, cells, cells), IMAGE_FIELDS["glyphs"])
+    shapes["tile_tokens"] = ((data.global_batch_size, data.images_per_row, layout.visual_len, TILE_TOKENS),
+                             IMAGE_FIELDS["tile_tokens"])
     return {k: jax.ShapeDtypeStruct(s, d, sharding=sharding) for k, (s, d) in shapes.items()}
 
 

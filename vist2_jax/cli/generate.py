@@ -134,8 +134,9 @@ def run(args) -> int:
     def detokenize(tokens):  # the model's vocab may be padded past the tokenizer's
         return tokenizer.decode([t for t in tokens if t < vocab])
 
+    sketch_text = None if decoder_only else (lambda tokens: renderer.sketch_text(tokens, detokenize))  # noqa: E731
     gen = Generator(config, variables, render_fn=render, detokenize=detokenize,
-                    chunk_token=tokenizer.special_ids["chunk"])
+                    chunk_token=tokenizer.special_ids["chunk"], sketch_text=sketch_text)
     stop = tuple(i for name, i in tokenizer.special_ids.items() if name in ("eos", "end"))
     sampling = sampling_from_args(args, stop)
     on_token = streaming_printer(detokenize)

@@ -40,6 +40,14 @@ def run_render(args: argparse.Namespace) -> int:
     except UnicodeDecodeError as err:
         raise _usage_error(f"--text-file: {args.text_file} is not UTF-8 ({err.reason})") from None
     renderer = renderer_for_config(config.data, config.model.layout.image_size)
+    if config.data.sketch_tile_tokens:  # token-aligned tiles draw token groups: the tokenizer cuts them
+        if not config.data.tokenizer:
+            raise _usage_error(f"data.sketch_tile_tokens={config.data.sketch_tile_tokens} draws token groups: "
+                               "pass the run's tokenizer as data.tokenizer=PATH")
+        from data_pipelines.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(config.data.tokenizer)
+        text = renderer.sketch_text(tokenizer.encode(text), tokenizer.decode)
     try:
         image = renderer.render(text, method=args.method, where=args.text_file)
     except RenderRejected as err:

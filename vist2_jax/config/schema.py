@@ -78,7 +78,10 @@ class LayoutConfig:
     """How text chunks and sketch images share a row (docs/design.md §1, §4).
 
     ``text_len`` is L (text tokens per chunk), ``visual_len`` is m (visual tokens per
-    image) and must equal ``(image_size / patch_size / merge) ** 2``.
+    image) and must equal ``(image_size / patch_size / merge) ** 2``. ``visual_stride``: RoPE
+    positions between consecutive visual tokens of a span (1: continuous, the paper's row;
+    r: a span takes m*r positions, so with token-aligned tiles of r tokens each visual token
+    sits where its tokens would, docs/design.md §2).
     """
 
     text_len: int = 64
@@ -87,6 +90,7 @@ class LayoutConfig:
     patch_size: int = 16
     merge: int = 2
     visual_attends_past_visual: bool = False
+    visual_stride: int = 1
 
     @property
     def patch_grid(self) -> int:
@@ -97,7 +101,7 @@ class LayoutConfig:
         return self.text_len / self.visual_len
 
     def validate(self, prefix: str) -> None:
-        for name in ("text_len", "visual_len", "image_size", "patch_size", "merge"):
+        for name in ("text_len", "visual_len", "image_size", "patch_size", "merge", "visual_stride"):
             _require(getattr(self, name) > 0, f"{prefix}.{name}", "must be positive")
         _require(self.image_size % self.patch_size == 0, f"{prefix}.patch_size",
                  f"patch size {self.patch_size} does not divide image size {self.image_size}")
@@ -190,6 +194,9 @@ class DataConfig:
     # order, character-wrapped (monospace fonts); t = patch_size * merge puts each visual
     # token's text in its own tile (docs/design.md §4)
     sketch_tile: int = 0
+    # r > 0 (with tiles): token-aligned tiles, tile k showing exactly the chunk's tokens
+    # k*r .. k*r + r - 1, so that each visual token holds a fixed r tokens (docs/design.md §4)
+    sketch_tile_tokens: int = 0
     # OCR rows read each document window with its tokens in random order: the text can then
     # be neither recited from memory nor guessed from the language prior, only read
     ocr_shuffle: bool = False
@@ -277,7 +284,8 @@ class TrainConfig:
     ``component_learning_rate`` / ``component_start_step``: each component's own peak rate
     and schedule start. The objective is ``text_loss_weight`` x next-token loss +
     ``glyph_loss_weight`` x the glyph loss of the sketches (docs/design.md §4; 0 text weight:
-    a vision-only stage that never runs the decoder).
+    a vision-only stage that never runs the decoder) + ``tile_token_loss_weight`` x the
+    tile-token loss of the visual tokens (§4).
     """
 
     steps: int = 100
@@ -292,6 +300,7 @@ class TrainConfig:
     component_learning_rate: ComponentRates = ComponentRates()
     component_start_step: ComponentSteps = ComponentSteps()
     glyph_loss_weight: float = 0.0
+    tile_token_loss_weight: float = 0.0
     text_loss_weight: float = 1.0
     init_from: str = ""
     init_decoder_hf: str = ""
@@ -321,6 +330,7 @@ class TrainConfig:
             _require(0 <= start < self.steps, f"{prefix}.component_start_step.{name}",
                      f"must lie in [0, train.steps={self.steps})")
         _require(self.glyph_loss_weight >= 0, f"{prefix}.glyph_loss_weight", "must be >= 0")
+        _require(self.tile_token_loss_weight >= 0, f"{prefix}.tile_token_loss_weight", "must be >= 0")
         _require(self.text_loss_weight >= 0, f"{prefix}.text_loss_weight", "must be >= 0")
         _require(self.text_loss_weight > 0 or self.glyph_loss_weight > 0, f"{prefix}.text_loss_weight",
                  "is 0 and so is train.glyph_loss_weight: nothing would be learned")
@@ -397,6 +407,11 @@ class Config:
         tile, size = self.data.sketch_tile, self.model.layout.image_size
         _require(tile == 0 or (tile > 4 and size % tile == 0), "data.sketch_tile",
                  f"{tile} px must be 0 (the page) or a tile size dividing the {size} px sketch")
+        per_tile = self.data.sketch_tile_tokens
+        _require(per_tile >= 0, "data.sketch_tile_tokens", "must be >= 0 (0: tiles filled by characters)")
+        # (a chunk longer than per_tile x tiles tokens closes early by the chunk rule, as on a full page)
+        _require(not per_tile or tile > 0, "data.sketch_tile_tokens",
+                 "needs data.sketch_tile > 0 (token groups fill tiles)")
         if self.train.glyph_loss_weight > 0:
             _require(self.model.vision.glyph_head, "train.glyph_loss_weight",
                      "needs model.vision.glyph_head=true (the classifier the glyph loss trains)")
@@ -404,6 +419,17 @@ class Config:
                      "needs data.glyph_targets=true (the rows must carry each sketch's glyph map)")
             _require("vision" in self.train.trainable, "train.glyph_loss_weight",
                      "trains the vision tower, which train.trainable leaves frozen")
+        if self.train.tile_token_loss_weight > 0:
+            layout = self.model.layout
+            _require(tile == layout.patch_size * layout.merge, "train.tile_token_loss_weight",
+                     f"needs one tile per visual token: data.sketch_tile={tile} must equal "
+                     f"patch_size x merge = {layout.patch_size * layout.merge}")
+            _require(self.data.glyph_targets, "train.tile_token_loss_weight",
+                     "needs data.glyph_targets=true (the rows must carry each tile's tokens)")
+            _require(self.train.text_loss_weight > 0, "train.tile_token_loss_weight",
+                     "reads the decoder's embedding table, which a vision-only stage (text_loss_weight=0) never runs")
+            _require({"vision", "aligner"} & set(self.train.trainable), "train.tile_token_loss_weight",
+                     "trains the vision tower and aligner, which train.trainable both leave frozen")
         m = self.model.layout.visual_len
         for i, point in enumerate(self.data.curriculum):
             _require(point.text_len % m == 0, f"data.curriculum[{i}].text_len",

@@ -30,7 +30,8 @@ def reconstruction_png(ctx: EvalContext, path: str | Path, count: int = 3, scale
     cers = []
     for i, ((_, text, image, px), prediction) in enumerate(zip(chunks, predictions)):
         top = caption + i * (size + 2 * caption + 10)
-        drawn = maker.renderer.try_render(prediction)
+        tokenizer = maker.tokenizer  # token-aligned tiles draw token groups (SketchRenderer.sketch_text)
+        drawn = maker.renderer.try_render(maker.renderer.sketch_text(tokenizer.encode(prediction), tokenizer.decode))
         if drawn is None:  # the reconstruction does not fit one sketch: show a grey panel
             drawn = np.full_like(image, 200)
         for column, panel in enumerate((image, drawn)):

@@ -31,8 +31,10 @@ def evaluate_generation(ctx: EvalContext, examples: Sequence[Example], mode: str
     tokenizer = ctx.tokenizer
     render = RunRenderer(ctx) if mode != "text" else None
     blank = lambda text: np.zeros((ctx.config.model.layout.image_size,) * 2 + (3,), np.uint8)  # noqa: E731
+    sketch_text = (lambda ids: render.renderer.sketch_text(ids, ctx.detokenize)) if render else None  # noqa: E731
     generator = Generator(ctx.config.model, ctx.params, render_fn=render or blank,
-                          detokenize=ctx.detokenize, chunk_token=tokenizer.special_ids["chunk"])
+                          detokenize=ctx.detokenize, chunk_token=tokenizer.special_ids["chunk"],
+                          sketch_text=sketch_text)
     stop = tuple(i for name, i in tokenizer.special_ids.items() if name in ("eos", "end"))
     sampling = SamplingConfig(stop_tokens=stop)
     scores, predictions = defaultdict(list), []

@@ -42,11 +42,12 @@ def held_out_chunks(maker, text_len: int, count: int, seed: int = 0):
         start = int(rng.integers(0, len(tokens) - text_len + 1))
         piece = tokens[start:start + text_len]
         text = maker.tokenizer.decode(piece)
+        drawn = maker.renderer.sketch_text(piece, maker.tokenizer.decode)  # = text, in tile groups if any
         try:
-            image = maker.renderer.render(text)
+            image = maker.renderer.render(drawn)
         except RenderRejected:
             continue
-        chunks.append((piece, text, image, maker.renderer.layout(text)[0].size))
+        chunks.append((piece, text, image, maker.renderer.layout(drawn)[0].size))
     return chunks
 
 
@@ -75,7 +76,8 @@ def reconstruct(ctx: EvalContext, chunks, batch_size: int = 16) -> list[str]:
     size = ctx.config.model.layout.image_size
     rows = []
     for tokens, _, image, _ in chunks:
-        builder = RowBuilder(m + text_span_cost(L), m, 1, (size, size), ctx.tokenizer.chunk_id)
+        builder = RowBuilder(m + text_span_cost(L), m, 1, (size, size), ctx.tokenizer.chunk_id,
+                             ctx.config.model.layout.visual_stride)
         builder.start_document()
         builder.add_image(image, chunk_id=1)
         builder.add_text(np.zeros_like(tokens), chunk_id=reader_chunk_id(1))  # nothing to copy from

@@ -113,6 +113,12 @@ class Aligner(nn.Module):
         return self.fc2(F.gelu(self.fc1(h)))
 
 
+def _padded_positions(positions: list[int], size: int) -> list[int]:
+    """A row's positions, continued one by one over its padding (which attends only to itself)."""
+    start = positions[-1] + 1 if positions else 0
+    return positions + list(range(start, start + size - len(positions)))
+
+
 class Vist2ForCausalLM(PreTrainedModel, GenerationMixin):
     """An exported VIST2 model; see the module docstring."""
 
@@ -126,6 +132,7 @@ class Vist2ForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         layout = config.layout
         self.L, self.m = layout["text_len"], layout["visual_len"]
+        self.stride = layout.get("visual_stride", 1)  # positions per visual token
         self.image_size, self.patch, self.merge = layout["image_size"], layout["patch_size"], layout["merge"]
         self.vapv = bool(layout["visual_attends_past_visual"])
         self.language_model = Qwen3ForCausalLM(Qwen3Config(**config.lm_config))
@@ -174,7 +181,7 @@ class Vist2ForCausalLM(PreTrainedModel, GenerationMixin):
 
     def try_render(self, ids: Sequence[int]) -> np.ndarray | None:
         """The sketch of ``ids``, or None when the renderer rejects it (does not fit)."""
-        return self.renderer.try_render(self.detokenize(ids))
+        return self.renderer.try_render(self.renderer.sketch_text(ids, self.detokenize))
 
     # ---- encoders -------------------------------------------------------------------------
     @torch.no_grad()
@@ -270,20 +277,25 @@ class Vist2ForCausalLM(PreTrainedModel, GenerationMixin):
         one more, the row position whose output predicts it."""
         if mode == "text":
             n = len(ids)
-            return dict(tokens=list(ids), modality=[TEXT] * n, chunk_id=[0] * n, images=[]), [0, *range(n)]
+            return dict(tokens=list(ids), modality=[TEXT] * n, chunk_id=[0] * n, positions=list(range(n)),
+                        images=[]), [0, *range(n)]
         closed, rest, _ = self._chunks(ids)
-        row = dict(tokens=[], modality=[], chunk_id=[], images=[])
-        predictors = []
+        row = dict(tokens=[], modality=[], chunk_id=[], positions=[], images=[])
+        predictors, position = [], 0
         for c, (text, image) in enumerate([*closed, (rest, None)], start=1):
             marker = len(row["tokens"])
             predictors += range(marker, marker + len(text) + (image is None))
             row["tokens"] += [self.chunk_token, *text]
             row["modality"] += [TEXT] * (len(text) + 1)
             row["chunk_id"] += [c] * (len(text) + 1)
+            row["positions"] += range(position, position + len(text) + 1)
+            position += len(text) + 1
             if image is not None:
                 row["tokens"] += [0] * self.m
                 row["modality"] += [VISUAL] * self.m
                 row["chunk_id"] += [c] * self.m
+                row["positions"] += range(position, position + self.m * self.stride, self.stride)
+                position += self.m * self.stride
                 row["images"].append(image)
         return row, predictors
 
@@ -307,7 +319,7 @@ class Vist2ForCausalLM(PreTrainedModel, GenerationMixin):
         batch = {name: np.array([r[name] + [0] * (size - len(r[name])) for r, _ in rows])
                  for name in ("tokens", "modality", "chunk_id")}
         batch["segment_id"] = np.where(batch["modality"] == PAD, 2, 1)  # padding: its own segment
-        batch["positions"] = np.tile(np.arange(size), (len(rows), 1))
+        batch["positions"] = np.array([_padded_positions(r["positions"], size) for r, _ in rows])
         batch["images"] = np.array([r["images"] + [empty] * (slots - len(r["images"])) for r, _ in rows]).reshape(
             len(rows), slots, self.image_size, self.image_size, 3)
         row_logits = self.forward_rows(batch)
@@ -334,8 +346,8 @@ class Vist2ForCausalLM(PreTrainedModel, GenerationMixin):
             visual_start = marker + 1 + len(text)
             modality += [VISUAL] * m
             chunk_ids += [c] * m
-            position += range(visual_start, visual_start + m)
-            marker = visual_start + m
+            position += range(visual_start, visual_start + m * self.stride, self.stride)
+            marker = visual_start + m * self.stride
         chunk, text = len(closed), [self.chunk_token, *rest]
         modality += [TEXT] * len(text)
         chunk_ids += [chunk + 1] * len(text)
@@ -356,10 +368,11 @@ class Vist2ForCausalLM(PreTrainedModel, GenerationMixin):
         m = self.m
         image = state["image"] if state["image"] is not None else close_chunk(state["tokens"], self.try_render)[1]
         visual_start = state["marker"] + 1 + len(state["tokens"])
-        meta = Meta.of([VISUAL] * m, [state["chunk"]] * m, range(visual_start, visual_start + m), device=self.device)
+        end = visual_start + m * self.stride
+        meta = Meta.of([VISUAL] * m, [state["chunk"]] * m, range(visual_start, end, self.stride), device=self.device)
         x = self._embed(torch.zeros(1, m, dtype=torch.long, device=self.device), meta.modality,
                         self.encode_images(image[None]))
-        state.update(chunk=state["chunk"] + 1, tokens=[], marker=visual_start + m, pos=visual_start + m, image=None)
+        state.update(chunk=state["chunk"] + 1, tokens=[], marker=end, pos=end, image=None)
         return self.extend(x, meta, cache.row(b, keep=VISUAL))[1]
 
     def _feed(self, cache: Cache, feeds: list[int], states: list[dict]) -> tuple[torch.Tensor, Cache]:

@@ -89,16 +89,19 @@ class GenerationResult:
 
 class Generator:
     """Batched generation in one of ``MODES``; ``render_fn(text) -> uint8 [H, W, 3]`` and
-    ``detokenize(ids) -> str`` are injected. ``prefill_chunk`` bounds the queries per
+    ``detokenize(ids) -> str`` are injected; ``sketch_text(ids) -> str`` (default
+    ``detokenize``) is the text a chunk is drawn from (``SketchRenderer.sketch_text``: token-aligned
+    tiles need the token groups). ``prefill_chunk`` bounds the queries per
     prefill call (chunked prefill), so a long prompt never needs an [S, S] score matrix."""
 
     def __init__(self, config: ModelConfig, params, *, render_fn: Callable[[str], np.ndarray],
                  detokenize: Callable[[Sequence[int]], str], chunk_token: int = CHUNK_ID,
-                 prefill_chunk: int = 1024):
+                 prefill_chunk: int = 1024, sketch_text: Callable[[Sequence[int]], str] | None = None):
         self.config = dataclasses.replace(config, remat_policy="none")
         self.model = Vist2Model(self.config)
         self.params = params
         self.render_fn, self.detokenize = render_fn, detokenize
+        self.sketch_text = sketch_text or detokenize
         self.chunk_token, self.prefill_chunk = chunk_token, prefill_chunk
         apply = self.model.apply
         # The cache argument is donated: updated in place, never copied per step.
@@ -116,7 +119,7 @@ class Generator:
     def _try_render(self, tokens: Sequence[int]) -> np.ndarray | None:
         """The sketch of ``tokens``, or None when the renderer rejects it (does not fit)."""
         try:
-            image = np.asarray(self.render_fn(self.detokenize(list(tokens))), np.uint8)
+            image = np.asarray(self.render_fn(self.sketch_text(list(tokens))), np.uint8)
         except RenderRejected:
             return None
         size = self.config.layout.image_size
@@ -128,7 +131,7 @@ class Generator:
         """Per row: entries (modality, token, chunk, position, slot-or-text-index), prompt chunk
         images, and the row state after the prefill. Prompt chunks close by the chunk rule
         (``close_chunk``): at L tokens, or before the token that would not fit the sketch."""
-        L, m = self.config.layout.text_len, self.config.layout.visual_len
+        L, m, stride = self.config.layout.text_len, self.config.layout.visual_len, self.config.layout.visual_stride
         rows, images, states = [], [], []
         for prompt in prompts:
             n = len(prompt)
@@ -146,9 +149,9 @@ class Generator:
                     break
                 chunk += 1
                 visual_start = position + 1 + k  # after the chunk's marker and its k tokens
-                entries += [(VISUAL, 0, chunk, visual_start + i, ("visual", chunk, i)) for i in range(m)]
+                entries += [(VISUAL, 0, chunk, visual_start + i * stride, ("visual", chunk, i)) for i in range(m)]
                 row_images.append(image)
-                start, position = start + k, visual_start + m
+                start, position = start + k, visual_start + m * stride
             rest = list(prompt[start:])
             entries += [(TEXT, t, chunk + 1, position + i, ("text", i))
                         for i, t in enumerate([self.chunk_token] + rest)]
@@ -308,10 +311,11 @@ class Generator:
             visual_start = s["marker"] + 1 + len(s["chunk_tokens"])
             images[b] = image
             modality[b], chunk[b] = VISUAL, c
-            positions[b] = visual_start + np.arange(m)
+            stride = self.config.layout.visual_stride
+            positions[b] = visual_start + stride * np.arange(m)
             slots[b] = layout.visual_slots(c)
             free[b, layout.text_base:layout.trash] = True
-            s.update(chunk=c + 1, marker=visual_start + m, pos=visual_start + m, text_count=0,
+            s.update(chunk=c + 1, marker=visual_start + m * stride, pos=visual_start + m * stride, text_count=0,
                      chunk_tokens=[], image=None)
         cache = self._insert(self.params, images, _meta(modality, chunk, positions), slots, cache, free)
         return cache, layout

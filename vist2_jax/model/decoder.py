@@ -159,6 +159,10 @@ class Qwen3Decoder(nn.Module):
         x, (k, v) = self.blocks(x, meta, (kv_meta, slots), per_layer=(cache.k, cache.v))
         return self.final_norm(x), KVCache(k, v, kv_meta)
 
+    def embedding_table(self) -> jax.Array:
+        """The input embedding [V, D]: the space visual tokens are written into."""
+        return self.embedding
+
     def head_weight(self) -> jax.Array:
         """The LM head matrix: the tied [V, D] embedding, or the untied [D, V] kernel (for
         :func:`vist2_jax.model.loss.head_logits`, which matches :meth:`logits`)."""

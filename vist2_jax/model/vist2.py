@@ -12,7 +12,8 @@ import jax.numpy as jnp
 
 from vist2_jax.config.schema import ModelConfig
 from vist2_jax.kernels.mask import RowMeta
-from vist2_jax.row_contract import GLYPH_BLANK, GLYPH_CELL, GLYPH_UNKNOWN, IMAGE_FIELDS, ROW_FIELDS, TEXT, VISUAL
+from vist2_jax.row_contract import (GLYPH_BLANK, GLYPH_CELL, GLYPH_UNKNOWN, IMAGE_FIELDS, ROW_FIELDS, TEXT,
+                                    TILE_TOKEN_NONE, TILE_TOKENS, VISUAL)
 from vist2_jax.model.decoder import BSE, Qwen3Decoder
 from vist2_jax.model.layers import DTYPES, constrain
 from vist2_jax.model.loss import blockwise_next_token_loss
@@ -78,6 +79,26 @@ def glyph_loss(logits: jax.Array, glyphs: jax.Array) -> dict[str, jax.Array]:
             "glyph_cells": inked.sum().astype(jnp.float32)}
 
 
+def tile_token_loss(visual: jax.Array, table: jax.Array, tile_tokens: jax.Array) -> dict[str, jax.Array]:
+    """The tile-token objective (docs/design.md §4): each visual token [.., m, D], read
+    through the decoder's own embedding table [V, D] as logits, against the ids of the tokens
+    its tile shows [.., m, K] (``TILE_TOKEN_NONE`` ignored): mean cross-entropy per label, so
+    the optimum spreads a visual token's probability over its tile's tokens. The table gets no
+    gradient: the objective moves the vision side into the decoder's token space, not the
+    reverse. ``tile_token_accuracy``: the share of tiles whose top id is one of their tokens."""
+    logits = jnp.einsum("...d,vd->...v", visual.astype(jnp.float32),
+                        jax.lax.stop_gradient(table).astype(jnp.float32))
+    valid = tile_tokens != TILE_TOKEN_NONE
+    labels = jnp.where(valid, tile_tokens, 0)
+    nll = jax.nn.logsumexp(logits, axis=-1)[..., None] - jnp.take_along_axis(logits, labels, axis=-1)
+    tiles = valid.any(axis=-1)
+    hit = ((jnp.argmax(logits, axis=-1)[..., None] == labels) & valid).any(axis=-1)
+    return {"tile_token_loss": (nll * valid).sum() / jnp.maximum(valid.sum(), 1),
+            "tile_token_accuracy": hit.sum() / jnp.maximum(tiles.sum(), 1),
+            "tile_token_labels": valid.sum().astype(jnp.float32),
+            "tile_token_tiles": tiles.sum().astype(jnp.float32)}
+
+
 class Vist2Model(nn.Module):
     """ViT + aligner + Qwen3 decoder over rows of the docs/design.md §2 contract.
 
@@ -113,10 +134,12 @@ class Vist2Model(nn.Module):
         """The glyph loss of a batch's sketches alone: the tower and its head, no decoder."""
         return self._glyph_loss(self._features(batch["images"]), batch["glyphs"])
 
-    def embed_row(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """(decoder input, glyph metrics): token embeddings at text positions, image tokens at
-        visual ones; with a glyph head and ``glyphs`` in the batch, also the glyph loss of the
-        row's sketches (from the same tower features)."""
+    def embed_row(self, batch: Mapping[str, jax.Array], tile_tokens: bool = False
+                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(decoder input, auxiliary metrics): token embeddings at text positions, image tokens
+        at visual ones; with a glyph head and ``glyphs`` in the batch, also the glyph loss of
+        the row's sketches (from the same tower features); with ``tile_tokens``, the
+        tile-token loss of their visual tokens."""
         modality = batch["modality"]
         text = self.decoder.embed(batch["tokens"])
         text = jnp.where((modality == TEXT)[..., None], text, jnp.zeros_like(text))
@@ -125,25 +148,29 @@ class Vist2Model(nn.Module):
         images = batch["images"]
         features = self._features(images)
         visual = self.aligner(features).reshape(images.shape[0], images.shape[1], -1, text.shape[-1])
-        glyph = {}
+        aux = {}
         if self.config.vision.glyph_head and "glyphs" in batch:
-            glyph = self._glyph_loss(features, batch["glyphs"])
-        return constrain(place_visual_tokens(text, visual, modality), BSE), glyph
+            aux.update(self._glyph_loss(features, batch["glyphs"]))
+        if tile_tokens:
+            aux.update(tile_token_loss(visual, self.decoder.embedding_table(), batch["tile_tokens"]))
+        return constrain(place_visual_tokens(text, visual, modality), BSE), aux
 
-    def __call__(self, batch: Mapping[str, jax.Array], with_logits: bool = True) -> dict[str, jax.Array]:
+    def __call__(self, batch: Mapping[str, jax.Array], with_logits: bool = True,
+                 tile_tokens: bool = False) -> dict[str, jax.Array]:
         """Loss and metrics; with ``with_logits`` also the full fp32 logits (the loss then
         comes from them), else the loss is blockwise (:mod:`vist2_jax.model.loss`, what
-        training uses) and no [B, S, V] array exists."""
-        embedded, glyph = self.embed_row(batch)
+        training uses) and no [B, S, V] array exists; ``tile_tokens`` adds the tile-token
+        loss (``batch["tile_tokens"]`` needed)."""
+        embedded, aux = self.embed_row(batch, tile_tokens)
         hidden = self.decoder(embedded, RowMeta.from_batch(batch))
         if not with_logits:
             return {**blockwise_next_token_loss(
                 hidden, self.decoder.head_weight(), batch["targets"], batch["loss_mask"],
                 tied=self.config.decoder.tie_embeddings, dtype=DTYPES[self.config.dtype],
-                chunk=self.config.loss_chunk)[1], **glyph}
+                chunk=self.config.loss_chunk)[1], **aux}
         logits = self.decoder.logits(hidden)
         loss, metrics = next_token_loss(logits, batch["targets"], batch["loss_mask"])
-        return {"logits": logits, **metrics, **glyph}
+        return {"logits": logits, **metrics, **aux}
 
 
 def example_batch(config: ModelConfig, batch_size: int = 1, seq_len: int = 32,
@@ -155,6 +182,8 @@ def example_batch(config: ModelConfig, batch_size: int = 1, seq_len: int = 32,
     batch["image_mask"] = jnp.zeros((batch_size, num_images), IMAGE_FIELDS["image_mask"])
     cells = size // GLYPH_CELL
     batch["glyphs"] = jnp.full((batch_size, num_images, cells, cells), GLYPH_UNKNOWN, IMAGE_FIELDS["glyphs"])
+    batch["tile_tokens"] = jnp.full((batch_size, num_images, config.layout.visual_len, TILE_TOKENS),
+                                    TILE_TOKEN_NONE, IMAGE_FIELDS["tile_tokens"])
     return batch
 
 

@@ -48,6 +48,14 @@ def _glyph_sums(out: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
             "glyph_cells": cells}
 
 
+def _tile_token_sums(out: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """The tile-token figures as sums over labels and tiles (exact under accumulation)."""
+    return {"tile_token_loss_sum": out["tile_token_loss"] * out["tile_token_labels"],
+            "tile_token_labels": out["tile_token_labels"],
+            "tile_token_accuracy_sum": out["tile_token_accuracy"] * out["tile_token_tiles"],
+            "tile_token_tiles": out["tile_token_tiles"]}
+
+
 def loss_and_metrics(model: Vist2Model, config: Config, params: Any, batch: Mapping[str, jax.Array]):
     """(objective, sums): the objective to differentiate and token-weighted metric sums.
     With ``train.text_loss_weight=0`` only the tower and its glyph head run (a vision
@@ -58,7 +66,8 @@ def loss_and_metrics(model: Vist2Model, config: Config, params: Any, batch: Mapp
         sums.update(loss=sums["glyph_loss_sum"], accuracy=sums["glyph_accuracy_sum"], z_loss=jnp.zeros(()),
                     target_tokens=sums["glyph_cells"])
         return config.train.glyph_loss_weight * out["glyph_loss"], sums
-    out = model.apply(params, batch, with_logits=False)  # blockwise loss, no [B, S, V] logits
+    tile_tokens = config.train.tile_token_loss_weight > 0
+    out = model.apply(params, batch, with_logits=False, tile_tokens=tile_tokens)  # blockwise, no [B, S, V]
     loss = config.train.text_loss_weight * out["loss"]
     if config.train.z_loss_weight > 0:
         loss = loss + config.train.z_loss_weight * out["z_loss"]
@@ -69,6 +78,9 @@ def loss_and_metrics(model: Vist2Model, config: Config, params: Any, batch: Mapp
         if config.train.glyph_loss_weight > 0:
             loss = loss + config.train.glyph_loss_weight * out["glyph_loss"]
         sums.update(_glyph_sums(out))
+    if tile_tokens:  # the tile-token objective (docs/design.md §4)
+        loss = loss + config.train.tile_token_loss_weight * out["tile_token_loss"]
+        sums.update(_tile_token_sums(out))
     for task, rows in task_of_rows(config, batch["modality"]).items():
         sums[f"loss_sum_{task}"] = jnp.sum(jnp.where(rows, out["row_nll"], 0.0))
         sums[f"tokens_{task}"] = jnp.sum(jnp.where(rows, out["row_tokens"], 0.0))
@@ -84,6 +96,9 @@ def finish_metrics(sums: dict) -> dict:
         cells = jnp.maximum(sums["glyph_cells"], 1.0)
         metrics["glyph_loss"] = sums["glyph_loss_sum"] / cells
         metrics["glyph_accuracy"] = sums["glyph_accuracy_sum"] / cells
+    if "tile_token_labels" in sums:
+        metrics["tile_token_loss"] = sums["tile_token_loss_sum"] / jnp.maximum(sums["tile_token_labels"], 1.0)
+        metrics["tile_token_accuracy"] = sums["tile_token_accuracy_sum"] / jnp.maximum(sums["tile_token_tiles"], 1.0)
     for key in sums:
         if key.startswith("loss_sum_"):
             task = key[len("loss_sum_"):]
