@@ -229,8 +229,9 @@ class SketchRenderer:
                 "freetype": features.version("freetype2")}
 
     # ---- text preparation -------------------------------------------------------------
-    def _paragraphs(self, text: str, where: str = "") -> list[str]:
-        """Split lines, expand tabs, and apply the missing-glyph policy (counted)."""
+    def _paragraphs(self, text: str, where: str = "", count: bool = True) -> list[str]:
+        """Split lines, expand tabs, and apply the missing-glyph policy (counted unless
+        ``count`` is false: a second look at a text already drawn)."""
         paragraphs = [p.expandtabs(self.config.tab_size) for p in text.splitlines()]
         codes = np.frombuffer("".join(paragraphs).encode("utf-32-le", "surrogatepass"), np.uint32)
         bad = ~self.drawable[codes] if codes.size else np.zeros(0, bool)
@@ -238,9 +239,10 @@ class SketchRenderer:
         missing = int(bad.sum())
         if not missing:
             return paragraphs
-        self.stats.add_missing(codes[bad], where)
+        if count:
+            self.stats.add_missing(codes[bad], where)
         if self.config.missing_glyphs == "reject":
-            self.stats.rejected_missing_glyphs += 1
+            self.stats.rejected_missing_glyphs += count
             chars = ", ".join(f"{codepoint(c)} {chr(c)!r}" for c in np.unique(codes[bad])[:5].tolist())
             raise RenderRejected(f"{missing} characters missing from the font: {chars}")
         drawable = self.drawable
@@ -261,17 +263,18 @@ class SketchRenderer:
         cuts = np.minimum(_prefix_ends(ids, decode, step=r), len(text)).tolist()
         return GROUP_SEPARATOR.join(text[a:b] for a, b in zip(cuts, cuts[1:]))
 
-    def layout(self, text: str, where: str = "") -> tuple[_Size, list[str], bool]:
+    def layout(self, text: str, where: str = "", count: bool = True) -> tuple[_Size, list[str], bool]:
         """(size bucket, lines, grid) for the largest size at which the text fits; ``where``
-        (e.g. ``file.jsonl:12``) is recorded with any missing glyphs. With tiles, the lines
-        of tile ``i`` are ``lines[i * size.max_rows:(i + 1) * size.max_rows]``."""
+        (e.g. ``file.jsonl:12``) is recorded with any missing glyphs (not with ``count=False``:
+        a second look at a drawn text). With tiles, the lines of tile ``i`` are
+        ``lines[i * size.max_rows:(i + 1) * size.max_rows]``."""
         if self.config.tile_tokens:
             groups = text.split(GROUP_SEPARATOR)
             if len(groups) > self.tiles:
                 self.stats.rejected_no_fit += 1
                 raise RenderRejected(f"{len(groups)} token groups do not fit {self.tiles} tiles")
-            return self._group_layout([" ".join(self._paragraphs(group, where)) for group in groups])
-        paragraphs = self._paragraphs(text, where)
+            return self._group_layout([" ".join(self._paragraphs(group, where, count)) for group in groups])
+        paragraphs = self._paragraphs(text, where, count)
         if self.config.tile:
             return self._tile_layout(" ".join(paragraphs))
         chars = set("".join(paragraphs))
@@ -367,7 +370,7 @@ class SketchRenderer:
         widths); blank where no character is. The dense target of the vision objective."""
         from vist2_jax.row_contract import GLYPH_BLANK, glyph_class
 
-        size, lines, _ = self.layout(text)
+        size, lines, _ = self.layout(text, count=False)  # render() counted this text's missing glyphs
         grid = self.config.image_size // cell
         out = np.full((grid, grid), GLYPH_BLANK, np.uint8)
         for top, left, box, box_lines in self._boxes(size, lines):
@@ -397,7 +400,7 @@ class SketchRenderer:
                     out[i // r, i % r] = token
             return out
         text = decode(ids)
-        size, _, _ = self.layout(text)
+        size, _, _ = self.layout(text, count=False)
         capacity = size.max_rows * size.cols
         tab = self.config.tab_size
 

@@ -58,6 +58,17 @@ def test_glyph_map_names_the_character_drawn_in_each_cell():
 
 
 @pytest.mark.parametrize("tile", [0, 32], ids=["page", "tiles"])
+def test_missing_glyphs_are_counted_once_per_sketch_with_its_targets(tile):
+    renderer = SketchRenderer(RenderConfig(image_size=128, tile=tile))
+    text = "ink \u4e2d and \u6587"  # no CJK in DejaVu Sans Mono
+    renderer.render(text)
+    renderer.glyph_map(text, GLYPH_CELL)
+    if tile:
+        renderer.tile_token_ids(list(range(len(text))), lambda ids: "".join(text[i] for i in ids), 16, TILE_TOKENS)
+    assert renderer.stats.missing_glyphs == 2 and renderer.stats.rendered == 1
+
+
+@pytest.mark.parametrize("tile", [0, 32], ids=["page", "tiles"])
 def test_rows_carry_glyph_maps_only_for_rendered_text(tmp_path, tokenizer_path, tile):
     for stage, known in (("ocr", True), ("caption", False)):
         config = load_config(overrides=[*SMALL, *GLYPHS, f"data.tokenizer={tokenizer_path}", f"data.stage={stage}",
