@@ -147,8 +147,10 @@ class RowMaker:
         their sketches and the renderer's targets for each (``add_image`` keyword arguments:
         the glyph map and, with tiles, the tile tokens, under ``data.glyph_targets``; empty
         otherwise); None (skipped and counted) when not even one token can be drawn."""
+        drawn = {}  # prefix length -> the text its sketch is drawn from, for the targets
+
         def try_render(ids):
-            text = self.renderer.sketch_text(ids, self.tokenizer.decode)
+            drawn[len(ids)] = text = self.renderer.sketch_text(ids, self.tokenizer.decode)
             return self.renderer.try_render(text, where=sample.location)
 
         chunks, images, targets, start = [], [], [], 0
@@ -168,19 +170,20 @@ class RowMaker:
                 self.counters["closed_early"] += 1
             chunks.append(window[:k])
             images.append(image)
-            targets.append(self._targets(window[:k]))
+            targets.append(self._targets(window[:k], drawn[k]))
             start += k
         self.counters["images"] += len(images)
         return chunks, images, targets
 
-    def _targets(self, chunk) -> dict[str, np.ndarray]:
-        """What the renderer knows about a chunk's sketch, as ``add_image`` keywords."""
+    def _targets(self, chunk, text: str) -> dict[str, np.ndarray]:
+        """What the renderer knows about a chunk's sketch (drawn from ``text``), as
+        ``add_image`` keywords."""
         if not self.data.glyph_targets:
             return {}
-        decode = self.tokenizer.decode
-        out = {"glyphs": self.renderer.glyph_map(self.renderer.sketch_text(chunk, decode), GLYPH_CELL)}
+        out = {"glyphs": self.renderer.glyph_map(text, GLYPH_CELL)}
         if self.renderer.config.tile:
-            out["tile_tokens"] = self.renderer.tile_token_ids(chunk, decode, self.layout.visual_len, TILE_TOKENS)
+            out["tile_tokens"] = self.renderer.tile_token_ids(chunk, self.tokenizer.decode, self.layout.visual_len,
+                                                              TILE_TOKENS)
         return out
 
     def _window(self, rng, sample: Sample, text_len: int, max_chunks: int):

@@ -27,11 +27,11 @@ def reconstruction_png(ctx: EvalContext, path: str | Path, count: int = 3, scale
     draw = ImageDraw.Draw(sheet)
     draw.text((10, 2), "held-out sketch", fill=(0, 0, 0))
     draw.text((size + 20, 2), "model's greedy reconstruction", fill=(0, 0, 0))
-    cers = []
+    cers, renderer, tokenizer = [], maker.renderer, maker.tokenizer
     for i, ((_, text, image, px), prediction) in enumerate(zip(chunks, predictions)):
         top = caption + i * (size + 2 * caption + 10)
-        tokenizer = maker.tokenizer  # token-aligned tiles draw token groups (SketchRenderer.sketch_text)
-        drawn = maker.renderer.try_render(maker.renderer.sketch_text(tokenizer.encode(prediction), tokenizer.decode))
+        # token-aligned tiles draw token groups (SketchRenderer.sketch_text)
+        drawn = renderer.try_render(renderer.sketch_text(tokenizer.encode(prediction), tokenizer.decode))
         if drawn is None:  # the reconstruction does not fit one sketch: show a grey panel
             drawn = np.full_like(image, 200)
         for column, panel in enumerate((image, drawn)):

@@ -47,7 +47,7 @@ def held_out_chunks(maker, text_len: int, count: int, seed: int = 0):
             image = maker.renderer.render(drawn)
         except RenderRejected:
             continue
-        chunks.append((piece, text, image, maker.renderer.layout(drawn)[0].size))
+        chunks.append((piece, text, image, maker.renderer.layout(drawn, count=False)[0].size))  # counted by render
     return chunks
 
 

@@ -294,7 +294,7 @@ class Generator:
         """Close the current chunk of each row in ``rows``: its sketch (rendered when its last
         token was accepted) becomes m visual entries, and its text slots are freed."""
         lay = self.config.layout
-        m, size = lay.visual_len, lay.image_size
+        m, size, stride = lay.visual_len, lay.image_size, lay.visual_stride
         needed = max(states[b]["chunk"] for b in rows)
         if needed > layout.visual_chunks:  # chunks closed early: more chunks than reserved
             grown = dataclasses.replace(layout, visual_chunks=needed + max(2, needed // 4))
@@ -311,7 +311,6 @@ class Generator:
             visual_start = s["marker"] + 1 + len(s["chunk_tokens"])
             images[b] = image
             modality[b], chunk[b] = VISUAL, c
-            stride = self.config.layout.visual_stride
             positions[b] = visual_start + stride * np.arange(m)
             slots[b] = layout.visual_slots(c)
             free[b, layout.text_base:layout.trash] = True
