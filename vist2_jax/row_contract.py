@@ -70,17 +70,6 @@ def text_span_cost(num_tokens: int) -> int:
     return 1 + num_tokens
 
 
-def marker_position(chunk: int, L: int, m: int) -> int:
-    """Position of chunk ``chunk``'s (1-based) ``<|chunk|>`` marker in a one-document OLM row
-    ``[T1][V1][T2]...`` of chunks of L tokens (marker + L tokens + m visual tokens each)."""
-    return (chunk - 1) * (L + 1 + m)
-
-
-def visual_position(chunk: int, L: int, m: int) -> int:
-    """Position of the first visual token of chunk ``chunk`` in that row."""
-    return marker_position(chunk, L, m) + L + 1
-
-
 def stack_rows(rows):
     """Rows (dicts of per-row arrays) -> one batch with a leading [B] axis."""
     return {name: np.stack([row[name] for row in rows]) for name in rows[0]}
