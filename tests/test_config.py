@@ -45,6 +45,23 @@ def test_recipe_chain_and_overrides(tmp_path):
     assert config.model.decoder == PRESETS["tiny"].decoder
 
 
+def test_a_recipe_merges_a_list_of_bases_in_order(tmp_path):
+    """``base: [stage, overlay]``: the proof's stages are the demo's plus one overlay."""
+    (tmp_path / "stage.yaml").write_text("preset: tiny\ndata:\n  seq_len: 256\n  images_per_row: 1\n")
+    (tmp_path / "overlay.yaml").write_text("data:\n  seq_len: 128\ntrain:\n  steps: 70\n")
+    (tmp_path / "run.yaml").write_text("base: [stage.yaml, overlay.yaml]\ntrain:\n  steps: 90\n")
+    config = load_config(tmp_path / "run.yaml")
+    assert (config.data.seq_len, config.data.images_per_row, config.train.steps) == (128, 1, 90)
+    (tmp_path / "bad.yaml").write_text("base: [stage.yaml, 3]\n")
+    with pytest.raises(ConfigError, match="^base: in .*bad.yaml must name a recipe or a list of recipes"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_text_only_rows_need_the_olm_stage():
+    with pytest.raises(ConfigError, match="^data.text_only: needs data.stage=olm .*got 'ocr'"):
+        load_config(overrides=["data.stage=ocr", "data.text_only=true"])
+
+
 def test_override_parsing_types():
     tree = parse_overrides(["a.b=3", "a.c=true", "d=hello", "e=1.5"])
     assert tree == {"a": {"b": 3, "c": True}, "d": "hello", "e": 1.5}

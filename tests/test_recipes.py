@@ -79,3 +79,11 @@ def test_demo_and_proof_stages_train_the_components_of_the_design_table(folder):
     assert vision.train.text_loss_weight == 0 and vision.train.glyph_loss_weight > 0
     stage2 = load_config(f"recipes/{folder}/stage2_ocr.yaml").train
     assert 0 < stage2.component_learning_rate.vision < stage2.component_learning_rate.aligner
+    # Every stage draws and reads the same tiles: a chunk of the longest L fits the sketch.
+    stages = [load_config(f"recipes/{folder}/{stage}.yaml") for stage in
+              ("stage0_lm", "stage0_vision", "stage1_caption", "stage2_ocr", "stage3_olm", "stage4_sft")]
+    tokens_per_tile = {(c.data.sketch_tile_tokens, c.model.layout.visual_stride) for c in stages}
+    assert len(tokens_per_tile) == 1, tokens_per_tile
+    per_tile, _ = tokens_per_tile.pop()
+    longest = max(p.text_len for c in stages for p in c.data.curriculum)
+    assert longest <= per_tile * stages[0].model.layout.visual_len

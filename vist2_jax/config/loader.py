@@ -1,7 +1,8 @@
 """Load a :class:`Config` from a YAML recipe plus ``key=value`` overrides.
 
 Resolution order (later wins): the model preset named by ``preset`` (default ``tiny``),
-the recipe chain (a recipe may name a ``base:`` recipe, relative to itself), the chain's
+the recipe chain (a recipe may name a ``base:`` recipe, relative to itself, or a list of them,
+merged in order: a stage recipe plus an overlay such as ``recipes/proof/proof.yaml``), the chain's
 ``stages:`` entry for the run's ``data.stage``, then the command-line overrides. Every key
 and value is checked against the schema; a mistake raises :class:`ConfigError` naming the
 dotted key.
@@ -89,7 +90,13 @@ def _read_recipe(path: Path, seen: tuple[Path, ...] = (), size: str | None = Non
     base = tree.pop("base", None)
     if base is None:
         return tree
-    return _merge(_read_recipe(path.parent / base, seen + (path,), size, root), tree)
+    bases = base if isinstance(base, list) else [base]
+    if not bases or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(f"base: in {path} must name a recipe or a list of recipes, got {base!r}")
+    merged: dict[str, Any] = {}
+    for name in bases:
+        merged = _merge(merged, _read_recipe(path.parent / name, seen + (path,), size, root))
+    return _merge(merged, tree)
 
 
 def _apply_stage_tuning(tree: dict[str, Any], stage: Any = None) -> dict[str, Any]:
