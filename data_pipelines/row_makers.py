@@ -9,7 +9,9 @@ Layouts (docs/design.md §1):
   the earlier ones), loss on the reconstructed text;
 * olm ``[T1][V1][T2][V2]...`` over a window of a document, several documents per row,
   with the stage-3 curriculum (L, chunks per window, OCR share) chosen by the row's step;
-* sft ``[V query chunks...][T response chunk][V][T]...``, loss on the response only.
+* sft ``[V query chunks...][T response chunk][V][T]...``, loss on the response only;
+* ``data.text_only``: the olm rows with their visual spans removed (row_contract
+  ``strip_visual``), the same text for a text-only model.
 
 Chunks close by the chunk rule (``vist2_jax/row_contract.py:close_chunk``), as generation
 closes them: at L tokens, or before the token the sketch cannot take (counted as
@@ -35,7 +37,7 @@ from data_pipelines.rows import RowBuilder
 from data_pipelines.shapes import captioned_shapes
 from data_pipelines.split import DocumentSplit
 from vist2_jax.config.schema import CurriculumPoint, DataConfig, LayoutConfig
-from vist2_jax.row_contract import GLYPH_CELL, TILE_TOKENS, close_chunk, reader_chunk_id
+from vist2_jax.row_contract import GLYPH_CELL, TILE_TOKENS, close_chunk, reader_chunk_id, strip_visual
 
 log = logging.getLogger(__name__)
 MAX_DOCS_PER_ROW = 16
@@ -129,7 +131,7 @@ class RowMaker:
         else:
             row = self._fill(rng, self._caption, None)
         self.counters["rows"] += 1
-        return row
+        return strip_visual(row) if self.data.text_only else row
 
     # -- packing ---------------------------------------------------------------------
     def _fill(self, rng, add_document, point) -> dict[str, np.ndarray]:

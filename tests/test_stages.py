@@ -105,6 +105,30 @@ def test_every_stage_meets_the_row_contract(stage, tmp_path, tokenizer_path):
         assert set(chunk[0][seg & (modality[0] == TEXT)]) == {2}
 
 
+def test_text_only_rows_are_the_olm_rows_without_their_sketches(tmp_path, tokenizer_path):
+    """data.text_only (the proof's native-LM baseline): the same documents, tokens and targets
+    as the OLM rows of the same seed, with no visual span, one chunk id per document and
+    positions 0.. per document, so each chunk reads the earlier chunks' text itself."""
+    common = [*SMALL, "data.stage=olm", f"data.tokenizer={tokenizer_path}", "train.steps=2"]
+    olm = next(iter(build_pipeline(load_config(overrides=common), tmp_path / "a").train_dataset()))
+    text = next(iter(build_pipeline(load_config(overrides=[*common, "data.text_only=true"]),
+                                    tmp_path / "b").train_dataset()))
+    validate_batch(text, 16)
+    assert (olm["modality"] == VISUAL).any() and not (text["modality"] == VISUAL).any()
+    assert not text["image_mask"].any()
+    for b in range(len(olm["tokens"])):
+        keep = olm["modality"][b] != VISUAL
+        n = int(keep.sum())
+        for name in ("tokens", "targets", "loss_mask", "segment_id"):
+            assert np.array_equal(text[name][b][:n], olm[name][b][keep]), name
+        for segment in np.unique(olm["segment_id"][b][olm["segment_id"][b] > 0]):
+            where = text["segment_id"][b] == segment
+            assert np.array_equal(text["positions"][b][where], np.arange(where.sum()))
+            assert set(text["chunk_id"][b][where]) == {1}
+            assert len(set(olm["chunk_id"][b][olm["segment_id"][b] == segment])) >= 1
+    assert (olm["chunk_id"] > 1).any()  # the OLM rows had several chunks per document
+
+
 def test_frozen_stage_changes_only_the_aligner_and_starts_from_hf(tmp_path, tokenizer_path):
     transformers = pytest.importorskip("transformers")
     torch = pytest.importorskip("torch")

@@ -75,6 +75,30 @@ def stack_rows(rows):
     return {name: np.stack([row[name] for row in rows]) for name in rows[0]}
 
 
+def strip_visual(row: Mapping[str, np.ndarray], carry: Mapping[str, np.ndarray] = None) -> dict:
+    """The row's text alone: visual spans removed, one chunk id per document and positions
+    0.. per document, so each chunk reads the earlier chunks' text itself through plain
+    causal attention (the native-LM reading of the same documents and targets: the
+    ``data.text_only`` baseline and the memory evaluation's ``text`` control). ``carry``:
+    other per-position arrays of the row to move with the text (returned under their keys)."""
+    keep = row["modality"] != VISUAL
+    seq_len, n = len(row["tokens"]), int(keep.sum())
+    out = {name: np.zeros(seq_len, dtype) for name, dtype in ROW_FIELDS.items()}
+    for name in ("tokens", "modality", "segment_id", "targets", "loss_mask"):
+        out[name][:n] = row[name][keep]
+    for name, values in (carry or {}).items():
+        out[name] = np.zeros(seq_len, values.dtype)
+        out[name][:n] = values[keep]
+    out["chunk_id"][:n] = np.where(out["modality"][:n] != PAD, 1, 0)
+    segments = out["segment_id"]
+    segments[n:] = segments[:n].max(initial=0) + 1
+    for segment in np.unique(segments):
+        where = segments == segment
+        out["positions"][where] = np.arange(where.sum())
+    images = {name: row[name] for name in IMAGE_FIELDS if name in row}
+    return {**images, **out, "image_mask": np.zeros_like(row["image_mask"])}
+
+
 def validate_batch(batch: Mapping[str, np.ndarray], visual_len: int) -> None:
     """Check a batch against the contract; raises ValueError naming the first violation."""
     for name, dtype in ROW_FIELDS.items():

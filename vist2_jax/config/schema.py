@@ -200,6 +200,9 @@ class DataConfig:
     # OCR rows read each document window with its tokens in random order: the text can then
     # be neither recited from memory nor guessed from the language prior, only read
     ocr_shuffle: bool = False
+    # olm rows with their visual spans removed: the same documents, chunks and targets as one
+    # causal text span per document (the native-LM baseline of ``vist2 demo --proof``)
+    text_only: bool = False
     eval_rows: int = 16
     glyph_targets: bool = False  # fill each sketch's glyph map (row field ``glyphs``) for train.glyph_loss_weight
     data_dir: str = ""
@@ -229,6 +232,8 @@ class DataConfig:
             key = f"{prefix}.curriculum[{i}]"
             _require(point.text_len > 0 and point.max_chunks > 0, key, "text_len and max_chunks must be positive")
             _require(0.0 <= point.ocr_fraction <= 1.0, f"{key}.ocr_fraction", "must lie in [0, 1]")
+        _require(not self.text_only or self.stage == "olm", f"{prefix}.text_only",
+                 f"needs {prefix}.stage=olm (it removes the sketches of OLM rows), got {self.stage!r}")
         _require(not (self.sources and self.source != "embedded"), f"{prefix}.sources",
                  "set data.source or data.sources, not both")
         for i, entry in enumerate(self.sources):

@@ -28,7 +28,7 @@ import numpy as np
 from vist2_jax.config.schema import ConfigError
 from vist2_jax.evaluation.context import EvalContext, final_point, row_maker
 from vist2_jax.evaluation.metrics import bootstrap_ratio
-from vist2_jax.row_contract import PAD, ROW_FIELDS, TEXT, VISUAL, stack_rows
+from vist2_jax.row_contract import ROW_FIELDS, TEXT, stack_rows, strip_visual
 from vist2_jax.training.distributed import to_host
 
 WHITE = 255
@@ -61,22 +61,7 @@ def foreign_rows(rows: list[dict]) -> list[dict]:
 def text_row(row: dict) -> dict:
     """The same documents with their visual spans removed and one chunk id per document
     (plain causal attention over all earlier text); ``memory`` weights move with the text."""
-    keep = row["modality"] != VISUAL
-    seq_len = len(row["tokens"])
-    out = {name: np.zeros(seq_len, dtype) for name, dtype in ROW_FIELDS.items()}
-    n = int(keep.sum())
-    for name in ("tokens", "modality", "segment_id", "targets", "loss_mask"):
-        out[name][:n] = row[name][keep]
-    out["memory"] = np.zeros(seq_len, np.float32)
-    out["memory"][:n] = memory_weights(row)[keep]
-    real = out["modality"][:n] != PAD
-    out["chunk_id"][:n] = np.where(real, 1, 0)
-    segments = out["segment_id"]
-    segments[n:] = segments[:n].max(initial=0) + 1
-    for segment in np.unique(segments):
-        where = segments == segment
-        out["positions"][where] = np.arange(where.sum())
-    return {**out, "images": row["images"], "image_mask": np.zeros_like(row["image_mask"])}
+    return strip_visual(row, carry={"memory": memory_weights(row).astype(np.float32)})
 
 
 @functools.lru_cache(maxsize=8)
