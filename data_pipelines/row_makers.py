@@ -243,7 +243,7 @@ class RowMaker:
         row.start_document()
         for c, (chunk, image, targets) in enumerate(zip(*made)):
             row.add_image(image, chunk_id=2 * c + 1, **targets)
-            row.add_text(chunk, chunk_id=reader_chunk_id(2 * c + 1))
+            row.add_text(chunk, chunk_id=reader_chunk_id(2 * c + 1), marker=self.tokenizer.bos_id)
         self.counters["documents"] += 1
         return True
 

@@ -1,6 +1,7 @@
 """Building rows of the row contract (``vist2_jax/row_contract.py``): a row builder and the OLM packer.
 
-Every text span starts with the ``<|chunk|>`` marker, whose output predicts the span's
+Every text span starts with a marker (``<|chunk|>``; a transcription's: the tokenizer's
+``bos``, row_contract), whose output predicts the span's
 first token; the target at position i is the token at i+1 inside the same span and the
 span's last token carries no loss (a following chunk's first token is predicted by that
 chunk's own marker, which sees the visual memory). Visual spans are exactly m positions
@@ -62,11 +63,12 @@ class RowBuilder:
         self.position += stride * length
         return span
 
-    def add_text(self, tokens: Sequence[int], chunk_id: int, loss: bool = True) -> None:
-        """``<|chunk|>`` + tokens; targets are the next tokens of this span."""
+    def add_text(self, tokens: Sequence[int], chunk_id: int, loss: bool = True, marker: int | None = None) -> None:
+        """``<|chunk|>`` (or ``marker``: a transcription's, row_contract) + tokens; targets
+        are the next tokens of this span."""
         tokens = list(tokens)
         span = self._claim(self.text_cost(len(tokens)), TEXT, chunk_id)
-        self.fields["tokens"][span] = [self.chunk_token, *tokens]
+        self.fields["tokens"][span] = [self.chunk_token if marker is None else marker, *tokens]
         if tokens:
             self.fields["targets"][span.start:span.stop - 1] = tokens
             self.fields["loss_mask"][span.start:span.stop - 1] = 1.0 if loss else 0.0

@@ -99,6 +99,14 @@ def test_every_stage_meets_the_row_contract(stage, tmp_path, tokenizer_path):
     assert (modality == VISUAL).any() and loss.sum() > 0
     first = modality[0][modality[0] > 0][0]
     assert first == {"caption": VISUAL, "ocr": VISUAL, "olm": TEXT, "sft": VISUAL}[stage]
+    # Each text span's marker: a transcription (OCR) opens with bos, everything else with
+    # <|chunk|> (row_contract: "transcribe this image" vs "continue after it")
+    text, segment = modality == TEXT, batch["segment_id"]
+    opens = text & np.concatenate([np.ones_like(text[:, :1]), (modality[:, 1:] != modality[:, :-1]) |
+                                   (chunk[:, 1:] != chunk[:, :-1]) | (segment[:, 1:] != segment[:, :-1])], 1)
+    tokenizer = pipeline.tokenizer
+    want = tokenizer.bos_id if stage == "ocr" else tokenizer.chunk_id
+    assert opens.sum() > 0 and set(batch["tokens"][opens].tolist()) == {want}
     if stage == "caption":  # [V_img][T caption]: the caption reads the image, ids 1 then 2
         seg = batch["segment_id"][0] == 1
         assert set(chunk[0][seg & (modality[0] == VISUAL)]) == {1}

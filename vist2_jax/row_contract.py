@@ -10,6 +10,13 @@ Chunk-id rule: in OLM rows a text chunk and the image of that same text share on
 (``[T1][V1][T2]`` is ``1,1,2``; ``T2`` reads ``V1``). A text span that *reads* an image
 (a caption, an OCR answer, a response after a rendered query) takes the next id after
 that image (``[V_img][T_caption]`` is ``1,2``): ``reader_chunk_id``.
+
+Markers: every text span opens with a marker whose output predicts its first token,
+``<|chunk|>``, except a transcription (an OCR answer), which opens with the tokenizer's
+``bos`` piece. Under the mask an OCR answer ``[V_a][T_a]`` and an OLM continuation
+``[T1][V1][T2]`` look the same to their text (one image before it, at the same relative
+positions; ``T2`` cannot see ``T1``), so only the marker tells "transcribe this image" from
+"continue after it" once both are trained (stage 3 mixes them).
 """
 
 from __future__ import annotations

@@ -80,7 +80,8 @@ def reconstruct(ctx: EvalContext, chunks, batch_size: int = 16) -> list[str]:
                              ctx.config.model.layout.visual_stride)
         builder.start_document()
         builder.add_image(image, chunk_id=1)
-        builder.add_text(np.zeros_like(tokens), chunk_id=reader_chunk_id(1))  # nothing to copy from
+        builder.add_text(np.zeros_like(tokens), chunk_id=reader_chunk_id(1),  # nothing to copy from
+                         marker=ctx.tokenizer.bos_id)  # transcribe, not continue (row_contract)
         rows.append(builder.finish())
     outputs = []
     for i in range(0, len(rows), batch_size):
