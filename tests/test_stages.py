@@ -214,6 +214,31 @@ def test_demo_cli_runs_all_four_stages(tmp_path):
     assert report["num_scored"] == 3 and all(lp < 0 for lp in report["logprobs"][1:])
 
 
+def test_demo_proof_ends_with_the_compression_table(tmp_path):
+    """``vist2 demo --proof`` (steps scaled down): every stage with 4 tokens per tile, the
+    text-only baseline from the stage-0a LM on sketch-free rows, and the table at 1x/2x/4x."""
+    import yaml
+
+    env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    proc = subprocess.run([sys.executable, "-m", "vist2_jax.cli.main", "demo", "--proof", "--workdir",
+                           str(tmp_path / "proof"), "--steps-scale", "0.005", "model.decoder.num_layers=1",
+                           "model.vision.num_layers=1", "run.progress=false"],
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proof = tmp_path / "proof"
+    table = json.loads((proof / "compression.json").read_text())["table"]
+    assert [row["ratio"] for row in table] == [1, 2, 4] and [row["text_len"] for row in table] == [16, 32, 64]
+    for row in table:
+        assert row["ocr_chunks"] >= 1 and row["compression_gap_lo"] <= row["compression_gap"] <= row["compression_gap_hi"]
+    assert (proof / "compression.png").stat().st_size > 1000
+    baseline = yaml.safe_load((proof / "text_only" / "config.yaml").read_text())
+    assert baseline["data"]["text_only"] and baseline["train"]["init_from"] == str(proof / "stage0_lm")
+    for stage in ("stage2_ocr", "stage3_olm", "text_only"):
+        config = yaml.safe_load((proof / stage / "config.yaml").read_text())
+        assert config["data"]["sketch_tile_tokens"] == 4 and config["model"]["layout"]["visual_stride"] == 4
+    assert "compression table" in proc.stdout and "gap vs text-only LM" in proc.stdout
+
+
 def test_a_stopped_demo_stage_does_not_start_the_next(tmp_path):
     """SIGTERM during a demo stage saves that stage (as `vist2 train` does) and ends the demo
     with one line: the next stage never starts from a half-trained one."""
