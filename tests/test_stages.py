@@ -133,7 +133,6 @@ def test_text_only_rows_are_the_olm_rows_without_their_sketches(tmp_path, tokeni
             where = text["segment_id"][b] == segment
             assert np.array_equal(text["positions"][b][where], np.arange(where.sum()))
             assert set(text["chunk_id"][b][where]) == {1}
-            assert len(set(olm["chunk_id"][b][olm["segment_id"][b] == segment])) >= 1
     assert (olm["chunk_id"] > 1).any()  # the OLM rows had several chunks per document
 
 

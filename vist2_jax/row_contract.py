@@ -82,7 +82,7 @@ def stack_rows(rows):
     return {name: np.stack([row[name] for row in rows]) for name in rows[0]}
 
 
-def strip_visual(row: Mapping[str, np.ndarray], carry: Mapping[str, np.ndarray] = None) -> dict:
+def strip_visual(row: Mapping[str, np.ndarray], carry: Mapping[str, np.ndarray] | None = None) -> dict:
     """The row's text alone: visual spans removed, one chunk id per document and positions
     0.. per document, so each chunk reads the earlier chunks' text itself through plain
     causal attention (the native-LM reading of the same documents and targets: the
