@@ -231,7 +231,7 @@ class RowMaker:
         if sample is None:
             return True  # a damaged record, skipped and counted; try another document
         window = self._window(rng, sample, point.text_len, point.max_chunks)
-        if self.data.ocr_shuffle:  # data.ocr_shuffle: only reading can predict the text
+        if self.data.ocr_shuffle and rng.random() < self.data.ocr_shuffle:  # only reading predicts it
             window = rng.permutation(np.asarray(window))
         wanted = -(-len(window) // point.text_len)
         fit = self._chunks_that_fit(row, point.text_len, wanted, with_last_image=True)

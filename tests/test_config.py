@@ -78,6 +78,7 @@ def test_override_parsing_types():
     (["model.decoder.num_kv_heads=3"], "model.decoder.num_kv_heads", "do not divide"),
     (["model.layout.patch_size=12"], "model.layout.patch_size", "does not divide image size"),
     (["train.warmup_steps=500"], "train.warmup_steps", "must lie in"),
+    (["data.ocr_shuffle=1.5"], "data.ocr_shuffle", "fraction in [0, 1]"),
     (["mesh.data=-1"], "mesh", "at most one mesh axis"),
     (["data=5"], "data", "expected a section"),
     (["preset=13b"], "preset", "unknown preset"),
