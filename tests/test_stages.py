@@ -225,7 +225,14 @@ def test_demo_proof_ends_with_the_compression_table(tmp_path):
                           env={**os.environ, **env}, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     proof = tmp_path / "proof"
-    table = json.loads((proof / "compression.json").read_text())["table"]
+    written = json.loads((proof / "compression.json").read_text())
+    table = written["table"]
+    baseline_summary = json.loads((proof / "text_only" / "summary.json").read_text())
+    # the baseline enters at its lowest held-out loss (train.keep_best), a checkpoint it kept
+    assert written["text_only_step"] == baseline_summary["best_eval_step"] > 0
+    assert written["text_only_run"] == str(proof / "text_only" / "checkpoints" / str(written["text_only_step"]))
+    assert (proof / "text_only" / "checkpoints" / str(written["text_only_step"])).is_dir()
+    assert written["vist2_step"] == json.loads((proof / "stage3_olm" / "summary.json").read_text())["steps_done"]
     assert [row["ratio"] for row in table] == [1, 2, 4] and [row["text_len"] for row in table] == [16, 32, 64]
     for row in table:
         assert row["ocr_chunks"] >= 1 and row["compression_gap_lo"] <= row["compression_gap"] <= row["compression_gap_hi"]

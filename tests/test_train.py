@@ -381,3 +381,35 @@ def test_run_directory_on_a_bucket_trains_checkpoints_and_resumes(tmp_path, gcs_
     assert generated.returncode == 0, generated.stderr[-3000:]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before  # reading a run writes nothing
     assert "gs:" not in os.listdir(tmp_path) and not (ROOT / "gs:").exists()  # no local 'gs:' folder
+
+
+def test_keep_best_and_early_stop_keep_the_lowest_held_out_loss_and_stay_stopped(tmp_path, tokenizer_file):
+    """train.keep_best saves every evaluation with its held-out loss and keeps the lowest
+    beside the newest; train.early_stop_evals ends the run after that many evaluations
+    without a better one (a learning rate of 3 makes the held-out loss climb), and the same
+    command again trains nothing."""
+    from vist2_jax.checkpointing.checkpoints import RunCheckpoints
+
+    workdir = tmp_path / "run"
+    recipe = write_recipe(tmp_path, data={"tokenizer": tokenizer_file}, run={"workdir": str(workdir)},
+                          train={"steps": 40, "learning_rate": 3.0, "warmup_steps": 0, "eval_every": 1,
+                                 "checkpoint_every": 40, "keep_checkpoints": 1, "keep_best": True,
+                                 "early_stop_evals": 2})
+    proc = run("train", recipe, devices=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((workdir / "summary.json").read_text())
+    evals = {r["step"]: r["eval_loss"] for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
+             if "eval_loss" in r and r["step"] > 0}
+    best = min(evals, key=evals.get)
+    assert summary["stopped_early"] and summary["steps_done"] == max(evals) == best + 2 < 40, evals
+    assert summary["best_eval_step"] == best and summary["best_eval_loss"] == pytest.approx(evals[best])
+    assert "train.early_stop_evals" in proc.stderr
+    checkpoints = RunCheckpoints(workdir, keep=1000, async_save=False)
+    try:  # the best and the newest, each with its held-out loss; nothing else
+        assert [(step, m["eval_loss"], m["evals_since_best"]) for step, m in checkpoints.scored()] == [
+            (best, pytest.approx(evals[best]), 0), (best + 2, pytest.approx(evals[best + 2]), 2)]
+    finally:
+        checkpoints.close()
+    again = run("train", recipe, devices=1)
+    assert again.returncode == 0 and "nothing to train" in again.stderr, again.stderr[-3000:]
+    assert max(json.loads(x)["step"] for x in (workdir / "metrics.jsonl").read_text().splitlines()) == best + 2

@@ -220,13 +220,25 @@ def _agreed(check, *args) -> None:
         raise failure
 
 
+def _eval_loss(metrics: dict) -> float:
+    return float(metrics["eval_loss"])
+
+
 class RunCheckpoints:
     """A ``CheckpointManager`` over ``WORKDIR/checkpoints`` with the items of a run."""
 
-    def __init__(self, workdir: storage.PathLike, keep: int, async_save: bool = True):
+    def __init__(self, workdir: storage.PathLike, keep: int, async_save: bool = True, keep_best: bool = False):
+        """The newest ``keep`` steps are kept; with ``keep_best`` also the one whose saved
+        ``eval_loss`` (``save(metrics=...)``) is the lowest."""
         self.directory = storage.absolute(workdir) / "checkpoints"
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                               create=True)
+        policies = ocp.checkpoint_managers
+        policy = policies.LatestN(n=keep)
+        if keep_best:
+            policy = policies.AnyPreservationPolicy([policy, policies.BestN(
+                get_metric_fn=_eval_loss, reverse=True, n=1, keep_checkpoints_without_metrics=False)])
+        options = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=async_save, create=True, preservation_policy=policy,
+            best_fn=_eval_loss if keep_best else None, best_mode="min")  # best_fn: Orbax writes the metrics
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self.unreadable: dict[int, str] = {}  # step -> reason, filled by restore_latest
         self.json_items: dict[int, dict] = {}  # step -> {config, tokenizer, renderer} read and checked
@@ -235,8 +247,13 @@ class RunCheckpoints:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
+    def scored(self) -> list[tuple[int, dict]]:
+        """(step, metrics saved with it) of the steps that carry a held-out loss, oldest first."""
+        found = [(step, self.manager.metrics(step)) for step in self.steps()]
+        return [(step, dict(metrics)) for step, metrics in found if metrics and "eval_loss" in metrics]
+
     def save(self, step: int, state: dict, data_iterator: Any, config: dict, tokenizer: dict,
-             renderer: dict, force: bool = False) -> bool:
+             renderer: dict, force: bool = False, metrics: dict | None = None) -> bool:
         """Params and optimizer state are separate items so a later stage can read params alone.
 
         The checksums are computed here, from the arrays being saved, before Orbax's
@@ -261,7 +278,7 @@ class RunCheckpoints:
         with self._reporting_storage_errors(step, need):  # an earlier asynchronous save may fail here
             if free is not None and free < need:
                 raise OSError(errno.ENOSPC, "No space left on device")
-            saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+            saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force, metrics=metrics)
         self._pending = (step, need)
         return saved
 

@@ -139,13 +139,20 @@ def _proof_table(args, recipes: Path, workdir: Path, tokenizer) -> list[str]:
         *args.overrides, *_scaled(base, args.steps_scale), f"run.workdir={workdir / TEXT_ONLY}",
         f"data.tokenizer={tokenizer.path}", f"train.init_from={workdir / STAGES[0]}"])
     print(f"== {TEXT_ONLY}: {config.train.steps} steps, the native-LM baseline", file=sys.stderr, flush=True)
-    train(config)
-    vist2, native = load_context(workdir / "stage3_olm"), load_context(workdir / TEXT_ONLY)
+    result = train(config)
+    # the baseline at its lowest held-out loss (train.keep_best: it overfits a small corpus),
+    # VIST2 at its last step: any selection here favours the baseline
+    best = result.summary.get("best_eval_step")
+    native_run = workdir / TEXT_ONLY / "checkpoints" / str(best) if best else workdir / TEXT_ONLY
+    vist2, native = load_context(workdir / "stage3_olm"), load_context(native_run)
     limit = vist2.config.train.eval_task_limit
     table = compression_table(vist2, native, chunks=limit, documents=limit)
-    write_table(table, workdir, {"vist2_run": str(workdir / "stage3_olm"), "text_only_run": str(workdir / TEXT_ONLY),
+    write_table(table, workdir, {"vist2_run": str(workdir / "stage3_olm"), "vist2_step": vist2.step,
+                                 "text_only_run": str(native_run), "text_only_step": native.step,
+                                 "text_only_steps_done": result.steps_done,
                                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
-    return ["compression table (stage 3 vs the text-only model; nats/token; compression.json/.png):",
+    return [f"compression table (stage 3 at step {vist2.step} vs the text-only model at step {native.step} of "
+            f"{result.steps_done}, its lowest held-out loss; nats/token; compression.json/.png):",
             *table_lines(table)]
 
 

@@ -197,9 +197,10 @@ class DataConfig:
     # r > 0 (with tiles): token-aligned tiles, tile k showing exactly the chunk's tokens
     # k*r .. k*r + r - 1, so that each visual token holds a fixed r tokens (docs/design.md §4)
     sketch_tile_tokens: int = 0
-    # OCR rows read each document window with its tokens in random order: the text can then
-    # be neither recited from memory nor guessed from the language prior, only read
-    ocr_shuffle: bool = False
+    # the fraction of OCR documents read with their window's tokens in random order: that
+    # text can be neither recited from memory nor guessed from the language prior, only read
+    # (1.0: every one, a diagnostic; a part of them: a reader that generalises to new text)
+    ocr_shuffle: float = 0.0
     # olm rows with their visual spans removed: the same documents, chunks and targets as one
     # causal text span per document (the native-LM baseline of ``vist2 demo --proof``)
     text_only: bool = False
@@ -232,6 +233,7 @@ class DataConfig:
             key = f"{prefix}.curriculum[{i}]"
             _require(point.text_len > 0 and point.max_chunks > 0, key, "text_len and max_chunks must be positive")
             _require(0.0 <= point.ocr_fraction <= 1.0, f"{key}.ocr_fraction", "must lie in [0, 1]")
+        _require(0.0 <= self.ocr_shuffle <= 1.0, f"{prefix}.ocr_shuffle", "must be a fraction in [0, 1]")
         _require(not self.text_only or self.stage == "olm", f"{prefix}.text_only",
                  f"needs {prefix}.stage=olm (it removes the sketches of OLM rows), got {self.stage!r}")
         _require(not (self.sources and self.source != "embedded"), f"{prefix}.sources",
@@ -316,6 +318,12 @@ class TrainConfig:
     eval_task_limit: int = 24  # ocr chunks / memory rows per evaluation
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
+    # Model selection: every evaluation also saves a checkpoint with its held-out loss, and
+    # the one with the lowest is kept beside the newest keep_checkpoints (RUN/summary.json:
+    # best_eval_step); early_stop_evals > 0 ends the run once that many evaluations in a row
+    # have not improved on it (a small corpus overfits: the proof's text-only baseline).
+    keep_best: bool = False
+    early_stop_evals: int = 0
     nan_policy: Literal["stop", "skip"] = "stop"
     peak_tflops_per_device: float = 0.0
     # The collapse guard (evaluation/during_training.py): visual_spread of held-out sketches,
@@ -328,6 +336,9 @@ class TrainConfig:
                      "keep_checkpoints"):
             _require(getattr(self, name) > 0, f"{prefix}.{name}", "must be positive")
         _require(self.learning_rate > 0, f"{prefix}.learning_rate", "must be positive")
+        _require(self.early_stop_evals >= 0, f"{prefix}.early_stop_evals", "must be >= 0 (0: never)")
+        _require(not self.early_stop_evals or self.keep_best, f"{prefix}.early_stop_evals",
+                 f"needs {prefix}.keep_best=true (the stopped run's model is its best checkpoint)")
         for name in COMPONENTS:
             _require(getattr(self.component_learning_rate, name) >= 0,
                      f"{prefix}.component_learning_rate.{name}", "must be >= 0 (0: train.learning_rate)")

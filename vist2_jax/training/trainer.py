@@ -197,7 +197,7 @@ def train(config: Config, restart: bool = False) -> TrainResult:
     logger.status("building the data pipeline")
     pipeline = build_pipeline(config, workdir, jax.process_index(), jax.process_count())
     optimizer, abstract, shardings = abstract_state(config, mesh)
-    checkpoints = RunCheckpoints(workdir, keep=config.train.keep_checkpoints)
+    checkpoints = RunCheckpoints(workdir, keep=config.train.keep_checkpoints, keep_best=config.train.keep_best)
     schedule = learning_rate_schedule(config.train)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
@@ -212,7 +212,7 @@ def train(config: Config, restart: bool = False) -> TrainResult:
             if checkpoints.steps() and is_chief:
                 checkpoints.close()
                 logger.status(f"--restart: unreadable checkpoints moved to {_set_aside(workdir, checkpoints)}")
-                checkpoints = RunCheckpoints(workdir, keep=config.train.keep_checkpoints)
+                checkpoints = RunCheckpoints(workdir, keep=config.train.keep_checkpoints, keep_best=config.train.keep_best)
             start = 0
             iterator = iter(pipeline.train_dataset())  # a failed restore may have moved the old one
             logger.status(f"fresh start at step 0 (no checkpoint in {checkpoints.directory})")
@@ -242,13 +242,23 @@ def train(config: Config, restart: bool = False) -> TrainResult:
                                **({"visual_spread": guard(state["params"])} if guard.active else {})})
             step_times, text_rates, losses = [], [], []
             stopped_by = None
+            # train.keep_best / early_stop_evals: the best (step, eval_loss) saved so far, and how many
+            # evaluations since; a resumed run that had already stopped early stays stopped
+            scored = checkpoints.scored()
+            best = min(((step, m["eval_loss"]) for step, m in scored), key=lambda item: item[1]) if scored else None
+            stale = int(scored[-1][1].get("evals_since_best", 0)) if scored else 0
+            stopped_early = bool(config.train.early_stop_evals) and stale >= config.train.early_stop_evals
+            if stopped_early:
+                logger.status(f"stopped early before (best held-out loss {best[1]:.4f} at step {best[0]}): "
+                              "nothing to train")
             done = start
             wall_start = time.time()
             health = _Health(config.train.nan_policy)
-            local = next(iterator) if start < config.train.steps else None
+            end = start if stopped_early else config.train.steps
+            local = next(iterator) if start < end else None
             clock, since, interval_text = time.perf_counter(), start, 0.0
             with _StopRequests() as stop, jax.transfer_guard_device_to_host(STEP_TRANSFERS):
-                for step in range(start, config.train.steps):
+                for step in range(start, end):
                     # Between logged steps nothing here waits for the device: the step is
                     # dispatched, and the next batch is read and placed while it runs.
                     if step == start:
@@ -259,7 +269,9 @@ def train(config: Config, restart: bool = False) -> TrainResult:
                     done = step + 1
                     last = done == config.train.steps
                     logged = done % config.run.log_every == 0 or last or done == start + 1
-                    scheduled = done % config.train.checkpoint_every == 0 or last
+                    evaluated = logged and (done % config.train.eval_every == 0 or last)
+                    scheduled = (done % config.train.checkpoint_every == 0 or last
+                                 or (config.train.keep_best and evaluated))
                     if logged or scheduled or stop.requested:
                         with _reads_device():
                             health.check(checkpoints)  # never log past, nor save, a diverged state
@@ -274,9 +286,13 @@ def train(config: Config, restart: bool = False) -> TrainResult:
                                           **step_record(config, local, elapsed),
                                           "text_tokens_per_s": interval_text / (elapsed * (done - since)),
                                           **pipeline.counters()}
-                                if done % config.train.eval_every == 0 or last:
+                                if evaluated:
                                     record["eval_loss"] = summary["eval_loss_end"] = evaluate()
                                     record.update(task_eval(state["params"]) if task_eval else {})
+                                    if best is None or record["eval_loss"] < best[1]:
+                                        best, stale = (done, record["eval_loss"]), 0
+                                    else:
+                                        stale += 1
                                 collapsed = None
                                 if guard.active:
                                     record["visual_spread"] = guard(state["params"])
@@ -292,11 +308,21 @@ def train(config: Config, restart: bool = False) -> TrainResult:
                                                             f"checkpoint of step {done} saved")
                             requested = stop.requested  # read once: a later signal is seen next step
                             if requested or scheduled:
-                                _save(checkpoints, done, state, iterator, config, pipeline, force=bool(requested))
+                                score = {"eval_loss": record["eval_loss"], "evals_since_best": stale} \
+                                    if config.train.keep_best and evaluated else None
+                                _save(checkpoints, done, state, iterator, config, pipeline, force=bool(requested),
+                                      metrics=score)
                                 logger.flush()
                             if requested:
                                 stopped_by = requested
                                 logger.status(f"{requested}: checkpoint of step {done} saved, exiting")
+                                break
+                            if config.train.early_stop_evals and evaluated and stale >= config.train.early_stop_evals \
+                                    and not last:
+                                stopped_early = True
+                                logger.status(f"held-out loss {record['eval_loss']:.4f}: no better than step "
+                                              f"{best[0]}'s {best[1]:.4f} for {stale} evaluations "
+                                              f"(train.early_stop_evals); stopping at step {done}")
                                 break
                             clock, since, interval_text = time.perf_counter(), done, 0.0
                     if not last:  # after the save: the saved iterator state must not include it
@@ -309,6 +335,7 @@ def train(config: Config, restart: bool = False) -> TrainResult:
         log.info("data counters: %s", json.dumps(counters))
     summary.update({
         "steps_done": done, "preempted": stopped_by is not None, "stopped_by": stopped_by,
+        "stopped_early": stopped_early, **({"best_eval_step": best[0], "best_eval_loss": best[1]} if best else {}),
         "wall_s": time.time() - wall_start,
         "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
         "step_time_s_median": statistics.median(step_times) if step_times else None,
@@ -320,9 +347,9 @@ def train(config: Config, restart: bool = False) -> TrainResult:
     return TrainResult(workdir, done, stopped_by is not None, summary)
 
 
-def _save(checkpoints, step, state, iterator, config, pipeline, force=False):
+def _save(checkpoints, step, state, iterator, config, pipeline, force=False, metrics=None):
     renderer = pipeline.row_maker.renderer.renderer_config()
     checkpoints.save(step, state, iterator, to_dict(config), tokenizer_asset(pipeline.tokenizer),
-                     renderer, force=force)
+                     renderer, force=force, metrics=metrics)
     if force:
         checkpoints.wait()
