@@ -119,3 +119,20 @@ def test_cli_bad_config_is_one_line_not_a_traceback():
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("vist2 params: error: model.layout.visual_len:")
+
+
+def test_runs_saved_by_earlier_versions_still_load(tmp_path):
+    """data.ocr_shuffle was a bool and is a fraction now: a saved config.yaml with the bool
+    loads as 0.0 / 1.0 (a user's old runs keep working), a recipe with it is a one-line error."""
+    import yaml
+
+    from vist2_jax.checkpointing.runs import load_config_of
+    from vist2_jax.config.loader import to_dict
+
+    for old, new in ((False, 0.0), (True, 1.0)):
+        saved = to_dict(load_config())
+        saved["data"]["ocr_shuffle"] = old
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+        assert load_config_of(tmp_path).data.ocr_shuffle == new
+    with pytest.raises(ConfigError, match=r"^data.ocr_shuffle: expected a number, got bool True$"):
+        load_config(overrides=["data.ocr_shuffle=true"])

@@ -19,7 +19,7 @@ from etils import epath
 
 from vist2_jax import storage
 from vist2_jax.checkpointing.checkpoints import RunCheckpoints, write_tokenizer_asset
-from vist2_jax.config.loader import build
+from vist2_jax.config.loader import build_saved
 from vist2_jax.config.schema import Config, ConfigError
 
 
@@ -69,7 +69,7 @@ def resolve_run_dir(path: storage.PathLike, what: str = "--checkpoint") -> tuple
 def load_config_of(workdir: storage.PathLike) -> Config:
     path = storage.as_path(workdir) / "config.yaml"
     try:
-        return build(Config, yaml.safe_load(path.read_text())).validate()
+        return build_saved(yaml.safe_load(path.read_text()))
     except (OSError, yaml.YAMLError) as err:
         raise ConfigError(f"{path}: {err}") from None
 

@@ -197,6 +197,23 @@ def build(cls: type, tree: Any, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+# What earlier versions saved (RUN/config.yaml, the checkpoint's config item) that this
+# schema reads differently: (section, key) -> the value as this schema wants it.
+_SAVED_UPGRADES = {
+    ("data", "ocr_shuffle"): lambda value: float(value) if isinstance(value, bool) else value,  # was a bool
+}
+
+
+def build_saved(tree: Any) -> Config:
+    """A run's saved config (any version of this code), upgraded, built and validated."""
+    if isinstance(tree, Mapping):
+        tree = {section: dict(values) if isinstance(values, Mapping) else values for section, values in tree.items()}
+        for (section, key), upgrade in _SAVED_UPGRADES.items():
+            if isinstance(tree.get(section), dict) and key in tree[section]:
+                tree[section][key] = upgrade(tree[section][key])
+    return build(Config, tree).validate()
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """A plain nested dict (YAML-safe) of a config, for saving the resolved run config."""
     return dataclasses.asdict(config)

@@ -37,8 +37,8 @@ import ml_dtypes
 import numpy as np
 
 from vist2_jax import storage
-from vist2_jax.config.loader import build, to_dict
-from vist2_jax.config.schema import Config, ConfigError, ModelConfig
+from vist2_jax.config.loader import build_saved, to_dict
+from vist2_jax.config.schema import ConfigError, ModelConfig
 from vist2_jax.convert.hf_mapping import QWEN3_DECODER, SIGLIP2_VISION, SIGLIP_VISION, tensor_rows
 from vist2_jax.export.metadata import copy_font, decoder_hf_config, git_commit, vision_hf_config
 from vist2_jax.export.orbax_reader import OrbaxParams, UnreadableCheckpoint
@@ -177,7 +177,7 @@ def read_item(checkpoints: RunCheckpoints, step: int, name: str) -> dict | None:
 def _export_step(run_dir, checkpoints, step, out, dtype, max_shard_bytes, font, vision):
     # The checkpoint's own resolved config (config.yaml is the latest invocation's).
     has_config = (checkpoints.directory / str(step) / "config").is_dir()
-    config = (build(Config, read_item(checkpoints, step, "config")).validate() if has_config
+    config = (build_saved(read_item(checkpoints, step, "config")) if has_config
               else load_config_of(run_dir))
     vision = vision_format(config) if vision == "auto" else vision
     tokenizer_asset = read_item(checkpoints, step, "tokenizer")
