@@ -140,6 +140,9 @@ def test_blank_and_text_rows_keep_the_scored_targets(olm_rows):
     assert np.all(text["chunk_id"][first] == 1)
     assert np.array_equal(text["positions"][first], np.arange(first.sum()))
     assert first.sum() == 2 * (1 + 8)  # two text spans of <|chunk|> + L=8 tokens
+    alone = text_row(row, alone=True)  # the same text, each chunk under its own id: no context
+    assert all(np.array_equal(alone[k], text[k]) for k in ("tokens", "targets", "positions", "memory"))
+    assert np.array_equal(alone["chunk_id"][:n], row["chunk_id"][keep]) and len(np.unique(alone["chunk_id"][first])) == 2
 
 
 def _blind(params):
@@ -162,6 +165,10 @@ def test_memory_gain_of_a_model_blind_to_its_sketches_is_zero(tiny_config, olm_r
     assert seeing["visual_spread"] > 0.01
     assert seeing["memory_gain"] != 0.0  # blanking reaches the decoder when the aligner is live
     assert seeing["nll_text"] != seeing["nll_true"]
+    # the text control with and without the earlier chunks: context reaches the text model
+    assert seeing["nll_text_alone"] != seeing["nll_text"]
+    assert seeing["text_context_gain"] == pytest.approx(seeing["nll_text_alone"] - seeing["nll_text"], abs=1e-6)
+    assert seeing["text_context_gain_lo"] <= seeing["text_context_gain"] <= seeing["text_context_gain_hi"]
     assert seeing["memory_gain_foreign"] != 0.0  # other documents' sketches reach it too
 
 

@@ -175,10 +175,11 @@ def test_compression_table_compares_with_a_text_only_model(tmp_path, tokenizer_p
         assert row["memory_gain_lo"] <= row["memory_gain"] <= row["memory_gain_hi"]
         assert row["compression_gap_lo"] <= row["compression_gap"] <= row["compression_gap_hi"]
         assert abs(row["compression_gap"] - (row["nll_true"] - row["nll_text_only_model"])) < 1e-6
+        assert abs(row["text_context_gain"] - (row["nll_text_only_model_alone"] - row["nll_text_only_model"])) < 1e-6
     write_table(table, tmp_path, {"date": "today"})
     assert json.loads((tmp_path / "compression.json").read_text())["table"][1]["text_len"] == 32
     assert (tmp_path / "compression.png").stat().st_size > 1000
-    assert len(table_lines(table)) == 3
+    assert len(table_lines(table)) == 4 and "text context gain" in table_lines(table)[-1]
 
 
 def test_tile_token_ids_name_the_tokens_each_tile_shows():

@@ -82,12 +82,15 @@ def stack_rows(rows):
     return {name: np.stack([row[name] for row in rows]) for name in rows[0]}
 
 
-def strip_visual(row: Mapping[str, np.ndarray], carry: Mapping[str, np.ndarray] | None = None) -> dict:
+def strip_visual(row: Mapping[str, np.ndarray], carry: Mapping[str, np.ndarray] | None = None,
+                 keep_chunks: bool = False) -> dict:
     """The row's text alone: visual spans removed, one chunk id per document and positions
     0.. per document, so each chunk reads the earlier chunks' text itself through plain
     causal attention (the native-LM reading of the same documents and targets: the
     ``data.text_only`` baseline and the memory evaluation's ``text`` control). ``carry``:
-    other per-position arrays of the row to move with the text (returned under their keys)."""
+    other per-position arrays of the row to move with the text (returned under their keys).
+    ``keep_chunks``: the chunk ids stay, so each chunk sees its own text only (no context:
+    the memory evaluation's ``text_alone`` control)."""
     keep = row["modality"] != VISUAL
     seq_len, n = len(row["tokens"]), int(keep.sum())
     out = {name: np.zeros(seq_len, dtype) for name, dtype in ROW_FIELDS.items()}
@@ -96,7 +99,7 @@ def strip_visual(row: Mapping[str, np.ndarray], carry: Mapping[str, np.ndarray] 
     for name, values in (carry or {}).items():
         out[name] = np.zeros(seq_len, values.dtype)
         out[name][:n] = values[keep]
-    out["chunk_id"][:n] = np.where(out["modality"][:n] != PAD, 1, 0)
+    out["chunk_id"][:n] = row["chunk_id"][keep] if keep_chunks else np.where(out["modality"][:n] != PAD, 1, 0)
     segments = out["segment_id"]
     segments[n:] = segments[:n].max(initial=0) + 1
     for segment in np.unique(segments):

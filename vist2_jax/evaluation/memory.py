@@ -7,7 +7,10 @@
   those trained on, but of the wrong text: blank pages are never seen in training, so
   ``blank`` alone also counts the harm of an unfamiliar image);
 * ``text``: the uncompressed reference, visual spans removed and each document one causal
-  text span, so a chunk reads the earlier chunks' text itself.
+  text span, so a chunk reads the earlier chunks' text itself;
+* ``text_alone``: the same text model with each chunk reading only its own text: what the
+  earlier chunks are worth at all, ``text_context_gain`` = text_alone - text, the most any
+  memory of them could give (a long chunk predicts much of itself).
 
 Only targets of chunks >= 2 count (chunk 1 has no memory, identical in all three).
 ``memory_gain`` = blank - true, ``memory_gain_foreign`` = foreign - true (what the true
@@ -58,10 +61,11 @@ def foreign_rows(rows: list[dict]) -> list[dict]:
     return [{**row, "images": image} for row, image in zip(rows, images)]
 
 
-def text_row(row: dict) -> dict:
+def text_row(row: dict, alone: bool = False) -> dict:
     """The same documents with their visual spans removed and one chunk id per document
-    (plain causal attention over all earlier text); ``memory`` weights move with the text."""
-    return strip_visual(row, carry={"memory": memory_weights(row).astype(np.float32)})
+    (plain causal attention over all earlier text); ``memory`` weights move with the text.
+    ``alone``: the chunk ids stay, each chunk reads its own text only."""
+    return strip_visual(row, carry={"memory": memory_weights(row).astype(np.float32)}, keep_chunks=alone)
 
 
 @functools.lru_cache(maxsize=8)
@@ -124,7 +128,7 @@ def document_sums(ctx: EvalContext, rows: list[dict], batch_size: int = 8) -> tu
 
 def evaluate_memory(ctx: EvalContext, limit: int = 16, data: str | None = None, rows=None,
                     text_model: EvalContext | None = None) -> dict:
-    """The three losses, the memory gain and the compression gap over ``limit`` rows.
+    """The five losses, the memory gain, the compression gap and the text context gain over ``limit`` rows.
     ``text_model`` reads the raw-text rows instead of the run's own model (the gap then is
     against a text-only model of the same size: the compression table)."""
     if rows is None:
@@ -138,15 +142,19 @@ def evaluate_memory(ctx: EvalContext, limit: int = 16, data: str | None = None, 
     blank_sum, blank_tokens = document_sums(ctx, [blank_row(r) for r in rows])
     foreign_sum, foreign_tokens = document_sums(ctx, foreign_rows(rows))
     text_sum, text_tokens = document_sums(text_model or ctx, [text_row(r) for r in rows])
-    assert all(np.array_equal(tokens, other) for other in (blank_tokens, foreign_tokens, text_tokens))
+    alone_sum, alone_tokens = document_sums(text_model or ctx, [text_row(r, alone=True) for r in rows])
+    assert all(np.array_equal(tokens, other) for other in (blank_tokens, foreign_tokens, text_tokens, alone_tokens))
     gain, gain_lo, gain_hi = bootstrap_ratio(blank_sum - true_sum, tokens)
     own, own_lo, own_hi = bootstrap_ratio(foreign_sum - true_sum, tokens)
     gap, gap_lo, gap_hi = bootstrap_ratio(true_sum - text_sum, tokens)
+    context, context_lo, context_hi = bootstrap_ratio(alone_sum - text_sum, tokens)
     total = tokens.sum()
     return {"nll_true": float(true_sum.sum() / total), "nll_blank": float(blank_sum.sum() / total),
             "nll_text": float(text_sum.sum() / total), "memory_gain": gain, "memory_gain_lo": gain_lo,
             "memory_gain_hi": gain_hi, "memory_gain_foreign": own, "memory_gain_foreign_lo": own_lo,
             "memory_gain_foreign_hi": own_hi, "nll_foreign": float(foreign_sum.sum() / total),
             "compression_gap": gap, "compression_gap_lo": gap_lo,
-            "compression_gap_hi": gap_hi, "documents": len(tokens), "tokens": int(total),
+            "compression_gap_hi": gap_hi, "nll_text_alone": float(alone_sum.sum() / total),
+            "text_context_gain": context, "text_context_gain_lo": context_lo, "text_context_gain_hi": context_hi,
+            "documents": len(tokens), "tokens": int(total),
             "visual_spread": visual_spread(ctx, rows)}
