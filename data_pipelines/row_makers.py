@@ -22,6 +22,7 @@ cannot be drawn at all is skipped and counted (``bad_input=skip``) or stops the 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from typing import Sequence
@@ -121,7 +122,9 @@ class RowMaker:
         if stage == "olm":
             point = curriculum_at(self.data, self.layout, step)
             if rng.random() < point.ocr_fraction:
-                row = self._fill(rng, self._ocr, point)
+                lengths = point.ocr_text_lens
+                text_len = int(lengths[rng.integers(len(lengths))]) if lengths else point.text_len
+                row = self._fill(rng, self._ocr, dataclasses.replace(point, text_len=text_len))
             else:
                 row = self._fill(rng, self._olm, point)
         elif stage == "ocr":

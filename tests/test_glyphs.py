@@ -338,3 +338,27 @@ def test_strided_rows_give_each_visual_token_r_positions(tmp_path, tokenizer_pat
     text = batch["tokens"][0][marker + 1:marker + 1 + 2 * m]
     n = int((tiles[:, :2] != TILE_TOKEN_NONE).sum())
     assert n >= 8 and tiles[:, :2].reshape(-1)[:n].tolist() == text[:n].tolist()  # tile k: tokens 2k, 2k+1
+
+
+def test_ocr_rows_mixed_into_olm_read_chunks_of_ocr_text_lens(tmp_path, tokenizer_path):
+    """A curriculum point's ocr_text_lens are the L values of the OCR rows stage 3 mixes in,
+    one drawn per row (empty: the point's own L), so every tile stays read at every ratio
+    while the OLM chunks are short."""
+    from data_pipelines.tokenizer import load_tokenizer
+    from vist2_jax.row_contract import TEXT
+
+    bos = load_tokenizer(tokenizer_path).bos_id
+    lengths = {}
+    for ocr_lens in ("[]", "[16, 32]"):
+        point = f"{{start_step: 0, text_len: 16, max_chunks: 3, ocr_fraction: 1.0, ocr_text_lens: {ocr_lens}}}"
+        config = load_config(overrides=[*SMALL, f"data.tokenizer={tokenizer_path}", "data.stage=olm",
+                                        f"data.curriculum=[{point}]", "data.global_batch_size=8"])
+        batch = next(iter(build_pipeline(config, tmp_path / str(len(ocr_lens))).train_dataset()))
+        spans = []
+        for tokens, chunks, modality in zip(batch["tokens"], batch["chunk_id"], batch["modality"]):
+            for start in np.flatnonzero((tokens == bos) & (modality == TEXT)):  # each transcription
+                span = (chunks == chunks[start]) & (modality == TEXT) & (np.arange(len(tokens)) > start)
+                spans.append(int(span.sum()))
+        assert spans, "no OCR span in a batch of ocr_fraction 1.0"
+        lengths[ocr_lens] = set(spans)
+    assert max(lengths["[]"]) == 16 and {16, 32} <= lengths["[16, 32]"], lengths

@@ -139,12 +139,15 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class CurriculumPoint:
     """From ``start_step`` until the next point: L per image, chunks per document window,
-    and the share of OCR rows mixed into OLM (stage 3's curriculum, docs/design.md §1)."""
+    the share of OCR rows mixed into OLM (stage 3's curriculum, docs/design.md §1) and the L
+    values of those OCR rows, one drawn per row (empty: the point's L; all of the stage's L
+    values keep every tile read at every ratio while the OLM chunks are still short)."""
 
     start_step: int = 0
     text_len: int = 64
     max_chunks: int = 8
     ocr_fraction: float = 0.0
+    ocr_text_lens: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,6 +236,7 @@ class DataConfig:
             key = f"{prefix}.curriculum[{i}]"
             _require(point.text_len > 0 and point.max_chunks > 0, key, "text_len and max_chunks must be positive")
             _require(0.0 <= point.ocr_fraction <= 1.0, f"{key}.ocr_fraction", "must lie in [0, 1]")
+            _require(all(length > 0 for length in point.ocr_text_lens), f"{key}.ocr_text_lens", "must be positive")
         _require(0.0 <= self.ocr_shuffle <= 1.0, f"{prefix}.ocr_shuffle", "must be a fraction in [0, 1]")
         _require(not self.text_only or self.stage == "olm", f"{prefix}.text_only",
                  f"needs {prefix}.stage=olm (it removes the sketches of OLM rows), got {self.stage!r}")
@@ -448,15 +452,16 @@ class Config:
                      "trains the vision tower and aligner, which train.trainable both leave frozen")
         m = self.model.layout.visual_len
         for i, point in enumerate(self.data.curriculum):
-            _require(point.text_len % m == 0, f"data.curriculum[{i}].text_len",
-                     f"L={point.text_len} is not a whole multiple of m={m}")
+            for name, length in (("text_len", point.text_len), *(("ocr_text_lens", n) for n in point.ocr_text_lens)):
+                _require(length % m == 0, f"data.curriculum[{i}].{name}", f"L={length} is not a whole multiple of m={m}")
         _require(self.data.global_batch_size % self.train.grad_accum_steps == 0, "train.grad_accum_steps",
                  f"does not divide data.global_batch_size={self.data.global_batch_size}")
         # A row must hold at least one chunk and its sketch (docs/design.md §2: a text span of
         # L tokens takes L+1 positions with its marker, an image m); refused here, before a
         # pipeline is built or a step compiled.
         lengths = [("model.layout.text_len", self.model.layout.text_len)] + [
-            (f"data.curriculum[{i}].text_len", point.text_len) for i, point in enumerate(self.data.curriculum)]
+            (f"data.curriculum[{i}].{name}", length) for i, point in enumerate(self.data.curriculum)
+            for name, length in (("text_len", point.text_len), *(("ocr_text_lens", n) for n in point.ocr_text_lens))]
         where, text_len = max(lengths, key=lambda item: item[1])
         need = text_len + 1 + m
         _require(self.data.seq_len >= need, "data.seq_len",

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vist2_jax.checkpointing.runs import restore_params
+from vist2_jax.checkpointing.runs import resolve_run_dir, restore_params
 from vist2_jax.config.schema import Config
 from vist2_jax.convert.hf_weights import init_components_from_hf
 from vist2_jax.model.vist2 import Vist2Model, abstract_params, example_batch
@@ -60,7 +60,9 @@ def initial_state(config: Config, optimizer, abstract, shardings):
     """Step 0: params from the previous stage (``train.init_from``), or a fresh init with
     optional Hugging Face components; a fresh optimizer state either way."""
     if config.train.init_from:
-        step, params = restore_params(config.train.init_from, abstract["params"])
+        # a run, a demo folder (its newest stage) or one step of a run (RUN/checkpoints/STEP)
+        run_dir, step = resolve_run_dir(config.train.init_from, "train.init_from")
+        step, params = restore_params(run_dir, abstract["params"], step)
         log.info("stage starts from %s (step %d)", config.train.init_from, step)
     else:
         model = Vist2Model(config.model)
