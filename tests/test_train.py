@@ -98,6 +98,7 @@ def test_metrics_files(uninterrupted):
     assert "visual_spread" in records[0] and scalars[-1][1]["visual_spread"] == train_records[-1]["visual_spread"]
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["steps_done"] == 8 and summary["eval_loss_end"] < summary["eval_loss_start"]
+    assert not summary["stopped_early"] and "best_eval_step" not in summary  # no train.keep_best: none kept
 
 
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path, uninterrupted, tokenizer_file):

@@ -335,7 +335,9 @@ def train(config: Config, restart: bool = False) -> TrainResult:
         log.info("data counters: %s", json.dumps(counters))
     summary.update({
         "steps_done": done, "preempted": stopped_by is not None, "stopped_by": stopped_by,
-        "stopped_early": stopped_early, **({"best_eval_step": best[0], "best_eval_loss": best[1]} if best else {}),
+        "stopped_early": stopped_early,
+        # only where train.keep_best kept that step's checkpoint
+        **({"best_eval_step": best[0], "best_eval_loss": best[1]} if best and config.train.keep_best else {}),
         "wall_s": time.time() - wall_start,
         "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
         "step_time_s_median": statistics.median(step_times) if step_times else None,
