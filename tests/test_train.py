@@ -417,7 +417,7 @@ def test_keep_best_and_early_stop_keep_the_lowest_held_out_loss_and_stay_stopped
     # the next stage can start from the best step, not the newest
     follow = write_recipe(tmp_path, "follow.yaml", data={"tokenizer": tokenizer_file},
                           run={"workdir": str(tmp_path / "follow")},
-                          train={"steps": 1, "init_from": str(workdir / "checkpoints" / str(best))})
+                          train={"steps": 1, "warmup_steps": 0, "init_from": str(workdir / "checkpoints" / str(best))})
     proc = run("train", follow, devices=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"stage starts from {workdir / 'checkpoints' / str(best)} (step {best})" in proc.stderr
