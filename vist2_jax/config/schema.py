@@ -149,6 +149,10 @@ class CurriculumPoint:
     ocr_fraction: float = 0.0
     ocr_text_lens: tuple[int, ...] = ()
 
+    def lengths(self) -> list[tuple[str, int]]:
+        """(key, L) of every chunk length this point draws: its L and its OCR rows' L values."""
+        return [("text_len", self.text_len), *(("ocr_text_lens", length) for length in self.ocr_text_lens)]
+
 
 @dataclasses.dataclass(frozen=True)
 class SourceConfig:
@@ -452,7 +456,7 @@ class Config:
                      "trains the vision tower and aligner, which train.trainable both leave frozen")
         m = self.model.layout.visual_len
         for i, point in enumerate(self.data.curriculum):
-            for name, length in (("text_len", point.text_len), *(("ocr_text_lens", n) for n in point.ocr_text_lens)):
+            for name, length in point.lengths():
                 _require(length % m == 0, f"data.curriculum[{i}].{name}", f"L={length} is not a whole multiple of m={m}")
         _require(self.data.global_batch_size % self.train.grad_accum_steps == 0, "train.grad_accum_steps",
                  f"does not divide data.global_batch_size={self.data.global_batch_size}")
@@ -461,7 +465,7 @@ class Config:
         # pipeline is built or a step compiled.
         lengths = [("model.layout.text_len", self.model.layout.text_len)] + [
             (f"data.curriculum[{i}].{name}", length) for i, point in enumerate(self.data.curriculum)
-            for name, length in (("text_len", point.text_len), *(("ocr_text_lens", n) for n in point.ocr_text_lens))]
+            for name, length in point.lengths()]
         where, text_len = max(lengths, key=lambda item: item[1])
         need = text_len + 1 + m
         _require(self.data.seq_len >= need, "data.seq_len",
