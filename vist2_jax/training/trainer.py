@@ -197,7 +197,11 @@ def train(config: Config, restart: bool = False) -> TrainResult:
     logger.status("building the data pipeline")
     pipeline = build_pipeline(config, workdir, jax.process_index(), jax.process_count())
     optimizer, abstract, shardings = abstract_state(config, mesh)
-    checkpoints = RunCheckpoints(workdir, keep=config.train.keep_checkpoints, keep_best=config.train.keep_best)
+
+    def open_checkpoints() -> RunCheckpoints:  # again after --restart moves unreadable ones aside
+        return RunCheckpoints(workdir, keep=config.train.keep_checkpoints, keep_best=config.train.keep_best)
+
+    checkpoints = open_checkpoints()
     schedule = learning_rate_schedule(config.train)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
@@ -212,7 +216,7 @@ def train(config: Config, restart: bool = False) -> TrainResult:
             if checkpoints.steps() and is_chief:
                 checkpoints.close()
                 logger.status(f"--restart: unreadable checkpoints moved to {_set_aside(workdir, checkpoints)}")
-                checkpoints = RunCheckpoints(workdir, keep=config.train.keep_checkpoints, keep_best=config.train.keep_best)
+                checkpoints = open_checkpoints()
             start = 0
             iterator = iter(pipeline.train_dataset())  # a failed restore may have moved the old one
             logger.status(f"fresh start at step 0 (no checkpoint in {checkpoints.directory})")
