@@ -133,10 +133,13 @@ class Pipeline:
         return iterable
 
     def eval_batches(self) -> list[dict[str, np.ndarray]]:
-        """The fixed evaluation rows of this host, batched; built once per run."""
+        """The fixed evaluation rows of this host, batched; built once per run, at the last
+        step's curriculum point: ``eval_loss`` (and ``train.keep_best``'s choice) measures
+        the shape the run ends in, not the first point's shorter chunks."""
         data = self.config.data
         rows = max(data.eval_rows, data.global_batch_size)
-        indices = list(range(self.process_index, rows, self.process_count))
+        last = max(self.config.train.steps - 1, 0) * data.global_batch_size  # row index -> step: index // batch
+        indices = [last + i for i in range(self.process_index, rows, self.process_count)]
         made = [self.eval_maker(i) for i in indices]
         size = self.local_batch_size
         return [stack_rows(made[i:i + size]) for i in range(0, len(made) - size + 1, size)]

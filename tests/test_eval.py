@@ -322,3 +322,18 @@ def _finds(text: bytes, piece: bytes):
     while at >= 0:
         yield at
         at = text.find(piece, at + 1)
+
+
+def test_each_ratio_is_measured_in_the_window_its_curriculum_trains():
+    """The compression table cuts documents for L into the chunks per window of the last
+    curriculum point at L (8 x 16, 6 x 32, 3 x 64), not the final point's 3 for every L."""
+    from vist2_jax.config import load_config
+    from vist2_jax.evaluation.context import window_at
+
+    config = load_config(overrides=[
+        "preset=tiny", "data.seq_len=256", "train.steps=30",
+        "data.curriculum=[{start_step: 0, text_len: 16, max_chunks: 8}, {start_step: 10, text_len: 32, max_chunks: 6},"
+        " {start_step: 20, text_len: 64, max_chunks: 3}]"])
+    assert [window_at(config, length).max_chunks for length in (16, 32, 64)] == [8, 6, 3]
+    assert window_at(config, 48).max_chunks == 3  # no point at L=48: the final point's window
+    assert window_at(load_config(overrides=["preset=tiny", "data.images_per_row=1"]), 16).max_chunks == 2

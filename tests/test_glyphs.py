@@ -362,3 +362,21 @@ def test_ocr_rows_mixed_into_olm_read_chunks_of_ocr_text_lens(tmp_path, tokenize
         assert spans, "no OCR span in a batch of ocr_fraction 1.0"
         lengths[ocr_lens] = set(spans)
     assert max(lengths["[]"]) == 16 and {16, 32} <= lengths["[16, 32]"], lengths
+
+
+def test_evaluation_rows_have_the_shape_the_run_ends_in(tmp_path, tokenizer_path):
+    """A curriculum run's held-out rows (eval_loss, keep_best) are built at its last point:
+    chunks of the final L, not the first point's shorter ones."""
+    from vist2_jax.row_contract import TEXT
+
+    longest = {}
+    for steps in (4, 12):  # the curriculum moves from L=16 to L=32 at step 6
+        config = load_config(overrides=[
+            *SMALL, f"data.tokenizer={tokenizer_path}", "data.stage=olm", f"train.steps={steps}", "train.warmup_steps=0",
+            "data.curriculum=[{start_step: 0, text_len: 16, max_chunks: 2}, {start_step: 6, text_len: 32, max_chunks: 2}]"])
+        batch = build_pipeline(config, tmp_path / str(steps)).eval_batches()[0]
+        text = (batch["modality"] == TEXT) & (batch["chunk_id"] > 0)
+        rows = np.broadcast_to(np.arange(len(text))[:, None], text.shape)
+        chunks = np.stack([rows, batch["segment_id"], batch["chunk_id"]], -1)[text]  # (row, document, chunk)
+        longest[steps] = np.unique(chunks, axis=0, return_counts=True)[1].max()
+    assert longest[4] <= 16 + 1 < longest[12] <= 32 + 1, longest  # L tokens, and the first chunk a BOS

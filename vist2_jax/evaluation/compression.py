@@ -2,7 +2,8 @@
 size trained on the same text with the same budget (the paper's comparison, visual
 context vs. the native LM, in miniature; ``vist2 demo --proof``).
 
-Per compression ratio L/m (the curriculum's L at fixed m): OCR CER of held-out chunks with
+Per compression ratio L/m (the curriculum's L at fixed m, documents cut into the windows
+of chunks the curriculum trains that L in): OCR CER of held-out chunks with
 the true and with blank sketches, the memory gain (blank - true, nats/token) with its 95%
 interval, and the compression gap: the VIST2 model's loss with the earlier chunks as
 sketches minus the text-only model's loss with the same chunks as text, on the same
@@ -17,8 +18,7 @@ import json
 import logging
 
 from vist2_jax import storage
-from vist2_jax.config.schema import CurriculumPoint
-from vist2_jax.evaluation.context import EvalContext, final_point, row_maker
+from vist2_jax.evaluation.context import EvalContext, row_maker, window_at
 from vist2_jax.evaluation.memory import evaluate_memory
 from vist2_jax.evaluation.ocr import evaluate_ocr
 
@@ -27,14 +27,14 @@ log = logging.getLogger(__name__)
 
 def compression_row(vist2: EvalContext, text_only: EvalContext, text_len: int, chunks: int, documents: int) -> dict:
     """The figures of one ratio: OCR on ``chunks`` held-out chunks of ``text_len`` tokens,
-    memory and gap on ``documents`` held-out OLM rows whose chunks hold ``text_len`` tokens."""
+    memory and gap on ``documents`` held-out OLM rows whose chunks hold ``text_len`` tokens,
+    in the window the run's curriculum trains that L in (``window_at``)."""
     m = vist2.config.model.layout.visual_len
     ocr = evaluate_ocr(vist2, chunks, text_lens=[text_len])
-    point = final_point(vist2.config)
-    point = CurriculumPoint(text_len=text_len, max_chunks=max(point.max_chunks, 2))
+    point = window_at(vist2.config, text_len)
     maker = row_maker(vist2, "olm", point)
     memory = evaluate_memory(vist2, rows=[maker(i) for i in range(documents)], text_model=text_only)
-    row = {"ratio": text_len / m, "text_len": text_len, "visual_len": m,
+    row = {"ratio": text_len / m, "text_len": text_len, "visual_len": m, "chunks_per_window": point.max_chunks,
            "ocr_cer": ocr["cer"], "ocr_cer_blank": ocr["cer_blank_sketch"], "ocr_chunks": ocr["chunks"],
            **{k: v for k, v in memory.items() if k not in ("nll_text", "nll_text_alone")},
            "nll_text_only_model": memory["nll_text"], "nll_text_only_model_alone": memory["nll_text_alone"]}
@@ -61,10 +61,10 @@ def table_lines(table: list[dict]) -> list[str]:
     def ci(row, key):
         return f"[{row[key + '_lo']:+.3f}, {row[key + '_hi']:+.3f}]"
 
-    lines = [f"{'L/m':>4} {'OCR CER':>8} {'blank':>6} {'memory gain (95% CI)':>27} "
+    lines = [f"{'L/m':>4} {'chunks':>6} {'OCR CER':>8} {'blank':>6} {'memory gain (95% CI)':>27} "
              f"{'gap vs text-only LM (95% CI)':>32} {'text context gain':>18}"]
     for row in table:
-        lines.append(f"{row['ratio']:>3.0f}x {row['ocr_cer']:>8.3f} {row['ocr_cer_blank']:>6.3f} "
+        lines.append(f"{row['ratio']:>3.0f}x {row['chunks_per_window']:>6d} {row['ocr_cer']:>8.3f} {row['ocr_cer_blank']:>6.3f} "
                      f"{row['memory_gain']:>+8.3f} {ci(row, 'memory_gain'):>18} "
                      f"{row['compression_gap']:>+8.3f} {ci(row, 'compression_gap'):>23} "
                      f"{row['text_context_gain']:>+18.3f}")

@@ -45,6 +45,15 @@ def final_point(config: Config) -> CurriculumPoint:
     return dataclasses.replace(point, ocr_fraction=0.0)
 
 
+def window_at(config: Config, text_len: int) -> CurriculumPoint:
+    """The document window a run reads chunks of ``text_len`` tokens in: the chunks per
+    window of its last curriculum point at that L (a curriculum gives each L its own
+    window: 8 chunks of 16 tokens, 3 of 64), else the final point's; at least 2 chunks,
+    so there is a memory to measure."""
+    points = [p for p in config.data.curriculum if p.text_len == text_len] or [final_point(config)]
+    return CurriculumPoint(text_len=text_len, max_chunks=max(points[-1].max_chunks, 2))
+
+
 @functools.lru_cache(maxsize=4)
 def _samples(source: str, data_dir: str, manual_dir: str, tokenizer, held_out: bool) -> tuple:
     """(documents, their held-out split or None): a prepared folder read lazily, any other
