@@ -267,6 +267,17 @@ def test_vist2_eval_every_task_on_fixture_data(tiny_run, tmp_path, capsys):
             assert result["examples"] == 1 and 0.0 <= result["score"] <= 100.0
     assert main(["eval", str(tiny_run), "--task", "gsm8k"]) == 2
     assert "--task gsm8k needs --data" in capsys.readouterr().err
+    # --text-len: another ratio than the run's own (L=4 at m=4: 1x, chunks half as long)
+    for task in ("ocr", "memory"):
+        out = tmp_path / f"{task}_1x.json"
+        assert main(["eval", str(tiny_run), "--task", task, "--limit", "2", "--text-len", "4", "--json", str(out)]) == 0
+        result = json.loads(out.read_text())
+        if task == "ocr":
+            assert "cer_ratio_1x" in result and "cer_ratio_2x" not in result
+        else:
+            assert 0 < result["tokens"] < json.loads((tmp_path / "memory.json").read_text())["tokens"]
+    assert main(["eval", str(tiny_run), "--task", "memory", "--text-len", "6"]) == 2
+    assert "--text-len 6: must be a whole multiple of the run's m=4" in capsys.readouterr().err
 
 
 def _text_of_segments(row, chunk_token):

@@ -8,6 +8,7 @@ generation in ``--mode``)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -25,12 +26,22 @@ def register(subparsers) -> None:
                    "folder of held-out .txt/.jsonl documents (default: the run's source, evaluation seed)")
     p.add_argument("--limit", type=int, default=0, help="chunks (ocr), rows (memory) or examples; 0: "
                    "32 chunks, 24 rows, every example")
+    p.add_argument("--text-len", type=int, default=0, metavar="L", help="ocr/memory: chunks of L tokens "
+                   "(the ratio L/m; memory: in the window the run's curriculum trains L in); 0: the run's own")
     p.add_argument("--mode", default="gcc", choices=("gcc", "pcc", "text"), help="generation mode")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-prompt-tokens", type=int, default=8192, help="middle truncation, as LongBench")
     p.add_argument("--max-new-tokens", type=int, default=0, help="cap on each task's answer length")
     p.add_argument("--json", metavar="F", help="write the full result (with predictions) here")
     p.set_defaults(func=run)
+
+
+def default_args(run_dir, task: str, **values) -> argparse.Namespace:
+    """The arguments of ``vist2 eval RUN_DIR --task TASK`` with its defaults, ``values`` set:
+    for callers that evaluate in-process (the sweep report), so a new option needs no edit there."""
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    return argparse.Namespace(**{**vars(parser.parse_args(["eval", str(run_dir), "--task", task])), **values})
 
 
 def evaluate(args) -> dict:
@@ -43,12 +54,15 @@ def evaluate(args) -> dict:
     if args.task in ("longbench", "loogle", "gsm8k") and not args.data:
         raise UsageError(f"--task {args.task} needs --data (a local JSONL file or folder)")
     ctx = load_context(args.run_dir)
+    m = ctx.config.model.layout.visual_len
+    if args.text_len < 0 or args.text_len % m:
+        raise UsageError(f"--text-len {args.text_len}: must be a whole multiple of the run's m={m} (0: the run's own)")
     if args.task == "ocr":
         from vist2_jax.evaluation.ocr import evaluate_ocr
-        result = evaluate_ocr(ctx, args.limit or 32, data=args.data)
+        result = evaluate_ocr(ctx, args.limit or 32, data=args.data, text_lens=[args.text_len] if args.text_len else None)
     elif args.task == "memory":
         from vist2_jax.evaluation.memory import evaluate_memory
-        result = evaluate_memory(ctx, args.limit or 24, data=args.data)
+        result = evaluate_memory(ctx, args.limit or 24, data=args.data, text_len=args.text_len)
     else:
         from vist2_jax.evaluation.benchmarks import LOADERS
         from vist2_jax.evaluation.generation import evaluate_generation

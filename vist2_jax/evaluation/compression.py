@@ -18,7 +18,7 @@ import json
 import logging
 
 from vist2_jax import storage
-from vist2_jax.evaluation.context import EvalContext, row_maker, window_at
+from vist2_jax.evaluation.context import EvalContext, window_at
 from vist2_jax.evaluation.memory import evaluate_memory
 from vist2_jax.evaluation.ocr import evaluate_ocr
 
@@ -31,10 +31,9 @@ def compression_row(vist2: EvalContext, text_only: EvalContext, text_len: int, c
     in the window the run's curriculum trains that L in (``window_at``)."""
     m = vist2.config.model.layout.visual_len
     ocr = evaluate_ocr(vist2, chunks, text_lens=[text_len])
-    point = window_at(vist2.config, text_len)
-    maker = row_maker(vist2, "olm", point)
-    memory = evaluate_memory(vist2, rows=[maker(i) for i in range(documents)], text_model=text_only)
-    row = {"ratio": text_len / m, "text_len": text_len, "visual_len": m, "chunks_per_window": point.max_chunks,
+    memory = evaluate_memory(vist2, documents, text_model=text_only, text_len=text_len)
+    row = {"ratio": text_len / m, "text_len": text_len, "visual_len": m,
+           "chunks_per_window": window_at(vist2.config, text_len).max_chunks,
            "ocr_cer": ocr["cer"], "ocr_cer_blank": ocr["cer_blank_sketch"], "ocr_chunks": ocr["chunks"],
            **{k: v for k, v in memory.items() if k not in ("nll_text", "nll_text_alone")},
            "nll_text_only_model": memory["nll_text"], "nll_text_only_model_alone": memory["nll_text_alone"]}

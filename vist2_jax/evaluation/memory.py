@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vist2_jax.config.schema import ConfigError
-from vist2_jax.evaluation.context import EvalContext, final_point, row_maker
+from vist2_jax.evaluation.context import EvalContext, final_point, row_maker, window_at
 from vist2_jax.evaluation.metrics import bootstrap_ratio
 from vist2_jax.row_contract import ROW_FIELDS, TEXT, stack_rows, strip_visual
 from vist2_jax.training.distributed import to_host
@@ -127,13 +127,14 @@ def document_sums(ctx: EvalContext, rows: list[dict], batch_size: int = 8) -> tu
 
 
 def evaluate_memory(ctx: EvalContext, limit: int = 16, data: str | None = None, rows=None,
-                    text_model: EvalContext | None = None) -> dict:
-    """The five losses, the memory gain, the compression gap and the text context gain over ``limit`` rows.
-    ``text_model`` reads the raw-text rows instead of the run's own model (the gap then is
-    against a text-only model of the same size: the compression table)."""
+                    text_model: EvalContext | None = None, text_len: int = 0) -> dict:
+    """The five losses, the memory gain, the compression gap and the text context gain over
+    ``limit`` held-out rows whose chunks hold ``text_len`` tokens (0: the run's final L), in
+    the window the run's curriculum trains that L in (``window_at``). ``text_model`` reads
+    the raw-text rows instead of the run's own model (the gap then is against a text-only
+    model of the same size: the compression table)."""
     if rows is None:
-        point = final_point(ctx.config)
-        point = type(point)(text_len=point.text_len, max_chunks=max(point.max_chunks, 2))
+        point = window_at(ctx.config, text_len or final_point(ctx.config).text_len)
         maker = row_maker(ctx, "olm", point, data)
         rows = [maker(i) for i in range(limit)]
     true_sum, tokens = document_sums(ctx, rows)

@@ -7,7 +7,6 @@ kept in the stage's ``eval/TASK.json``."""
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
@@ -40,14 +39,13 @@ def _eval_file(stage: Stage, task: str):
 
 def run_missing_evals(stage: Stage, tasks: list[str], limit: int, records: list[dict]) -> None:
     """``vist2 eval`` of each task the finished stage has no figures for."""
-    from vist2_jax.cli.eval import evaluate
+    from vist2_jax.cli.eval import default_args, evaluate
 
     for task in tasks:
         logged = any(f"eval_{task}_{TASK_KEYS[task]}" in r or f"eval_{TASK_KEYS[task]}" in r for r in records)
         if logged or _eval_file(stage, task).exists():
             continue
-        args = argparse.Namespace(run_dir=stage.workdir, task=task, data=None, limit=limit, mode="gcc", batch_size=8,
-                                  max_prompt_tokens=8192, max_new_tokens=0, json=None)
+        args = default_args(stage.workdir, task, limit=limit)
         print(f"[{stage.variant}] {stage.name}: vist2 eval --task {task}", flush=True)
         result = evaluate(args)
         storage.write_atomic(_eval_file(stage, task), json.dumps(result, indent=2))
