@@ -26,7 +26,7 @@ demo: setup
 	$(BIN)/vist2 demo --workdir runs/demo
 
 test: $(VENV)/.installed-tpu
-	$(BIN)/python -m pytest -n 2 --dist loadfile -q
+	$(BIN)/python -m pytest -n 2 --dist loadfile -q --durations=25
 
 clean:
 	rm -rf $(VENV) .jax_cache .pytest_cache

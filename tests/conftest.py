@@ -4,17 +4,30 @@ compilation cache, and tiny configs / rows built once per session."""
 import os
 import struct
 
+# Compile time is most of the suite (a cold run here: ~26 min; with the compilation cache
+# warm: ~15), so the tests compile for speed: LLVM's expensive passes off and no backend
+# optimisation (IEEE semantics are kept: results stay bit-identical; the compiled code is
+# slower, which the tests' few steps do not notice), and every program is cached, also
+# for the `vist2` subprocesses, which inherit this environment (``xla_flags`` for those
+# that set their own device count).
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a test process or subprocess with ``devices`` forced CPU devices."""
+    return f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}"
+
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 from data_pipelines.rows import pack_olm_row  # noqa: E402
 from vist2_jax.config import load_config  # noqa: E402

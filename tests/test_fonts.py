@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from conftest import xla_flags
 from data_pipelines import fonts
 from data_pipelines.png import png_bytes
 from data_pipelines.render import (RenderConfig, RenderRejected, SketchRenderer, renderer_for_config,
@@ -295,7 +296,7 @@ def test_trained_run_records_the_font_and_generate_refuses_a_tampered_hash(tmp_p
     from vist2_jax.checkpointing.runs import load_run
 
     pinned, run = fonts.BUNDLED["DejaVu Sans Mono"][1], tmp_path / "run"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1)}
     (tmp_path / "recipe.yaml").write_text("preset: tiny\n")
     (tmp_path / "prompt.txt").write_text("The built-in functions are listed here. " * 4)
     vist2 = [sys.executable, "-m", "vist2_jax.cli.main"]

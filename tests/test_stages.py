@@ -21,6 +21,7 @@ from vist2_jax.model.vist2 import abstract_params as model_abstract_params
 from vist2_jax.checkpointing.runs import restore_params
 from vist2_jax.training.optimizer import make_optimizer
 from vist2_jax.training.trainer import train
+from conftest import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.decoder.num_layers=2", "model.vision.num_layers=2", "data.seq_len=256",
@@ -175,7 +176,7 @@ def test_frozen_stage_changes_only_the_aligner_and_starts_from_hf(tmp_path, toke
 
 
 def test_demo_cli_runs_all_four_stages(tmp_path):
-    env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1)}
     proc = subprocess.run([sys.executable, "-m", "vist2_jax.cli.main", "demo", "--workdir", str(tmp_path / "demo"),
                            "--steps-scale", "0.05", "model.decoder.num_layers=2", "model.vision.num_layers=2",
                            "run.progress=false"],
@@ -218,7 +219,7 @@ def test_demo_proof_ends_with_the_compression_table(tmp_path):
     text-only baseline from the stage-0a LM on sketch-free rows, and the table at 1x/2x/4x."""
     import yaml
 
-    env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1)}
     proc = subprocess.run([sys.executable, "-m", "vist2_jax.cli.main", "demo", "--proof", "--workdir",
                            str(tmp_path / "proof"), "--steps-scale", "0.005", "model.decoder.num_layers=1",
                            "model.vision.num_layers=1", "run.progress=false"],
@@ -251,7 +252,7 @@ def test_a_stopped_demo_stage_does_not_start_the_next(tmp_path):
     import signal
     import time
 
-    env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1)}
     demo = tmp_path / "demo"
     proc = subprocess.Popen([sys.executable, "-m", "vist2_jax.cli.main", "demo", "--workdir", str(demo),
                              "--steps-scale", "0.5", "model.decoder.num_layers=1", "model.vision.num_layers=1",

@@ -17,6 +17,7 @@ import pytest
 
 from vist2_jax.config.schema import ConfigError
 from vist2_jax.sweeps.spec import load_sweep
+from conftest import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.decoder.num_layers=1", "model.vision.num_layers=1", "model.decoder.vocab_size=768",
@@ -35,7 +36,7 @@ def _write_sweep(folder: Path, body: str, stages: dict[str, str]) -> Path:
 def _env() -> dict:
     """This interpreter's environment for ``vist2`` children, without the 8 forced devices of
     conftest (the stages run on one CPU device, as ``vist2 train`` would here)."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1)}
     return {**env, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
