@@ -185,6 +185,38 @@ def test_foreign_rows_give_every_real_slot_a_sketch_of_another_row(olm_rows):
         assert np.array_equal(new["images"][~row["image_mask"]], row["images"][~row["image_mask"]])
 
 
+def test_context_rows_give_each_chunk_another_documents_text_or_its_own(tiny_config, olm_rows):
+    """The text twin of the foreign control: one row per (document, chunk >= 2), the chunk's
+    own tokens and targets after as many tokens of another document (or its own earlier
+    text, whose summed losses are then exactly the ``text`` control's)."""
+    from vist2_jax.evaluation.memory import context_rows, document_sums
+
+    own, owners = context_rows(olm_rows, foreign=False)
+    foreign, foreign_owners = context_rows(olm_rows)
+    assert len(own) == len(foreign) == 2 + 2 * 1 + 3 + 2 and np.array_equal(owners, foreign_owners)
+    assert owners.tolist() == [0, 0, 1, 2, 3, 3, 3, 4, 4]  # documents in document_sums' order
+    for mine, theirs in zip(own, foreign):
+        scored = mine["memory"] > 0
+        assert scored.sum() == 8 and np.array_equal(scored, theirs["memory"] > 0)
+        before = int(np.argmax(scored))
+        assert np.array_equal(mine["tokens"][before:], theirs["tokens"][before:])
+        assert np.array_equal(mine["targets"], theirs["targets"]) and np.array_equal(mine["positions"], theirs["positions"])
+        assert not np.array_equal(mine["tokens"][:before], theirs["tokens"][:before])
+    model = Vist2Model(tiny_config.model)
+    batch = {k: np.stack([r[k] for r in olm_rows]) for k in olm_rows[0]}
+    params = jax.device_get(nn.unbox(jax.jit(model.init)(jax.random.key(0), batch)))
+    ctx = EvalContext(tiny_config, params, tokenizer=None)
+    text_sum, tokens = document_sums(ctx, [text_row(r) for r in olm_rows])
+    part_sum, part_tokens = document_sums(ctx, own)
+    assert np.array_equal(np.bincount(owners, part_tokens), tokens)
+    np.testing.assert_allclose(np.bincount(owners, part_sum), text_sum, rtol=1e-5)
+    with_text_model = evaluate_memory(ctx, rows=olm_rows, text_model=ctx)
+    assert with_text_model["nll_text_foreign"] != with_text_model["nll_text"]
+    assert with_text_model["text_foreign_gain"] == pytest.approx(
+        with_text_model["nll_text_foreign"] - with_text_model["nll_text"], abs=1e-6)
+    assert "text_foreign_gain" not in evaluate_memory(ctx, rows=olm_rows)  # the table's control only
+
+
 def test_collapse_guard_fires_on_a_constant_aligner_and_not_on_a_fresh_model(tiny_config, olm_rows):
     from vist2_jax.evaluation.during_training import CollapseGuard
 

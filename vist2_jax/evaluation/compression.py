@@ -9,7 +9,9 @@ interval, and the compression gap: the VIST2 model's loss with the earlier chunk
 sketches minus the text-only model's loss with the same chunks as text, on the same
 held-out documents and targets, with its 95% interval (bootstrap over documents); and the
 text context gain: what the earlier chunks as raw text save the text-only model (its loss
-with each chunk alone minus with all earlier text), the ceiling of any memory gain.
+with each chunk alone minus with all earlier text), the ceiling of any memory gain; and the
+foreign controls of both models (the earlier chunks from another document: sketches for
+VIST2, text for the text-only model), which say how much of a memory is its content.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 import logging
 
 from vist2_jax import storage
-from vist2_jax.evaluation.context import EvalContext, window_at
+from vist2_jax.evaluation.context import EvalContext
 from vist2_jax.evaluation.memory import evaluate_memory
 from vist2_jax.evaluation.ocr import evaluate_ocr
 
@@ -33,7 +35,7 @@ def compression_row(vist2: EvalContext, text_only: EvalContext, text_len: int, c
     ocr = evaluate_ocr(vist2, chunks, text_lens=[text_len])
     memory = evaluate_memory(vist2, documents, text_model=text_only, text_len=text_len)
     row = {"ratio": text_len / m, "text_len": text_len, "visual_len": m,
-           "chunks_per_window": window_at(vist2.config, text_len).max_chunks,
+           "chunks_per_window": memory["chunks_per_document"],
            "ocr_cer": ocr["cer"], "ocr_cer_blank": ocr["cer_blank_sketch"], "ocr_chunks": ocr["chunks"],
            **{k: v for k, v in memory.items() if k not in ("nll_text", "nll_text_alone")},
            "nll_text_only_model": memory["nll_text"], "nll_text_only_model_alone": memory["nll_text_alone"]}
@@ -61,14 +63,17 @@ def table_lines(table: list[dict]) -> list[str]:
         return f"[{row[key + '_lo']:+.3f}, {row[key + '_hi']:+.3f}]"
 
     lines = [f"{'L/m':>4} {'chunks':>6} {'OCR CER':>8} {'blank':>6} {'memory gain (95% CI)':>27} "
-             f"{'gap vs text-only LM (95% CI)':>32} {'text context gain':>18}"]
+             f"{'foreign-true':>12} {'gap vs text-only LM (95% CI)':>32} {'text context gain':>18} "
+             f"{'text foreign-true':>18}"]
     for row in table:
         lines.append(f"{row['ratio']:>3.0f}x {row['chunks_per_window']:>6d} {row['ocr_cer']:>8.3f} {row['ocr_cer_blank']:>6.3f} "
-                     f"{row['memory_gain']:>+8.3f} {ci(row, 'memory_gain'):>18} "
+                     f"{row['memory_gain']:>+8.3f} {ci(row, 'memory_gain'):>18} {row['memory_gain_foreign']:>+12.3f} "
                      f"{row['compression_gap']:>+8.3f} {ci(row, 'compression_gap'):>23} "
-                     f"{row['text_context_gain']:>+18.3f}")
+                     f"{row['text_context_gain']:>+18.3f} {row['text_foreign_gain']:>+18.3f}")
     lines.append("(text context gain: what the earlier chunks, as raw text, save the text-only model per token: "
-                 "the most a memory of them could give)")
+                 "the most a memory of them could give; foreign-true: what VIST2 loses when the earlier sketches "
+                 "show another document, text foreign-true: what the text-only model loses when the earlier text "
+                 "is another document's: the share of a memory that is its content)")
     return lines
 
 

@@ -10,7 +10,12 @@
   text span, so a chunk reads the earlier chunks' text itself;
 * ``text_alone``: the same text model with each chunk reading only its own text: what the
   earlier chunks are worth at all, ``text_context_gain`` = text_alone - text, the most any
-  memory of them could give (a long chunk predicts much of itself).
+  memory of them could give (a long chunk predicts much of itself);
+* ``text_foreign`` (with a separate ``text_model``, the compression table): the text model
+  with each chunk reading another document's text in place of its own earlier chunks
+  (``context_rows``), the raw-text twin of ``foreign``: ``text_foreign_gain`` = text_foreign
+  - text is what a reader that uses the earlier text's content loses to a wrong one, the
+  yardstick for ``memory_gain_foreign``.
 
 Only targets of chunks >= 2 count (chunk 1 has no memory, identical in all three).
 ``memory_gain`` = blank - true, ``memory_gain_foreign`` = foreign - true (what the true
@@ -59,6 +64,42 @@ def foreign_rows(rows: list[dict]) -> list[dict]:
         source_row, source_slot = slots[(n + shift) % len(slots)]
         images[i][k] = rows[source_row]["images"][source_slot]
     return [{**row, "images": image} for row, image in zip(rows, images)]
+
+
+def context_rows(rows: list[dict], foreign: bool = True) -> tuple[list[dict], np.ndarray]:
+    """The text analogue of the foreign-sketch control, for the text-only model: one causal
+    text row per (document, chunk k >= 2) in which chunk k reads, in place of its own
+    document's earlier chunks, as many tokens of another document's text (from half the pool
+    of all the rows' text away). ``foreign=False`` keeps the true earlier text: those rows'
+    losses then sum to the ``text`` control's. Returns the rows and, per row, the index of
+    its document in ``document_sums``' order, to add the rows' sums up per document."""
+    documents = []  # (tokens, targets, memory weights, chunk ids) of each document with memory
+    for row in rows:
+        text = strip_visual(row, carry={"memory": memory_weights(row).astype(np.float32), "chunk": row["chunk_id"]})
+        for segment in np.unique(text["segment_id"][text["memory"] > 0]):
+            where = text["segment_id"] == segment
+            documents.append(tuple(text[k][where] for k in ("tokens", "targets", "memory", "chunk")))
+    pool = np.concatenate([tokens for tokens, *_ in documents])
+    starts = np.cumsum([0] + [len(tokens) for tokens, *_ in documents])
+    seq_len, template = len(rows[0]["tokens"]), rows[0]
+    out, owners = [], []
+    for d, (tokens, targets, memory, chunk) in enumerate(documents):
+        for k in np.unique(chunk[memory > 0]):
+            own, before = np.flatnonzero(chunk == k), int((chunk < k).sum())
+            n = before + len(own)
+            context = pool[(starts[d] + len(pool) // 2 + np.arange(before)) % len(pool)] if foreign else tokens[:before]
+            row = {name: np.zeros(seq_len, dtype) for name, dtype in ROW_FIELDS.items()}
+            row["tokens"][:n] = np.concatenate([context, tokens[own]])
+            row["targets"][before:n] = targets[own]
+            row["memory"] = np.zeros(seq_len, np.float32)
+            row["memory"][before:n] = memory[own]
+            row["loss_mask"][:] = row["memory"] > 0
+            row["modality"][:n], row["chunk_id"][:n] = TEXT, 1
+            row["segment_id"][:n], row["segment_id"][n:] = 1, 2
+            row["positions"][:n], row["positions"][n:] = np.arange(n), np.arange(seq_len - n)
+            out.append({**row, "images": template["images"], "image_mask": np.zeros_like(template["image_mask"])})
+            owners.append(d)
+    return out, np.asarray(owners)
 
 
 def text_row(row: dict, alone: bool = False) -> dict:
@@ -145,10 +186,21 @@ def evaluate_memory(ctx: EvalContext, limit: int = 16, data: str | None = None, 
     text_sum, text_tokens = document_sums(text_model or ctx, [text_row(r) for r in rows])
     alone_sum, alone_tokens = document_sums(text_model or ctx, [text_row(r, alone=True) for r in rows])
     assert all(np.array_equal(tokens, other) for other in (blank_tokens, foreign_tokens, text_tokens, alone_tokens))
+    extra = {}
+    if text_model is not None:  # the compression table: the text analogue of the foreign control
+        context, owners = context_rows(rows)
+        part_sums, part_tokens = document_sums(text_model, context)
+        foreign_text_sum = np.bincount(owners, part_sums, len(tokens))
+        assert np.array_equal(np.bincount(owners, part_tokens, len(tokens)), tokens)
+        value, lo, hi = bootstrap_ratio(foreign_text_sum - text_sum, tokens)
+        extra = {"nll_text_foreign": float(foreign_text_sum.sum() / tokens.sum()), "text_foreign_gain": value,
+                 "text_foreign_gain_lo": lo, "text_foreign_gain_hi": hi}
     gain, gain_lo, gain_hi = bootstrap_ratio(blank_sum - true_sum, tokens)
     own, own_lo, own_hi = bootstrap_ratio(foreign_sum - true_sum, tokens)
     gap, gap_lo, gap_hi = bootstrap_ratio(true_sum - text_sum, tokens)
     context, context_lo, context_hi = bootstrap_ratio(alone_sum - text_sum, tokens)
+    chunks = [len(np.unique(r["chunk_id"][(r["segment_id"] == s) & (r["modality"] == TEXT)]))
+              for r in rows for s in np.unique(r["segment_id"][memory_weights(r) > 0])]
     total = tokens.sum()
     return {"nll_true": float(true_sum.sum() / total), "nll_blank": float(blank_sum.sum() / total),
             "nll_text": float(text_sum.sum() / total), "memory_gain": gain, "memory_gain_lo": gain_lo,
@@ -157,5 +209,5 @@ def evaluate_memory(ctx: EvalContext, limit: int = 16, data: str | None = None, 
             "compression_gap": gap, "compression_gap_lo": gap_lo,
             "compression_gap_hi": gap_hi, "nll_text_alone": float(alone_sum.sum() / total),
             "text_context_gain": context, "text_context_gain_lo": context_lo, "text_context_gain_hi": context_hi,
-            "documents": len(tokens), "tokens": int(total),
-            "visual_spread": visual_spread(ctx, rows)}
+            "documents": len(tokens), "tokens": int(total), "chunks_per_document": max(chunks),
+            "visual_spread": visual_spread(ctx, rows), **extra}
