@@ -20,7 +20,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from data_pipelines.row_makers import MixtureMaker, RowMaker
+from data_pipelines.row_makers import MixtureMaker, RowMaker, unweighted
 from data_pipelines.sources import open_samples, tokenizer_texts
 from data_pipelines.split import HELD_OUT, TRAIN, DocumentSplit
 from data_pipelines.tokenizer import TokenizerError, load_tokenizer, train_tokenizer
@@ -157,7 +157,8 @@ def build_pipeline(config: Config, workdir: str | Path, process_index: int = 0,
         samples, part_counters = open_samples(part, tokenizer)
         source_seed, split = seed + k * SOURCE_SEED_STRIDE, DocumentSplit(samples)
         train.append(RowMaker(part, layout, samples, tokenizer, source_seed, TRAIN, split))
-        evals.append(RowMaker(part, layout, samples, tokenizer, source_seed + EVAL_SEED_OFFSET, HELD_OUT, split))
+        evals.append(RowMaker(unweighted(part), layout, samples, tokenizer, source_seed + EVAL_SEED_OFFSET,
+                              HELD_OUT, split))
         for key, value in part_counters.items():
             counters[key] = counters.get(key, 0) + value
     if len(parts) == 1:

@@ -46,6 +46,11 @@ MIN_TEXT_TOKENS = 4
 MIXTURE_STREAM = 7919  # the third seed word of a row's mixture draw (rows use two)
 
 
+def unweighted(data: DataConfig) -> DataConfig:
+    """``data`` for evaluation rows: every target weighs 1 (no ``chunk_start_weight``)."""
+    return dataclasses.replace(data, chunk_start_tokens=0, chunk_start_weight=1.0)
+
+
 def curriculum_at(data: DataConfig, layout: LayoutConfig, step: int) -> CurriculumPoint:
     """The stage-3 curriculum point in force at ``step`` (the layout's L when there is none)."""
     if not data.curriculum:
@@ -126,6 +131,9 @@ class RowMaker:
                 text_len = int(lengths[rng.integers(len(lengths))]) if lengths else point.text_len
                 row = self._fill(rng, self._ocr, dataclasses.replace(point, text_len=text_len))
             else:
+                if point.olm_text_lens:  # every L of the stage, so a later L does not unlearn the earlier
+                    lengths = point.olm_text_lens
+                    point = dataclasses.replace(point, text_len=int(lengths[rng.integers(len(lengths))]))
                 row = self._fill(rng, self._olm, point)
         elif stage == "ocr":
             row = self._fill(rng, self._ocr, curriculum_at(self.data, self.layout, step))
@@ -225,7 +233,7 @@ class RowMaker:
         made = self._rule_chunks(window, text_len, fit, sample)
         if made is None:
             return True  # skipped and counted; try another document
-        row.add_olm_document(*made)  # the last chunk's sketch is not used
+        row.add_olm_document(*made, start_weight=(self.data.chunk_start_tokens, self.data.chunk_start_weight))
         self.counters["documents"] += 1
         return True
 

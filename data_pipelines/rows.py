@@ -90,13 +90,18 @@ class RowBuilder:
         self.slot += 1
 
     def add_olm_document(self, chunks: Sequence[Sequence[int]], images: Sequence[np.ndarray],
-                         targets: Sequence[dict] | None = None) -> None:
+                         targets: Sequence[dict] | None = None, start_weight: tuple[int, float] = (0, 1.0)) -> None:
         """One document ``[T1][V1][T2]...``: chunk c's text and image share chunk id c; the
         last chunk gets no image (no later chunk would read it), so ``images[c]`` is used
-        for every chunk but the last; ``targets[c]`` are its ``add_image`` keywords."""
+        for every chunk but the last; ``targets[c]`` are its ``add_image`` keywords.
+        ``start_weight`` (n, w): the first n targets of every chunk after the first weigh w."""
         self.start_document()
+        first, weight = start_weight
         for index, chunk in enumerate(chunks):
+            start = self.cursor
             self.add_text(chunk, chunk_id=index + 1)
+            if index and first:
+                self.fields["loss_mask"][start:min(start + first, self.cursor)] *= weight
             if index < len(chunks) - 1:
                 self.add_image(images[index], chunk_id=index + 1, **(targets[index] if targets else {}))
 

@@ -16,6 +16,7 @@ import pytest
 from data_pipelines.pipeline import build_pipeline
 from vist2_jax.row_contract import TEXT, VISUAL, validate_batch
 from vist2_jax.config import load_config
+from vist2_jax.config.schema import ConfigError
 from vist2_jax.model.vist2 import Vist2Model, example_batch
 from vist2_jax.model.vist2 import abstract_params as model_abstract_params
 from vist2_jax.checkpointing.runs import restore_params
@@ -135,6 +136,50 @@ def test_text_only_rows_are_the_olm_rows_without_their_sketches(tmp_path, tokeni
             assert np.array_equal(text["positions"][b][where], np.arange(where.sum()))
             assert set(text["chunk_id"][b][where]) == {1}
     assert (olm["chunk_id"] > 1).any()  # the OLM rows had several chunks per document
+
+
+def test_chunk_start_targets_weigh_more_in_training_rows_only(tmp_path, tokenizer_path):
+    """data.chunk_start_tokens / chunk_start_weight: in training OLM rows the first n targets
+    of every chunk after the first weigh w (what only the earlier sketches can tell); the
+    first chunk and the rest weigh 1; held-out rows (eval_loss) weigh 1 everywhere."""
+    common = [*SMALL, "data.stage=olm", f"data.tokenizer={tokenizer_path}", "train.steps=2"]
+    config = load_config(overrides=[*common, "data.chunk_start_tokens=2", "data.chunk_start_weight=3.0"])
+    pipeline = build_pipeline(config, tmp_path / "a")
+    plain = next(iter(build_pipeline(load_config(overrides=common), tmp_path / "b").train_dataset()))
+    weighted = next(iter(pipeline.train_dataset()))
+    assert np.array_equal(weighted["tokens"], plain["tokens"])  # the same rows, reweighted
+    opens = (weighted["modality"] == TEXT) & (weighted["tokens"] == pipeline.tokenizer.chunk_id)
+    assert (opens & (weighted["chunk_id"] > 1)).any()
+    expected = plain["loss_mask"].copy()
+    for b, at in zip(*np.nonzero(opens & (weighted["chunk_id"] > 1))):
+        expected[b, at:at + 2] *= 3.0
+    assert np.array_equal(weighted["loss_mask"], expected) and expected.max() == 3.0
+    assert all(set(np.unique(b["loss_mask"])) <= {0.0, 1.0} for b in pipeline.eval_batches())
+    with pytest.raises(ConfigError, match="^data.chunk_start_weight: must be positive"):
+        load_config(overrides=[*common, "data.chunk_start_weight=0"])
+
+
+def test_olm_rows_draw_their_chunk_length_from_the_points_list(tmp_path, tokenizer_path):
+    """curriculum[].olm_text_lens: each OLM row cuts its documents at an L drawn from the list
+    (stage 3 keeps training the earlier ratios while it moves on); without it, the point's L."""
+    def chunk_lengths(olm_lens):
+        curriculum = f"[{{start_step: 0, text_len: 32, max_chunks: 3, olm_text_lens: {olm_lens}}}]"
+        config = load_config(overrides=[*SMALL, "data.stage=olm", f"data.tokenizer={tokenizer_path}",
+                                        "train.steps=4", f"data.curriculum={curriculum}"])
+        counts = {}
+        for _, batch in zip(range(2), build_pipeline(config, tmp_path / str(olm_lens)).train_dataset()):
+            text = (batch["modality"] == TEXT) & (batch["chunk_id"] == 1)  # first chunks: full unless the document ends
+            for b in range(len(text)):
+                for segment in np.unique(batch["segment_id"][b][text[b]]):
+                    n = int((text[b] & (batch["segment_id"][b] == segment)).sum()) - 1  # less the marker
+                    counts[n] = counts.get(n, 0) + 1
+        return counts
+
+    assert max(chunk_lengths([])) == 32
+    mixed = chunk_lengths([16, 32])
+    assert max(mixed) == 32 and mixed.get(16, 0) >= 2 and mixed.get(32, 0) >= 2, mixed
+    with pytest.raises(ConfigError, match=r"^data.curriculum\[0\].olm_text_lens: must be positive"):
+        load_config(overrides=[*SMALL, "data.curriculum=[{start_step: 0, text_len: 32, olm_text_lens: [0]}]"])
 
 
 def test_frozen_stage_changes_only_the_aligner_and_starts_from_hf(tmp_path, tokenizer_path):

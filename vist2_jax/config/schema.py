@@ -141,17 +141,22 @@ class CurriculumPoint:
     """From ``start_step`` until the next point: L per image, chunks per document window,
     the share of OCR rows mixed into OLM (stage 3's curriculum, docs/design.md §1) and the L
     values of those OCR rows, one drawn per row (empty: the point's L; all of the stage's L
-    values keep every tile read at every ratio while the OLM chunks are still short)."""
+    values keep every tile read at every ratio while the OLM chunks are still short), and the
+    L values of its OLM rows, one drawn per row (empty: the point's L; a repeated value is
+    drawn more often). ``max_chunks`` caps a window; the row's positions and image slots may
+    allow fewer (``data.images_per_row`` + 1 chunks at most)."""
 
     start_step: int = 0
     text_len: int = 64
     max_chunks: int = 8
     ocr_fraction: float = 0.0
     ocr_text_lens: tuple[int, ...] = ()
+    olm_text_lens: tuple[int, ...] = ()
 
     def lengths(self) -> list[tuple[str, int]]:
-        """(key, L) of every chunk length this point draws: its L and its OCR rows' L values."""
-        return [("text_len", self.text_len), *(("ocr_text_lens", length) for length in self.ocr_text_lens)]
+        """(key, L) of every chunk length this point draws: its L, its OCR and its OLM rows' L values."""
+        return [("text_len", self.text_len), *(("ocr_text_lens", length) for length in self.ocr_text_lens),
+                *(("olm_text_lens", length) for length in self.olm_text_lens)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +216,11 @@ class DataConfig:
     # olm rows with their visual spans removed: the same documents, chunks and targets as one
     # causal text span per document (the native-LM baseline of ``vist2 demo --proof``)
     text_only: bool = False
+    # OLM rows: the first ``chunk_start_tokens`` targets of every chunk after the first (its
+    # marker's and the next ones: what the earlier chunks' sketches alone can tell) weigh
+    # ``chunk_start_weight`` in the loss; evaluation rows always weigh 1 (docs/design.md §2)
+    chunk_start_tokens: int = 0
+    chunk_start_weight: float = 1.0
     eval_rows: int = 16
     glyph_targets: bool = False  # fill each sketch's glyph map (row field ``glyphs``) for train.glyph_loss_weight
     data_dir: str = ""
@@ -241,6 +251,9 @@ class DataConfig:
             _require(point.text_len > 0 and point.max_chunks > 0, key, "text_len and max_chunks must be positive")
             _require(0.0 <= point.ocr_fraction <= 1.0, f"{key}.ocr_fraction", "must lie in [0, 1]")
             _require(all(length > 0 for length in point.ocr_text_lens), f"{key}.ocr_text_lens", "must be positive")
+            _require(all(length > 0 for length in point.olm_text_lens), f"{key}.olm_text_lens", "must be positive")
+        _require(self.chunk_start_tokens >= 0, f"{prefix}.chunk_start_tokens", "must be >= 0")
+        _require(self.chunk_start_weight > 0, f"{prefix}.chunk_start_weight", "must be positive")
         _require(0.0 <= self.ocr_shuffle <= 1.0, f"{prefix}.ocr_shuffle", "must be a fraction in [0, 1]")
         _require(not self.text_only or self.stage == "olm", f"{prefix}.text_only",
                  f"needs {prefix}.stage=olm (it removes the sketches of OLM rows), got {self.stage!r}")

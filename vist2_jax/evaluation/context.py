@@ -49,7 +49,8 @@ def window_at(config: Config, text_len: int) -> CurriculumPoint:
     """The document window a run reads chunks of ``text_len`` tokens in: the chunks per
     window of its last curriculum point at that L (a curriculum gives each L its own
     window: 8 chunks of 16 tokens, 3 of 64), else the final point's; at least 2 chunks,
-    so there is a memory to measure."""
+    so there is a memory to measure. A cap: a row's positions and image slots may hold
+    fewer (``evaluate_memory`` reports the chunks its documents hold)."""
     points = [p for p in config.data.curriculum if p.text_len == text_len] or [final_point(config)]
     return CurriculumPoint(text_len=text_len, max_chunks=max(points[-1].max_chunks, 2))
 
@@ -74,7 +75,7 @@ def row_maker(ctx: EvalContext, stage: str, point: CurriculumPoint, data: str | 
     evaluation seed, over the held-out documents of the run's source (documents it never
     trained on, ``data_pipelines/split.py``) or over all of the folder ``data``; its
     renderer must draw what the run's saved renderer config describes."""
-    from data_pipelines.row_makers import RowMaker
+    from data_pipelines.row_makers import RowMaker, unweighted
     from data_pipelines.split import HELD_OUT
 
     config = ctx.config
@@ -84,7 +85,7 @@ def row_maker(ctx: EvalContext, stage: str, point: CurriculumPoint, data: str | 
     samples, split = _samples(source, config.data.data_dir, config.data.manual_dir, ctx.tokenizer, not data)
     if not len(samples):
         raise ConfigError(f"{'--data' if data else 'data.source'}: {source} holds no documents")
-    eval_data = dataclasses.replace(config.data, stage=stage, source=source, sources=(), curriculum=(point,))
+    eval_data = dataclasses.replace(unweighted(config.data), stage=stage, source=source, sources=(), curriculum=(point,))
     maker = RowMaker(eval_data, config.model.layout, samples, ctx.tokenizer, config.run.seed + EVAL_SEED,
                      HELD_OUT if split else None, split)
     check_renderer(ctx, maker.renderer.renderer_config())
