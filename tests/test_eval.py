@@ -214,6 +214,9 @@ def test_context_rows_give_each_chunk_another_documents_text_or_its_own(tiny_con
     assert with_text_model["nll_text_foreign"] != with_text_model["nll_text"]
     assert with_text_model["text_foreign_gain"] == pytest.approx(
         with_text_model["nll_text_foreign"] - with_text_model["nll_text"], abs=1e-6)
+    first = with_text_model["first_target_nll"]  # the chunk-opening targets: one per chunk >= 2
+    assert first["text"] == pytest.approx(float(np.bincount(owners, document_sums(ctx, own, first=True)[0]).sum() / 9))
+    assert first["text_foreign"] != first["text"] and first["true"] != first["blank"]
     assert "text_foreign_gain" not in evaluate_memory(ctx, rows=olm_rows)  # the table's control only
 
 

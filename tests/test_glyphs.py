@@ -178,11 +178,13 @@ def test_compression_table_compares_with_a_text_only_model(tmp_path, tokenizer_p
         assert abs(row["text_context_gain"] - (row["nll_text_only_model_alone"] - row["nll_text_only_model"])) < 1e-6
         assert row["text_foreign_gain_lo"] <= row["text_foreign_gain"] <= row["text_foreign_gain_hi"]
         assert 2 <= row["chunks_per_window"] <= config.data.images_per_row + 1  # what the rows hold
+        assert set(row["first_target_nll"]) == {"true", "blank", "foreign", "text", "text_alone", "text_foreign"}
+        assert all(value > 0 for value in row["first_target_nll"].values())
         assert abs(row["text_foreign_gain"] - (row["nll_text_foreign"] - row["nll_text_only_model"])) < 1e-6
     write_table(table, tmp_path, {"date": "today"})
     assert json.loads((tmp_path / "compression.json").read_text())["table"][1]["text_len"] == 32
     assert (tmp_path / "compression.png").stat().st_size > 1000
-    assert len(table_lines(table)) == 4 and "text foreign-true" in table_lines(table)[0]
+    assert len(table_lines(table)) == 7 and "text foreign-true" in table_lines(table)[0]
 
 
 def test_tile_token_ids_name_the_tokens_each_tile_shows():

@@ -70,6 +70,12 @@ def table_lines(table: list[dict]) -> list[str]:
                      f"{row['memory_gain']:>+8.3f} {ci(row, 'memory_gain'):>18} {row['memory_gain_foreign']:>+12.3f} "
                      f"{row['compression_gap']:>+8.3f} {ci(row, 'compression_gap'):>23} "
                      f"{row['text_context_gain']:>+18.3f} {row['text_foreign_gain']:>+18.3f}")
+    lines.append("loss of the targets that open a chunk (only the memory can help there), nats: "
+                 "VIST2 true / blank / foreign sketches | text-only LM with the earlier text / alone / another document's")
+    for row in table:
+        first = row["first_target_nll"]
+        lines.append(f"{row['ratio']:>3.0f}x {first['true']:.3f} / {first['blank']:.3f} / {first['foreign']:.3f} | "
+                     f"{first['text']:.3f} / {first['text_alone']:.3f} / {first['text_foreign']:.3f}")
     lines.append("(text context gain: what the earlier chunks, as raw text, save the text-only model per token: "
                  "the most a memory of them could give; foreign-true: what VIST2 loses when the earlier sketches "
                  "show another document, text foreign-true: what the text-only model loses when the earlier text "

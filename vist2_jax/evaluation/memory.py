@@ -15,7 +15,8 @@
   with each chunk reading another document's text in place of its own earlier chunks
   (``context_rows``), the raw-text twin of ``foreign``: ``text_foreign_gain`` = text_foreign
   - text is what a reader that uses the earlier text's content loses to a wrong one, the
-  yardstick for ``memory_gain_foreign``.
+  yardstick for ``memory_gain_foreign``; and ``first_target_nll``, the six readings' loss
+  on the targets that open a chunk, where only the memory can help.
 
 Only targets of chunks >= 2 count (chunk 1 has no memory, identical in all three).
 ``memory_gain`` = blank - true, ``memory_gain_foreign`` = foreign - true (what the true
@@ -45,6 +46,18 @@ WHITE = 255
 def memory_weights(row: dict) -> np.ndarray:
     """Loss weight of the targets that have a visual memory (text of chunk >= 2)."""
     return row["loss_mask"] * ((row["modality"] == TEXT) & (row["chunk_id"] >= 2))
+
+
+def first_targets(row: dict) -> np.ndarray:
+    """The memory targets that open a chunk (its marker's prediction of the chunk's first
+    token): where the chunk's own text says nothing yet and only the memory can help."""
+    weight = memory_weights(row)
+    starts = np.flatnonzero(weight > 0)
+    opens = np.zeros(len(weight), np.float32)
+    keys = row["segment_id"] * (row["chunk_id"].max(initial=0) + 1) + row["chunk_id"]
+    for key in np.unique(keys[starts]):
+        opens[starts[keys[starts] == key][0]] = weight[starts[keys[starts] == key][0]]
+    return opens
 
 
 def blank_row(row: dict) -> dict:
@@ -94,6 +107,8 @@ def context_rows(rows: list[dict], foreign: bool = True) -> tuple[list[dict], np
             row["memory"] = np.zeros(seq_len, np.float32)
             row["memory"][before:n] = memory[own]
             row["loss_mask"][:] = row["memory"] > 0
+            row["first"] = np.zeros(seq_len, np.float32)
+            row["first"][before] = row["memory"][before]
             row["modality"][:n], row["chunk_id"][:n] = TEXT, 1
             row["segment_id"][:n], row["segment_id"][n:] = 1, 2
             row["positions"][:n], row["positions"][n:] = np.arange(n), np.arange(seq_len - n)
@@ -106,7 +121,8 @@ def text_row(row: dict, alone: bool = False) -> dict:
     """The same documents with their visual spans removed and one chunk id per document
     (plain causal attention over all earlier text); ``memory`` weights move with the text.
     ``alone``: the chunk ids stay, each chunk reads its own text only."""
-    return strip_visual(row, carry={"memory": memory_weights(row).astype(np.float32)}, keep_chunks=alone)
+    return strip_visual(row, carry={"memory": memory_weights(row).astype(np.float32), "first": first_targets(row)},
+                        keep_chunks=alone)
 
 
 @functools.lru_cache(maxsize=8)
@@ -149,8 +165,10 @@ def visual_spread(ctx: EvalContext, rows: list[dict], max_images: int = 64) -> f
     return float(to_host(spread_fn(ctx.config.model)(ctx.params, images)))
 
 
-def document_sums(ctx: EvalContext, rows: list[dict], batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """Per (row, document): summed NLL over the memory targets, and their count."""
+def document_sums(ctx: EvalContext, rows: list[dict], batch_size: int = 8,
+                  first: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Per (row, document): summed NLL over the memory targets (``first``: only those that
+    open a chunk), and their count."""
     nll = _nll_fn(ctx.config.model)
     fields = (*ROW_FIELDS, "images", "image_mask")
     sums, counts = [], []
@@ -160,11 +178,30 @@ def document_sums(ctx: EvalContext, rows: list[dict], batch_size: int = 8) -> tu
         values = to_host(nll(ctx.params, batch)).astype(np.float64)
         for row, value in zip(part, values):
             weight = row.get("memory", memory_weights(row))
-            for segment in np.unique(row["segment_id"][weight > 0]):
+            segments = np.unique(row["segment_id"][weight > 0])
+            if first:
+                weight = row["first"] if "first" in row else first_targets(row)
+            for segment in segments:
                 where = (row["segment_id"] == segment) & (weight > 0)
                 sums.append(float((value * weight)[where].sum()))
                 counts.append(float(weight[where].sum()))
     return np.asarray(sums), np.asarray(counts)
+
+
+def first_target_nll(ctx: EvalContext, text_model: EvalContext, rows: list[dict], context: list[dict]) -> dict:
+    """Mean NLL of the targets that open a chunk (``first_targets``), per reading: VIST2 with
+    true / blank / foreign sketches, the text model with the earlier text / each chunk alone /
+    another document's text (``context``: ``context_rows``). There the chunk's own text says
+    nothing yet: a memory that is read makes ``true`` approach ``text``, one that is not stays
+    at ``text_alone``."""
+    readings = {"true": (ctx, rows), "blank": (ctx, [blank_row(r) for r in rows]),
+                "foreign": (ctx, foreign_rows(rows)), "text": (text_model, [text_row(r) for r in rows]),
+                "text_alone": (text_model, [text_row(r, alone=True) for r in rows]), "text_foreign": (text_model, context)}
+    out = {}
+    for name, (model, reading) in readings.items():
+        sums, counts = document_sums(model, reading, first=True)
+        out[name] = float(sums.sum() / max(counts.sum(), 1.0))
+    return out
 
 
 def evaluate_memory(ctx: EvalContext, limit: int = 16, data: str | None = None, rows=None,
@@ -194,7 +231,8 @@ def evaluate_memory(ctx: EvalContext, limit: int = 16, data: str | None = None, 
         assert np.array_equal(np.bincount(owners, part_tokens, len(tokens)), tokens)
         value, lo, hi = bootstrap_ratio(foreign_text_sum - text_sum, tokens)
         extra = {"nll_text_foreign": float(foreign_text_sum.sum() / tokens.sum()), "text_foreign_gain": value,
-                 "text_foreign_gain_lo": lo, "text_foreign_gain_hi": hi}
+                 "text_foreign_gain_lo": lo, "text_foreign_gain_hi": hi,
+                 "first_target_nll": first_target_nll(ctx, text_model, rows, context)}
     gain, gain_lo, gain_hi = bootstrap_ratio(blank_sum - true_sum, tokens)
     own, own_lo, own_hi = bootstrap_ratio(foreign_sum - true_sum, tokens)
     gap, gap_lo, gap_hi = bootstrap_ratio(true_sum - text_sum, tokens)
