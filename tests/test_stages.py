@@ -239,6 +239,14 @@ def test_demo_cli_runs_all_four_stages(tmp_path):
     assert set(summary["stages"]) == {"stage0_lm", "stage0_vision", "stage1_caption", "stage2_ocr", "stage3_olm",
                                       "stage4_sft"}
 
+    # the same command again (as after a preemption): every stage resumes at its last step,
+    # trains nothing, and the report still prints (a resumed stage has no loss of this call)
+    again = subprocess.run(proc.args, env={**os.environ, **env}, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stderr and "stage 3 validation loss" in again.stdout
+    assert again.stdout.split("stage 3 validation loss")[1].splitlines()[0] == \
+        proc.stdout.split("stage 3 validation loss")[1].splitlines()[0]  # read from the run's metrics
+
     # the demo's checkpoints serve inference directly: config, params and tokenizer come from the run
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("The built-in functions are listed here in alphabetical order. " * 4)

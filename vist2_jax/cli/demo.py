@@ -103,14 +103,18 @@ def run(args) -> int:
     wall = time.time() - started  # the whole command: every stage, the baseline and the table
     lines = [f"{'stage':<16}{'steps':>6}{'loss first':>12}{'loss last':>11}{'eval start':>12}"
              f"{'eval end':>10}{'wall s':>8}{'text tok/s':>12}"]
-    for stage, config, summary in results:
-        lines.append(f"{stage:<16}{summary['steps_done']:>6}{summary['loss_first']:>12.3f}{summary['loss_last']:>11.3f}"
-                     f"{summary.get('eval_loss_start', float('nan')):>12.3f}{summary.get('eval_loss_end', float('nan')):>10.3f}"
-                     f"{summary['wall_s']:>8.1f}{summary['text_tokens_per_s_median']:>12.0f}")
-    olm = dict((s, summary) for s, _, summary in results)["stage3_olm"]
-    ratio = olm["eval_loss_end"] / olm["eval_loss_start"]
-    lines.append(f"stage 3 validation loss: start {olm['eval_loss_start']:.3f} -> end {olm['eval_loss_end']:.3f} "
-                 f"(x{ratio:.3f})")
+    for stage, config, summary in results:  # a stage resumed at its last step trained nothing now: nan
+        value = {key: nan_if_none(summary.get(key)) for key in ("loss_first", "loss_last", "eval_loss_start",
+                                                                  "eval_loss_end", "wall_s", "text_tokens_per_s_median")}
+        lines.append(f"{stage:<16}{summary['steps_done']:>6}{value['loss_first']:>12.3f}{value['loss_last']:>11.3f}"
+                     f"{value['eval_loss_start']:>12.3f}{value['eval_loss_end']:>10.3f}"
+                     f"{value['wall_s']:>8.1f}{value['text_tokens_per_s_median']:>12.0f}")
+    # from the metrics, not the summary: a stage resumed at its last step evaluated nothing now
+    olm_evals = [json.loads(line).get("eval_loss") for line in
+                 (workdir / "stage3_olm" / "metrics.jsonl").read_text().splitlines()]
+    olm_evals = [loss for loss in olm_evals if loss is not None] or [float("nan")]
+    ratio = olm_evals[-1] / olm_evals[0]
+    lines.append(f"stage 3 validation loss: start {olm_evals[0]:.3f} -> end {olm_evals[-1]:.3f} (x{ratio:.3f})")
     figures = _eval_figures(workdir)
     lines += _eval_lines(figures)
     lines += proof
@@ -123,6 +127,10 @@ def run(args) -> int:
         {"wall_s": wall, "stages": {s: summary for s, _, summary in results}, "stage3_eval_ratio": ratio,
          "evaluation": figures}, indent=2))
     return 0
+
+
+def nan_if_none(value) -> float:
+    return float("nan") if value is None else float(value)
 
 
 def _proof_table(args, recipes: Path, workdir: Path, tokenizer) -> list[str]:
