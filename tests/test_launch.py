@@ -43,7 +43,7 @@ FAKE_VIST2 = r"""#!/usr/bin/env bash
 echo "fake-train worker=$FAKE_WORKER argv=$*"
 echo "fake-train worker=$FAKE_WORKER step 1"
 echo "fake-train worker=$FAKE_WORKER on stderr" >&2
-if [[ -n "${FAKE_HANG:-}" ]]; then echo $$ > "$FAKE_HOMES/pid-$FAKE_WORKER"; sleep 30; fi
+if [[ -n "${FAKE_HANG:-}" ]]; then echo $$ > "$FAKE_HOMES/pid-$FAKE_WORKER"; sleep 600; fi
 if [[ "$FAKE_WORKER" == "${FAKE_FAIL_WORKER:-}" ]]; then
   echo "fake-train worker=$FAKE_WORKER crashed" >&2
   exit 3
@@ -124,7 +124,9 @@ def test_tpu_pod_interrupt_stops_local_sessions_and_says_how_to_stop_remote(tmp_
                              "--log-dir", str(tmp_path / "logs"), "--", *RECIPE],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     pid_files = [tmp_path / "homes" / f"pid-{i}" for i in range(2)]
-    deadline = time.monotonic() + 30  # generous: CI machines run two test workers on two cores
+    # generous: CI machines run two test workers on two cores; the fake trainers hang far longer,
+    # so they cannot finish on their own before the interrupt (a 30 s hang once did, under load)
+    deadline = time.monotonic() + 60
     while not all(p.exists() and p.read_text().strip() for p in pid_files) and time.monotonic() < deadline:
         time.sleep(0.05)
     trainers = [int(p.read_text()) for p in pid_files]
