@@ -165,43 +165,33 @@ def visual_spread(ctx: EvalContext, rows: list[dict], max_images: int = 64) -> f
     return float(to_host(spread_fn(ctx.config.model)(ctx.params, images)))
 
 
-def document_sums(ctx: EvalContext, rows: list[dict], batch_size: int = 8,
-                  first: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Per (row, document): summed NLL over the memory targets (``first``: only those that
-    open a chunk), and their count."""
+def reading_sums(ctx: EvalContext, rows: list[dict], batch_size: int = 8) -> tuple[np.ndarray, ...]:
+    """One forward pass over ``rows``; per (row, document): summed NLL over the memory
+    targets and their count, then the same over the targets that open a chunk."""
     nll = _nll_fn(ctx.config.model)
     fields = (*ROW_FIELDS, "images", "image_mask")
-    sums, counts = [], []
+    sums = ([], [], [], [])
     for i in range(0, len(rows), batch_size):
         part = rows[i:i + batch_size]
         batch = stack_rows([{k: r[k] for k in fields} for r in part])
         values = to_host(nll(ctx.params, batch)).astype(np.float64)
         for row, value in zip(part, values):
             weight = row.get("memory", memory_weights(row))
-            segments = np.unique(row["segment_id"][weight > 0])
-            if first:
-                weight = row["first"] if "first" in row else first_targets(row)
-            for segment in segments:
-                where = (row["segment_id"] == segment) & (weight > 0)
-                sums.append(float((value * weight)[where].sum()))
-                counts.append(float(weight[where].sum()))
-    return np.asarray(sums), np.asarray(counts)
+            opens = row["first"] if "first" in row else first_targets(row)
+            for segment in np.unique(row["segment_id"][weight > 0]):
+                for k, w in enumerate((weight, opens)):
+                    where = (row["segment_id"] == segment) & (w > 0)
+                    sums[2 * k].append(float((value * w)[where].sum()))
+                    sums[2 * k + 1].append(float(w[where].sum()))
+    return tuple(np.asarray(values) for values in sums)
 
 
-def first_target_nll(ctx: EvalContext, text_model: EvalContext, rows: list[dict], context: list[dict]) -> dict:
-    """Mean NLL of the targets that open a chunk (``first_targets``), per reading: VIST2 with
-    true / blank / foreign sketches, the text model with the earlier text / each chunk alone /
-    another document's text (``context``: ``context_rows``). There the chunk's own text says
-    nothing yet: a memory that is read makes ``true`` approach ``text``, one that is not stays
-    at ``text_alone``."""
-    readings = {"true": (ctx, rows), "blank": (ctx, [blank_row(r) for r in rows]),
-                "foreign": (ctx, foreign_rows(rows)), "text": (text_model, [text_row(r) for r in rows]),
-                "text_alone": (text_model, [text_row(r, alone=True) for r in rows]), "text_foreign": (text_model, context)}
-    out = {}
-    for name, (model, reading) in readings.items():
-        sums, counts = document_sums(model, reading, first=True)
-        out[name] = float(sums.sum() / max(counts.sum(), 1.0))
-    return out
+def document_sums(ctx: EvalContext, rows: list[dict], batch_size: int = 8,
+                  first: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Per (row, document): summed NLL over the memory targets (``first``: only those that
+    open a chunk), and their count."""
+    sums, counts, first_sums, first_counts = reading_sums(ctx, rows, batch_size)
+    return (first_sums, first_counts) if first else (sums, counts)
 
 
 def evaluate_memory(ctx: EvalContext, limit: int = 16, data: str | None = None, rows=None,
@@ -215,24 +205,30 @@ def evaluate_memory(ctx: EvalContext, limit: int = 16, data: str | None = None, 
         point = window_at(ctx.config, text_len or final_point(ctx.config).text_len)
         maker = row_maker(ctx, "olm", point, data)
         rows = [maker(i) for i in range(limit)]
-    true_sum, tokens = document_sums(ctx, rows)
+    readings = {"true": (ctx, rows), "blank": (ctx, [blank_row(r) for r in rows]),
+                "foreign": (ctx, foreign_rows(rows)), "text": (text_model or ctx, [text_row(r) for r in rows]),
+                "text_alone": (text_model or ctx, [text_row(r, alone=True) for r in rows])}
+    context, owners = context_rows(rows) if text_model is not None else (None, None)
+    if context is not None:  # the compression table: the text analogue of the foreign control
+        readings["text_foreign"] = (text_model, context)
+    scored = {name: reading_sums(model, reading) for name, (model, reading) in readings.items()}
+    (true_sum, tokens), (blank_sum, blank_tokens), (foreign_sum, foreign_tokens), (text_sum, text_tokens), \
+        (alone_sum, alone_tokens) = (scored[name][:2] for name in ("true", "blank", "foreign", "text", "text_alone"))
     if not len(tokens):
         raise ConfigError("--data: the memory rows hold no chunk after a sketch (documents too short?)")
-    blank_sum, blank_tokens = document_sums(ctx, [blank_row(r) for r in rows])
-    foreign_sum, foreign_tokens = document_sums(ctx, foreign_rows(rows))
-    text_sum, text_tokens = document_sums(text_model or ctx, [text_row(r) for r in rows])
-    alone_sum, alone_tokens = document_sums(text_model or ctx, [text_row(r, alone=True) for r in rows])
     assert all(np.array_equal(tokens, other) for other in (blank_tokens, foreign_tokens, text_tokens, alone_tokens))
     extra = {}
-    if text_model is not None:  # the compression table: the text analogue of the foreign control
-        context, owners = context_rows(rows)
-        part_sums, part_tokens = document_sums(text_model, context)
+    if context is not None:
+        part_sums, part_tokens = scored["text_foreign"][:2]
         foreign_text_sum = np.bincount(owners, part_sums, len(tokens))
         assert np.array_equal(np.bincount(owners, part_tokens, len(tokens)), tokens)
         value, lo, hi = bootstrap_ratio(foreign_text_sum - text_sum, tokens)
+        # the six readings on the targets that open a chunk (``first_targets``): there the
+        # chunk's own text says nothing yet, so a memory that is read brings ``true`` toward
+        # ``text``, one that is not leaves it at ``text_alone``
+        first = {name: float(sums[2].sum() / max(sums[3].sum(), 1.0)) for name, sums in scored.items()}
         extra = {"nll_text_foreign": float(foreign_text_sum.sum() / tokens.sum()), "text_foreign_gain": value,
-                 "text_foreign_gain_lo": lo, "text_foreign_gain_hi": hi,
-                 "first_target_nll": first_target_nll(ctx, text_model, rows, context)}
+                 "text_foreign_gain_lo": lo, "text_foreign_gain_hi": hi, "first_target_nll": first}
     gain, gain_lo, gain_hi = bootstrap_ratio(blank_sum - true_sum, tokens)
     own, own_lo, own_hi = bootstrap_ratio(foreign_sum - true_sum, tokens)
     gap, gap_lo, gap_hi = bootstrap_ratio(true_sum - text_sum, tokens)
