@@ -269,7 +269,8 @@ def test_demo_cli_runs_all_four_stages(tmp_path):
 
 def test_demo_proof_ends_with_the_compression_table(tmp_path):
     """``vist2 demo --proof`` (steps scaled down): every stage with 4 tokens per tile, the
-    text-only baseline from the stage-0a LM on sketch-free rows, and the table at 1x/2x/4x."""
+    text-only baseline from the stage-0a LM on sketch-free rows (in its own process beside
+    stages 0b-4), and the table at 1x/2x/4x."""
     import yaml
 
     env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1)}
@@ -297,6 +298,10 @@ def test_demo_proof_ends_with_the_compression_table(tmp_path):
         config = yaml.safe_load((proof / stage / "config.yaml").read_text())
         assert config["data"]["sketch_tile_tokens"] == 4 and config["model"]["layout"]["visual_stride"] == 4
     assert "compression table" in proc.stdout and "gap vs text-only LM" in proc.stdout
+    # the baseline is a `vist2 train` process beside stages 0b-4: it started before stage 3 ended
+    assert (proof / "text_only" / "config.yaml").stat().st_mtime < (proof / "stage3_olm" / "summary.json").stat().st_mtime
+    assert "done: " in (proof / "text_only.log").read_text()
+    assert "text_only" in json.loads((proof / "summary.json").read_text())["stages"]
 
 
 def test_a_stopped_demo_stage_does_not_start_the_next(tmp_path):

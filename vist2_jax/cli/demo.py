@@ -8,13 +8,17 @@ summary table with the evaluation figures (stage-2 OCR CER before/after, stage-3
 gain with its 95% interval; ``train.eval_tasks`` in the recipes).
 
 ``--proof`` runs the same recipe longer (``recipes/proof/``, under an hour on a 2-core
-CPU), trains a text-only model of the same size on the same text with the same budget,
-and ends with the compression table (``compression.json`` / ``.png``): OCR CER with true
+CPU), trains a text-only model of the same size on the same text with the same budget
+(a ``vist2 train`` process beside stages 0b-4: it needs only stage 0a's LM), and ends
+with the compression table (``compression.json`` / ``.png``): OCR CER with true
 and blank sketches, memory gain and the gap to the text-only model at 1x, 2x and 4x."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -67,48 +71,64 @@ def run(args) -> int:
     started = time.time()
     recipes = RECIPE_ROOT / "proof" if args.proof else RECIPES
     tokenizer = resolve_tokenizer(load_config(recipes / "base.yaml", args.overrides), workdir)
-    previous, results = None, []
-    for index, stage in enumerate(STAGES):
-        recipe = recipes / f"{stage}.yaml"
-        base = load_config(recipe, args.overrides)
-        overrides = [*args.overrides, *_scaled(base, args.steps_scale), f"run.workdir={workdir / stage}",
-                     f"data.tokenizer={tokenizer.path}"]
-        if previous is not None:
-            overrides.append(f"train.init_from={previous}")
-        config = load_config(recipe, overrides)
-        print(f"== {stage}: {config.train.steps} steps, trainable {', '.join(config.train.trainable)}",
-              file=sys.stderr, flush=True)
-        result = train(config)
-        if result.preempted:  # SIGTERM / Ctrl-C: the stage saved its step; later stages must not start
-            print(f"vist2 demo: {stage} stopped at step {result.steps_done} (checkpoint saved); run the same "
-                  "command again to resume", file=sys.stderr, flush=True)
-            return 0  # as `vist2 train` after a preemption: saved and resumable
-        results.append((stage, config, result.summary))
-        previous = workdir / stage
-        if stage == "stage3_olm":
-            _copy_sketches(workdir / stage, workdir)
-        if stage == "stage2_ocr":
-            from vist2_jax.evaluation.context import load_context
-            from vist2_jax.evaluation.figures import reconstruction_png
-            reconstruction_png(load_context(workdir / stage), workdir / "ocr_reconstruction.png")
+    previous, results, baseline = None, [], None
+    # SIGTERM outside a stage's step loop (building a pipeline, compiling, between stages) exits
+    # through the `finally` below, so the baseline process is stopped too, not orphaned
+    on_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        for stage in STAGES:
+            recipe = recipes / f"{stage}.yaml"
+            base = load_config(recipe, args.overrides)
+            overrides = [*args.overrides, *_scaled(base, args.steps_scale), f"run.workdir={workdir / stage}",
+                         f"data.tokenizer={tokenizer.path}"]
+            if previous is not None:
+                overrides.append(f"train.init_from={previous}")
+            config = load_config(recipe, overrides)
+            print(f"== {stage}: {config.train.steps} steps, trainable {', '.join(config.train.trainable)}",
+                  file=sys.stderr, flush=True)
+            result = train(config)
+            if result.preempted:  # SIGTERM / Ctrl-C: the stage saved its step; later stages must not start
+                print(f"vist2 demo: {stage} stopped at step {result.steps_done} (checkpoint saved); run the same "
+                      "command again to resume", file=sys.stderr, flush=True)
+                return 0  # as `vist2 train` after a preemption: saved and resumable
+            results.append((stage, config, result.summary))
+            previous = workdir / stage
+            if args.proof and stage == STAGES[0]:
+                baseline = _start_baseline(args, recipes, workdir, tokenizer)
+            if stage == "stage3_olm":
+                _copy_sketches(workdir / stage, workdir)
+            if stage == "stage2_ocr":
+                from vist2_jax.evaluation.context import load_context
+                from vist2_jax.evaluation.figures import reconstruction_png
+                reconstruction_png(load_context(workdir / stage), workdir / "ocr_reconstruction.png")
 
-    series = {}
-    for stage, _, _ in results:
-        records = [json.loads(line) for line in (workdir / stage / "metrics.jsonl").read_text().splitlines()]
-        offset = sum(c.train.steps for s, c, _ in results[:[r[0] for r in results].index(stage)])
-        series[stage] = [(offset + r["step"], r["loss"]) for r in records if "loss" in r]
-    line_chart(series, workdir / "loss_curve.png", "VIST2 demo: training loss per stage", "step", "nats/token")
+        series = {}
+        for stage, _, _ in results:
+            records = [json.loads(line) for line in (workdir / stage / "metrics.jsonl").read_text().splitlines()]
+            offset = sum(c.train.steps for s, c, _ in results[:[r[0] for r in results].index(stage)])
+            series[stage] = [(offset + r["step"], r["loss"]) for r in records if "loss" in r]
+        line_chart(series, workdir / "loss_curve.png", "VIST2 demo: training loss per stage", "step", "nats/token")
 
-    proof = _proof_table(args, recipes, workdir, tokenizer) if args.proof else []
+        proof = _proof_table(workdir, baseline) if args.proof else []
+        if proof is None:  # the baseline was stopped and saved its step
+            return 0
+    finally:  # an error or a stop in the VIST2 stages stops the baseline too (it saves its step)
+        _stop(baseline)
+        signal.signal(signal.SIGTERM, on_sigterm)
     wall = time.time() - started  # the whole command: every stage, the baseline and the table
     lines = [f"{'stage':<16}{'steps':>6}{'loss first':>12}{'loss last':>11}{'eval start':>12}"
              f"{'eval end':>10}{'wall s':>8}{'text tok/s':>12}"]
+    if args.proof:
+        results.append((TEXT_ONLY, None, json.loads((workdir / TEXT_ONLY / "summary.json").read_text())))
     for stage, config, summary in results:  # a stage resumed at its last step trained nothing now: nan
         value = {key: nan_if_none(summary.get(key)) for key in ("loss_first", "loss_last", "eval_loss_start",
                                                                   "eval_loss_end", "wall_s", "text_tokens_per_s_median")}
         lines.append(f"{stage:<16}{summary['steps_done']:>6}{value['loss_first']:>12.3f}{value['loss_last']:>11.3f}"
                      f"{value['eval_loss_start']:>12.3f}{value['eval_loss_end']:>10.3f}"
                      f"{value['wall_s']:>8.1f}{value['text_tokens_per_s_median']:>12.0f}")
+    if args.proof:
+        lines.append(f"({TEXT_ONLY} trained beside stages 0b-4: their wall s and tok/s are those of two processes "
+                     "sharing the machine)")
     # from the metrics, not the summary: a stage resumed at its last step evaluated nothing now
     olm_evals = [json.loads(line).get("eval_loss") for line in
                  (workdir / "stage3_olm" / "metrics.jsonl").read_text().splitlines()]
@@ -133,34 +153,79 @@ def nan_if_none(value) -> float:
     return float("nan") if value is None else float(value)
 
 
-def _proof_table(args, recipes: Path, workdir: Path, tokenizer) -> list[str]:
-    """Train the text-only baseline (from the same stage-0a LM, on the same text, with the
-    steps the VIST2 decoder took after it) and write the compression table of stage 3
-    against it."""
+def _start_baseline(args, recipes: Path, workdir: Path, tokenizer) -> subprocess.Popen:
+    """Start the text-only baseline (from the same stage-0a LM, on the same text, with the
+    steps the VIST2 decoder took after it) as a ``vist2 train`` process beside the VIST2
+    stages: it shares nothing with them but stage 0a. Two processes on a 2-core CPU train
+    ~1.25x more steps per second together than one alone (the data workers and the step
+    leave cores idle), so the proof's hour holds without fewer steps. Log: ``text_only.log``."""
     from vist2_jax.config import load_config
+
+    recipe = recipes / f"{TEXT_ONLY}.yaml"
+    base = load_config(recipe, args.overrides)
+    overrides = [*args.overrides, *_scaled(base, args.steps_scale), f"run.workdir={workdir / TEXT_ONLY}",
+                 f"data.tokenizer={tokenizer.path}", f"train.init_from={workdir / STAGES[0]}"]
+    steps = load_config(recipe, overrides).train.steps  # a bad override fails here, not in the log
+    log_path = workdir / f"{TEXT_ONLY}.log"
+    # on one GPU the stages' process holds most of its memory: the baseline takes what it uses
+    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen([sys.executable, "-m", "vist2_jax.cli.main", "train", str(recipe), *overrides],
+                                   stdout=log, stderr=subprocess.STDOUT, env=env)
+    print(f"== {TEXT_ONLY}: {steps} steps, the native-LM baseline, beside the next stages (log: {log_path})",
+          file=sys.stderr, flush=True)
+    return process
+
+
+def _exit_on_sigterm(signum, frame):
+    print("vist2 demo: SIGTERM outside a stage's step loop: stopped (every stage keeps its last checkpoint); "
+          "run the same command again to resume", file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
+
+
+def _stop(baseline: subprocess.Popen | None) -> None:
+    """SIGTERM a baseline still running (it saves its step, as `vist2 train` does) and wait."""
+    if baseline is None or baseline.poll() is not None:
+        return
+    baseline.send_signal(signal.SIGTERM)
+    try:
+        baseline.wait(timeout=600)
+    except subprocess.TimeoutExpired:
+        baseline.kill()
+        baseline.wait()
+
+
+def _proof_table(workdir: Path, baseline: subprocess.Popen) -> list[str] | None:
+    """Wait for the text-only baseline and write the compression table of stage 3 against it
+    (None: the baseline was stopped and saved its step; the same command resumes it)."""
+    from vist2_jax.cli.errors import UsageError
     from vist2_jax.evaluation.compression import compression_table, table_lines, write_table
     from vist2_jax.evaluation.context import load_context
-    from vist2_jax.training.trainer import train
 
-    base = load_config(recipes / f"{TEXT_ONLY}.yaml", args.overrides)
-    config = load_config(recipes / f"{TEXT_ONLY}.yaml", [
-        *args.overrides, *_scaled(base, args.steps_scale), f"run.workdir={workdir / TEXT_ONLY}",
-        f"data.tokenizer={tokenizer.path}", f"train.init_from={workdir / STAGES[0]}"])
-    print(f"== {TEXT_ONLY}: {config.train.steps} steps, the native-LM baseline", file=sys.stderr, flush=True)
-    result = train(config)
+    log_path = workdir / f"{TEXT_ONLY}.log"
+    if baseline.wait() != 0:
+        lines = log_path.read_text(errors="replace").strip().splitlines() or ["(empty)"]
+        raise UsageError(f"the text-only baseline exited with code {baseline.returncode}; the last line of "
+                         f"{log_path}: {lines[-1]}")
+    summary = json.loads((workdir / TEXT_ONLY / "summary.json").read_text())
+    if summary["preempted"]:
+        print(f"vist2 demo: {TEXT_ONLY} stopped at step {summary['steps_done']} (checkpoint saved); run the same "
+              "command again to resume", file=sys.stderr, flush=True)
+        return None
     # the baseline at its lowest held-out loss (train.keep_best: it overfits a small corpus),
     # VIST2 at its last step: any selection here favours the baseline
-    best = result.summary.get("best_eval_step")
+    best = summary.get("best_eval_step")
     native_run = workdir / TEXT_ONLY / "checkpoints" / str(best) if best else workdir / TEXT_ONLY
     vist2, native = load_context(workdir / "stage3_olm"), load_context(native_run)
     limit = vist2.config.train.eval_task_limit
     table = compression_table(vist2, native, chunks=limit, documents=limit)
     write_table(table, workdir, {"vist2_run": str(workdir / "stage3_olm"), "vist2_step": vist2.step,
                                  "text_only_run": str(native_run), "text_only_step": native.step,
-                                 "text_only_steps_done": result.steps_done,
+                                 "text_only_steps_done": summary["steps_done"],
+                                 "text_only_wall_s": summary["wall_s"],
                                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
     return [f"compression table (stage 3 at step {vist2.step} vs the text-only model at step {native.step} of "
-            f"{result.steps_done}, its lowest held-out loss; nats/token; compression.json/.png):",
+            f"{summary['steps_done']}, its lowest held-out loss; nats/token; compression.json/.png):",
             *table_lines(table)]
 
 
