@@ -267,17 +267,45 @@ def test_demo_cli_runs_all_four_stages(tmp_path):
     assert report["num_scored"] == 3 and all(lp < 0 for lp in report["logprobs"][1:])
 
 
+def _baseline_running(workdir) -> bool:
+    """A process whose command line names WORKDIR/text_only (Linux /proc)."""
+    needle = f"run.workdir={workdir / 'text_only'}".encode()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if needle in cmdline.read_bytes():
+                return True
+        except OSError:  # the process ended meanwhile
+            continue
+    return False
+
+
 def test_demo_proof_ends_with_the_compression_table(tmp_path):
     """``vist2 demo --proof`` (steps scaled down): every stage with 4 tokens per tile, the
     text-only baseline from the stage-0a LM on sketch-free rows (in its own process beside
-    stages 0b-4), and the table at 1x/2x/4x."""
+    stages 0b-4), and the table at 1x/2x/4x. SIGTERM once the baseline runs stops both (exit
+    0, nothing left running) and the same command resumes and finishes."""
+    import signal
+    import time
     import yaml
 
     env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1)}
-    proc = subprocess.run([sys.executable, "-m", "vist2_jax.cli.main", "demo", "--proof", "--workdir",
-                           str(tmp_path / "proof"), "--steps-scale", "0.005", "model.decoder.num_layers=1",
-                           "model.vision.num_layers=1", "run.progress=false"],
-                          env={**os.environ, **env}, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    command = [sys.executable, "-m", "vist2_jax.cli.main", "demo", "--proof", "--workdir", str(tmp_path / "proof"),
+               "--steps-scale", "0.005", "model.decoder.num_layers=1", "model.vision.num_layers=1",
+               "run.progress=false"]
+    with open(tmp_path / "first.err", "w") as err:
+        first = subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)
+        deadline = time.time() + 300
+        while "== stage1_caption" not in (tmp_path / "first.err").read_text():
+            assert first.poll() is None and time.time() < deadline, "stage 0b never ended"
+            time.sleep(0.05)
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=300) == 0, (tmp_path / "first.err").read_text()[-3000:]
+    stderr = (tmp_path / "first.err").read_text()
+    assert "== text_only: 14 steps" in stderr and "Traceback" not in stderr
+    assert "vist2 demo: stage1_caption stopped at step" in stderr or "vist2 demo: stopped by SIGTERM" in stderr
+    assert not _baseline_running(tmp_path / "proof") and not (tmp_path / "proof" / "stage2_ocr").exists()
+
+    proc = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     proof = tmp_path / "proof"
     written = json.loads((proof / "compression.json").read_text())

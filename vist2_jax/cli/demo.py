@@ -62,8 +62,6 @@ def run(args) -> int:
     from data_pipelines.pipeline import resolve_tokenizer
     from vist2_jax.cli.train import setup_logging
     from vist2_jax.config import load_config
-    from vist2_jax.plotting import line_chart
-    from vist2_jax.training.trainer import train
 
     setup_logging()
     workdir = Path(args.workdir).absolute()
@@ -71,50 +69,24 @@ def run(args) -> int:
     started = time.time()
     recipes = RECIPE_ROOT / "proof" if args.proof else RECIPES
     tokenizer = resolve_tokenizer(load_config(recipes / "base.yaml", args.overrides), workdir)
-    previous, results, baseline = None, [], None
-    # SIGTERM outside a stage's step loop (building a pipeline, compiling, between stages) exits
-    # through the `finally` below, so the baseline process is stopped too, not orphaned
-    on_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    baseline = _Baseline(workdir)
+    # SIGTERM outside a stage's step loop (building a pipeline, compiling, between stages,
+    # waiting for the baseline) and Ctrl-C there stop the demo through `finally`: the
+    # baseline process is stopped too (at a saved step), never orphaned
+    on_sigterm = signal.signal(signal.SIGTERM, _raise_stopped)
     try:
-        for stage in STAGES:
-            recipe = recipes / f"{stage}.yaml"
-            base = load_config(recipe, args.overrides)
-            overrides = [*args.overrides, *_scaled(base, args.steps_scale), f"run.workdir={workdir / stage}",
-                         f"data.tokenizer={tokenizer.path}"]
-            if previous is not None:
-                overrides.append(f"train.init_from={previous}")
-            config = load_config(recipe, overrides)
-            print(f"== {stage}: {config.train.steps} steps, trainable {', '.join(config.train.trainable)}",
-                  file=sys.stderr, flush=True)
-            result = train(config)
-            if result.preempted:  # SIGTERM / Ctrl-C: the stage saved its step; later stages must not start
-                print(f"vist2 demo: {stage} stopped at step {result.steps_done} (checkpoint saved); run the same "
-                      "command again to resume", file=sys.stderr, flush=True)
-                return 0  # as `vist2 train` after a preemption: saved and resumable
-            results.append((stage, config, result.summary))
-            previous = workdir / stage
-            if args.proof and stage == STAGES[0]:
-                baseline = _start_baseline(args, recipes, workdir, tokenizer)
-            if stage == "stage3_olm":
-                _copy_sketches(workdir / stage, workdir)
-            if stage == "stage2_ocr":
-                from vist2_jax.evaluation.context import load_context
-                from vist2_jax.evaluation.figures import reconstruction_png
-                reconstruction_png(load_context(workdir / stage), workdir / "ocr_reconstruction.png")
-
-        series = {}
-        for stage, _, _ in results:
-            records = [json.loads(line) for line in (workdir / stage / "metrics.jsonl").read_text().splitlines()]
-            offset = sum(c.train.steps for s, c, _ in results[:[r[0] for r in results].index(stage)])
-            series[stage] = [(offset + r["step"], r["loss"]) for r in records if "loss" in r]
-        line_chart(series, workdir / "loss_curve.png", "VIST2 demo: training loss per stage", "step", "nats/token")
-
-        proof = _proof_table(workdir, baseline) if args.proof else []
-        if proof is None:  # the baseline was stopped and saved its step
-            return 0
-    finally:  # an error or a stop in the VIST2 stages stops the baseline too (it saves its step)
-        _stop(baseline)
+        results = _train_stages(args, recipes, workdir, tokenizer, baseline)
+        proof = _proof_table(workdir, baseline.wait()) if results is not None and args.proof else []
+    except (_Stopped, KeyboardInterrupt) as stop:
+        name = stop.args[0] if isinstance(stop, _Stopped) else "SIGINT"
+        print(f"vist2 demo: stopped by {name}; every stage keeps its last checkpoint (the text-only baseline "
+              "too); run the same command again to resume", file=sys.stderr, flush=True)
+        return 0  # as `vist2 train` after a preemption: saved and resumable
+    finally:
+        baseline.stop()
         signal.signal(signal.SIGTERM, on_sigterm)
+    if results is None or proof is None:  # a stage or the baseline was preempted and saved its step
+        return 0
     wall = time.time() - started  # the whole command: every stage, the baseline and the table
     lines = [f"{'stage':<16}{'steps':>6}{'loss first':>12}{'loss last':>11}{'eval start':>12}"
              f"{'eval end':>10}{'wall s':>8}{'text tok/s':>12}"]
@@ -149,68 +121,137 @@ def run(args) -> int:
     return 0
 
 
+def _train_stages(args, recipes: Path, workdir: Path, tokenizer, baseline: "_Baseline") -> list | None:
+    """Each stage from the previous one's parameters; writes the loss-curve PNG. None: a stage
+    was preempted (it saved its step; later stages must not start from a half-trained one)."""
+    from vist2_jax.config import load_config
+    from vist2_jax.plotting import line_chart
+    from vist2_jax.training.trainer import train
+
+    previous, results = None, []
+    for stage in STAGES:
+        recipe = recipes / f"{stage}.yaml"
+        base = load_config(recipe, args.overrides)
+        overrides = [*args.overrides, *_scaled(base, args.steps_scale), f"run.workdir={workdir / stage}",
+                     f"data.tokenizer={tokenizer.path}"]
+        if previous is not None:
+            overrides.append(f"train.init_from={previous}")
+        config = load_config(recipe, overrides)
+        print(f"== {stage}: {config.train.steps} steps, trainable {', '.join(config.train.trainable)}",
+              file=sys.stderr, flush=True)
+        result = train(config)
+        if result.preempted:
+            print(f"vist2 demo: {stage} stopped at step {result.steps_done} (checkpoint saved); run the same "
+                  "command again to resume", file=sys.stderr, flush=True)
+            return None
+        baseline.check()  # a failed baseline is reported now, not after the last stage
+        results.append((stage, config, result.summary))
+        previous = workdir / stage
+        if args.proof and stage == STAGES[0]:
+            baseline.start(args, recipes, tokenizer)
+        if stage == "stage3_olm":
+            _copy_sketches(workdir / stage, workdir)
+        if stage == "stage2_ocr":
+            from vist2_jax.evaluation.context import load_context
+            from vist2_jax.evaluation.figures import reconstruction_png
+            reconstruction_png(load_context(workdir / stage), workdir / "ocr_reconstruction.png")
+
+    series = {}
+    for stage, _, _ in results:
+        records = [json.loads(line) for line in (workdir / stage / "metrics.jsonl").read_text().splitlines()]
+        offset = sum(c.train.steps for s, c, _ in results[:[r[0] for r in results].index(stage)])
+        series[stage] = [(offset + r["step"], r["loss"]) for r in records if "loss" in r]
+    line_chart(series, workdir / "loss_curve.png", "VIST2 demo: training loss per stage", "step", "nats/token")
+    return results
+
+
 def nan_if_none(value) -> float:
     return float("nan") if value is None else float(value)
 
 
-def _start_baseline(args, recipes: Path, workdir: Path, tokenizer) -> subprocess.Popen:
-    """Start the text-only baseline (from the same stage-0a LM, on the same text, with the
-    steps the VIST2 decoder took after it) as a ``vist2 train`` process beside the VIST2
-    stages: it shares nothing with them but stage 0a. Two processes on a 2-core CPU train
-    ~1.25x more steps per second together than one alone (the data workers and the step
-    leave cores idle), so the proof's hour holds without fewer steps. Log: ``text_only.log``."""
-    from vist2_jax.config import load_config
-
-    recipe = recipes / f"{TEXT_ONLY}.yaml"
-    base = load_config(recipe, args.overrides)
-    overrides = [*args.overrides, *_scaled(base, args.steps_scale), f"run.workdir={workdir / TEXT_ONLY}",
-                 f"data.tokenizer={tokenizer.path}", f"train.init_from={workdir / STAGES[0]}"]
-    steps = load_config(recipe, overrides).train.steps  # a bad override fails here, not in the log
-    log_path = workdir / f"{TEXT_ONLY}.log"
-    # on one GPU the stages' process holds most of its memory: the baseline takes what it uses
-    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen([sys.executable, "-m", "vist2_jax.cli.main", "train", str(recipe), *overrides],
-                                   stdout=log, stderr=subprocess.STDOUT, env=env)
-    print(f"== {TEXT_ONLY}: {steps} steps, the native-LM baseline, beside the next stages (log: {log_path})",
-          file=sys.stderr, flush=True)
-    return process
+class _Stopped(Exception):
+    """SIGTERM where no stage's step loop handles it (its argument: the signal's name)."""
 
 
-def _exit_on_sigterm(signum, frame):
-    print("vist2 demo: SIGTERM outside a stage's step loop: stopped (every stage keeps its last checkpoint); "
-          "run the same command again to resume", file=sys.stderr, flush=True)
-    raise SystemExit(128 + signum)
+def _raise_stopped(signum, frame):
+    raise _Stopped(signal.Signals(signum).name)
 
 
-def _stop(baseline: subprocess.Popen | None) -> None:
-    """SIGTERM a baseline still running (it saves its step, as `vist2 train` does) and wait."""
-    if baseline is None or baseline.poll() is not None:
-        return
-    baseline.send_signal(signal.SIGTERM)
-    try:
-        baseline.wait(timeout=600)
-    except subprocess.TimeoutExpired:
-        baseline.kill()
-        baseline.wait()
+class _Baseline:
+    """``--proof``: the text-only baseline (from the same stage-0a LM, on the same text, with the
+    steps the VIST2 decoder took after it) in its own ``vist2 train`` process beside stages
+    0b-4: it shares nothing with them but stage 0a. Two processes on a 2-core CPU train ~1.25x
+    more steps per second together than one alone (the data workers and the step leave cores
+    idle), so the proof's hour holds without fewer steps. Output: ``WORKDIR/text_only.log``."""
+
+    # a child that saw these would set up a multi-process run of its own
+    DISTRIBUTED_ENV = ("VIST2_COORDINATOR", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES")
+
+    def __init__(self, workdir: Path):
+        self.workdir, self.log_path, self.process = workdir, workdir / f"{TEXT_ONLY}.log", None
+
+    def start(self, args, recipes: Path, tokenizer) -> None:
+        from vist2_jax.config import load_config
+
+        recipe = recipes / f"{TEXT_ONLY}.yaml"
+        base = load_config(recipe, args.overrides)
+        overrides = [*args.overrides, *_scaled(base, args.steps_scale), f"run.workdir={self.workdir / TEXT_ONLY}",
+                     f"data.tokenizer={tokenizer.path}", f"train.init_from={self.workdir / STAGES[0]}"]
+        steps = load_config(recipe, overrides).train.steps  # a bad override fails here, not in the log
+        env = {k: v for k, v in os.environ.items() if k not in self.DISTRIBUTED_ENV}
+        # on one GPU the stages' process holds most of its memory: the baseline takes what it uses
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "vist2_jax.cli.main", "train", str(recipe), *overrides],
+                stdout=log, stderr=subprocess.STDOUT, env=env)
+        print(f"== {TEXT_ONLY}: {steps} steps, the native-LM baseline, beside the next stages "
+              f"(log: {self.log_path})", file=sys.stderr, flush=True)
+
+    def check(self) -> None:
+        """Raise if the baseline has exited with an error."""
+        if self.process is not None and self.process.poll() not in (None, 0):
+            lines = self.log_path.read_text(errors="replace").strip().splitlines() or ["(empty)"]
+            from vist2_jax.cli.errors import UsageError
+            raise UsageError(f"the text-only baseline exited with code {self.process.returncode}; the last line "
+                             f"of {self.log_path}: {lines[-1]}")
+
+    def wait(self) -> dict | None:
+        """Its summary once it ends; None if it was stopped (it saved its step)."""
+        self.process.wait()
+        self.check()
+        summary = json.loads((self.workdir / TEXT_ONLY / "summary.json").read_text())
+        if summary["preempted"]:
+            print(f"vist2 demo: {TEXT_ONLY} stopped at step {summary['steps_done']} (checkpoint saved); run the "
+                  "same command again to resume", file=sys.stderr, flush=True)
+            return None
+        return summary
+
+    def stop(self) -> None:
+        """SIGTERM it if it still runs (it saves its step, as `vist2 train` does) and wait, deaf to
+        a second Ctrl-C or SIGTERM meanwhile: the parent must not exit while the baseline saves."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=600)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
-def _proof_table(workdir: Path, baseline: subprocess.Popen) -> list[str] | None:
-    """Wait for the text-only baseline and write the compression table of stage 3 against it
-    (None: the baseline was stopped and saved its step; the same command resumes it)."""
-    from vist2_jax.cli.errors import UsageError
+def _proof_table(workdir: Path, summary: dict | None) -> list[str] | None:
+    """The compression table of stage 3 against the finished baseline (its summary; None: the
+    baseline was stopped, and so is the table)."""
     from vist2_jax.evaluation.compression import compression_table, table_lines, write_table
     from vist2_jax.evaluation.context import load_context
 
-    log_path = workdir / f"{TEXT_ONLY}.log"
-    if baseline.wait() != 0:
-        lines = log_path.read_text(errors="replace").strip().splitlines() or ["(empty)"]
-        raise UsageError(f"the text-only baseline exited with code {baseline.returncode}; the last line of "
-                         f"{log_path}: {lines[-1]}")
-    summary = json.loads((workdir / TEXT_ONLY / "summary.json").read_text())
-    if summary["preempted"]:
-        print(f"vist2 demo: {TEXT_ONLY} stopped at step {summary['steps_done']} (checkpoint saved); run the same "
-              "command again to resume", file=sys.stderr, flush=True)
+    if summary is None:
         return None
     # the baseline at its lowest held-out loss (train.keep_best: it overfits a small corpus),
     # VIST2 at its last step: any selection here favours the baseline
