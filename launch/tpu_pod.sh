@@ -116,6 +116,10 @@ for ((i = 0; i < WORKERS; i++)); do
   PIDS+=("$!")
 done
 
+# Poll, not block in `wait`: a signal that lands while bash enters `wait` is handled only when
+# the awaited job ends (a bash race, seen with 5.2 under load: Ctrl-C then did nothing for as
+# long as the training ran); a foreground `sleep` delays the trap by at most its length.
+while [[ -n "$(jobs -rp)" ]]; do sleep 0.5; done
 FAILED=0
 for pid in "${PIDS[@]}"; do
   wait "$pid" || FAILED=$((FAILED + 1))
