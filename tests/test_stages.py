@@ -301,7 +301,7 @@ def test_demo_proof_ends_with_the_compression_table(tmp_path):
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=300) == 0, (tmp_path / "first.err").read_text()[-3000:]
     stderr = (tmp_path / "first.err").read_text()
-    assert "== text_only: 14 steps" in stderr and "Traceback" not in stderr
+    assert "== text_only: 15 steps" in stderr and "Traceback" not in stderr
     assert "vist2 demo: stage1_caption stopped at step" in stderr or "vist2 demo: stopped by SIGTERM" in stderr
     assert not _baseline_running(tmp_path / "proof") and not (tmp_path / "proof" / "stage2_ocr").exists()
 
