@@ -131,18 +131,13 @@ def _train_stages(args, recipes: Path, workdir: Path, tokenizer, baseline: "_Bas
     previous, results = None, []
     for stage in STAGES:
         recipe = recipes / f"{stage}.yaml"
-        base = load_config(recipe, args.overrides)
-        overrides = [*args.overrides, *_scaled(base, args.steps_scale), f"run.workdir={workdir / stage}",
-                     f"data.tokenizer={tokenizer.path}"]
-        if previous is not None:
-            overrides.append(f"train.init_from={previous}")
+        overrides = _stage_overrides(args, recipe, workdir / stage, tokenizer, previous)
         config = load_config(recipe, overrides)
         print(f"== {stage}: {config.train.steps} steps, trainable {', '.join(config.train.trainable)}",
               file=sys.stderr, flush=True)
         result = train(config)
         if result.preempted:
-            print(f"vist2 demo: {stage} stopped at step {result.steps_done} (checkpoint saved); run the same "
-                  "command again to resume", file=sys.stderr, flush=True)
+            _say_stopped(stage, result.steps_done)
             return None
         baseline.check()  # a failed baseline is reported now, not after the last stage
         results.append((stage, config, result.summary))
@@ -163,6 +158,21 @@ def _train_stages(args, recipes: Path, workdir: Path, tokenizer, baseline: "_Bas
         series[stage] = [(offset + r["step"], r["loss"]) for r in records if "loss" in r]
     line_chart(series, workdir / "loss_curve.png", "VIST2 demo: training loss per stage", "step", "nats/token")
     return results
+
+
+def _stage_overrides(args, recipe: Path, run_dir: Path, tokenizer, init_from: Path | None) -> list[str]:
+    """The command line's overrides, the steps scaled, the run folder, the shared tokenizer and
+    the parameters to start from: the same for every stage and for the baseline."""
+    from vist2_jax.config import load_config
+
+    overrides = [*args.overrides, *_scaled(load_config(recipe, args.overrides), args.steps_scale),
+                 f"run.workdir={run_dir}", f"data.tokenizer={tokenizer.path}"]
+    return overrides + ([f"train.init_from={init_from}"] if init_from is not None else [])
+
+
+def _say_stopped(run: str, step: int) -> None:
+    print(f"vist2 demo: {run} stopped at step {step} (checkpoint saved); run the same command again to resume",
+          file=sys.stderr, flush=True)
 
 
 def nan_if_none(value) -> float:
@@ -194,9 +204,7 @@ class _Baseline:
         from vist2_jax.config import load_config
 
         recipe = recipes / f"{TEXT_ONLY}.yaml"
-        base = load_config(recipe, args.overrides)
-        overrides = [*args.overrides, *_scaled(base, args.steps_scale), f"run.workdir={self.workdir / TEXT_ONLY}",
-                     f"data.tokenizer={tokenizer.path}", f"train.init_from={self.workdir / STAGES[0]}"]
+        overrides = _stage_overrides(args, recipe, self.workdir / TEXT_ONLY, tokenizer, self.workdir / STAGES[0])
         steps = load_config(recipe, overrides).train.steps  # a bad override fails here, not in the log
         env = {k: v for k, v in os.environ.items() if k not in self.DISTRIBUTED_ENV}
         # on one GPU the stages' process holds most of its memory: the baseline takes what it uses
@@ -222,8 +230,7 @@ class _Baseline:
         self.check()
         summary = json.loads((self.workdir / TEXT_ONLY / "summary.json").read_text())
         if summary["preempted"]:
-            print(f"vist2 demo: {TEXT_ONLY} stopped at step {summary['steps_done']} (checkpoint saved); run the "
-                  "same command again to resume", file=sys.stderr, flush=True)
+            _say_stopped(TEXT_ONLY, summary["steps_done"])
             return None
         return summary
 
